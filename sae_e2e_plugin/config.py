@@ -1,0 +1,174 @@
+"""``E2ERunnerConfig``: SAELens' runner config plus the ``loss`` flag and its coefficients.
+
+Every SAELens flag keeps its meaning. All validation that needs no model lives
+in ``validate_e2e_config``; checks against the model (hook names, widths, the
+order of the downstream hooks) happen when the runner has the model
+(``sae_e2e_plugin.splice.plan_splice``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
+
+from sae_e2e_plugin.objectives import get_objective
+
+LossName = Literal["local", "e2e", "e2e_downstream"]
+
+# Normalisations that happen inside the SAE (its output is back on the model's
+# scale) or in the trainer's ActivationScaler, which the splice undoes.
+SUPPORTED_NORMALIZATIONS = (
+    "none",
+    "layer_norm",
+    "constant_norm_rescale",
+    "expected_average_only_in",
+)
+
+
+@dataclass
+class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
+    """SAELens' ``LanguageModelSAERunnerConfig`` with an end-to-end objective.
+
+    ``train_batch_size_tokens`` must be a multiple of ``context_size``: a step
+    trains on ``train_batch_size_tokens // context_size`` whole sequences.
+    """
+
+    loss: LossName = "e2e"
+    """Training objective. "local": SAELens' reconstruction MSE at the hook.
+    "e2e": KL(p_orig ‖ p_patched) of the next-token distributions with the SAE's
+    reconstruction spliced in. "e2e_downstream": that KL plus the MSE between the
+    patched and clean activations at later layers. Names added with
+    ``register_objective`` work too."""
+
+    kl_coefficient: float = 1.0
+    """β_kl, the weight of KL(p_orig ‖ p_patched) (summed over the vocabulary,
+    averaged over tokens) in "e2e" and "e2e_downstream"."""
+
+    downstream_coefficient: float = 1.0
+    """β_ds, the total weight of the downstream MSE terms in "e2e_downstream",
+    split evenly over ``downstream_hooks`` (each term is MSE averaged over batch,
+    position and d_model, as in the reference implementation)."""
+
+    downstream_hooks: list[str] | None = None
+    """Hooks compared in "e2e_downstream". None: every residual-stream hook after
+    the SAE's (``blocks.k.hook_resid_post`` for each later block output)."""
+
+    local_mse_coefficient: float = 0.0
+    """Weight of SAELens' local reconstruction MSE (summed over d_in, averaged over
+    tokens) added to "e2e"/"e2e_downstream" for a mixed objective. 0: pure e2e."""
+
+    kl_chunk_size: int = 2048
+    """Tokens per chunk when computing logits and KL; the full [tokens, vocab]
+    logits never exist at once. Smaller uses less memory."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the SAE's gradient norm to this value (SAELens hard-codes 1.0). None: no clipping."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_e2e_config(self)
+
+    @property
+    def sequences_per_batch(self) -> int:
+        """Whole sequences per training step."""
+        return self.train_batch_size_tokens // self.context_size
+
+    @classmethod
+    def from_dict(cls, cfg_dict: dict[str, Any]) -> E2ERunnerConfig[Any]:  # type: ignore[override]
+        """Rebuild a config from ``to_dict()`` output (JSON-friendly lists become tuples where needed)."""
+        cfg_dict = dict(cfg_dict)
+        if isinstance(cfg_dict.get("seqpos_slice"), list):
+            cfg_dict["seqpos_slice"] = tuple(cfg_dict["seqpos_slice"])
+        for derived in ("tokens_per_buffer",):
+            cfg_dict.pop(derived, None)
+        return super().from_dict(cfg_dict)  # type: ignore[return-value]
+
+
+def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
+    """Refuse every setting the e2e splice cannot honour, naming the field and the fix."""
+    objective = get_objective(cfg.loss)
+    for name in ("kl_coefficient", "downstream_coefficient", "local_mse_coefficient"):
+        _check_coefficient(name, getattr(cfg, name))
+    if cfg.train_batch_size_tokens % cfg.context_size != 0:
+        raise ValueError(
+            f"train_batch_size_tokens={cfg.train_batch_size_tokens} is not a multiple of "
+            f"context_size={cfg.context_size}; end-to-end training consumes whole sequences. "
+            f"Use e.g. train_batch_size_tokens={max(1, cfg.sequences_per_batch) * cfg.context_size}."
+        )
+    if cfg.kl_chunk_size < 1:
+        raise ValueError(f"kl_chunk_size must be >= 1, got {cfg.kl_chunk_size}.")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {cfg.max_grad_norm}.")
+    if cfg.downstream_hooks is not None:
+        if not objective.uses_downstream_hooks:
+            raise ValueError(
+                f"downstream_hooks={cfg.downstream_hooks} is set but loss={cfg.loss!r} does not "
+                "use it. Use loss='e2e_downstream' or leave downstream_hooks unset."
+            )
+        if len(cfg.downstream_hooks) == 0:
+            raise ValueError(
+                "downstream_hooks=[] leaves e2e_downstream without downstream terms. "
+                "Leave it unset (None) for every later residual-stream hook, or use loss='e2e'."
+            )
+    _check_unsupported_settings(cfg)
+
+
+def _check_coefficient(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+
+def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
+    norm = cfg.sae.normalize_activations
+    if norm not in SUPPORTED_NORMALIZATIONS:
+        raise ValueError(
+            f"sae.normalize_activations={norm!r} is not supported by end-to-end training: "
+            "the spliced reconstruction must be mapped back to the model's scale. "
+            f"Use one of {list(SUPPORTED_NORMALIZATIONS)}."
+        )
+    refusals = [
+        (
+            cfg.seqpos_slice not in ((None,), (None, None)),
+            f"seqpos_slice={cfg.seqpos_slice}",
+            "e2e splices the reconstruction into every position; set seqpos_slice=(None,)",
+        ),
+        (
+            cfg.use_cached_activations,
+            "use_cached_activations=True",
+            "e2e runs the model on tokens in every step; set use_cached_activations=False",
+        ),
+        (
+            bool(cfg.prefetch_llm_batches),
+            f"prefetch_llm_batches={cfg.prefetch_llm_batches}",
+            "in e2e the model runs inside the training step, so there is nothing to "
+            "prefetch; set prefetch_llm_batches=False",
+        ),
+        (
+            cfg.exclude_special_tokens is not False,
+            f"exclude_special_tokens={cfg.exclude_special_tokens}",
+            "e2e splices the reconstruction at every position; set exclude_special_tokens=False",
+        ),
+        (
+            cfg.hook_head_index is not None,
+            f"hook_head_index={cfg.hook_head_index}",
+            "splicing a single head is not supported; train on the whole hook "
+            "(hook_head_index=None)",
+        ),
+        (
+            cfg.compile_llm,
+            "compile_llm=True",
+            "SAELens compiles run_with_cache, which e2e does not use; set compile_llm=False",
+        ),
+        (
+            cfg.model_class_name != "HookedTransformer",
+            f"model_class_name={cfg.model_class_name!r}",
+            "the shared-prefix splice needs TransformerLens' HookedTransformer",
+        ),
+    ]
+    for refused, setting, fix in refusals:
+        if refused:
+            raise ValueError(f"{setting} is not supported with loss={cfg.loss!r}: {fix}.")

@@ -1,0 +1,169 @@
+"""``E2ESAETrainingRunner``: model + SAELens ActivationsStore + E2ESAETrainer + export.
+
+It is SAELens' ``LanguageModelSAETrainingRunner`` with the data path swapped:
+the trainer reads whole token sequences from ``ActivationsStore.get_batch_tokens``
+instead of the shuffled activation buffer, and the final SAE is written in
+SAELens' inference format with the objective recorded in its metadata.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import torch
+import wandb
+from sae_lens import LanguageModelSAETrainingRunner, logger
+from sae_lens.config import HfDataset
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.activations_store import ActivationsStore
+from transformer_lens import HookedTransformer
+
+from sae_e2e_plugin import __version__
+from sae_e2e_plugin.config import E2ERunnerConfig
+from sae_e2e_plugin.objectives import get_objective
+from sae_e2e_plugin.splice import plan_splice
+from sae_e2e_plugin.trainer import E2ESAETrainer, TrainingInterrupted, freeze
+
+
+class TokenBatches(Iterator[torch.Tensor]):
+    """Endless ``(sequences_per_batch, context_size)`` token batches from an ActivationsStore."""
+
+    def __init__(self, store: ActivationsStore, sequences_per_batch: int) -> None:
+        self.store = store
+        self.sequences_per_batch = sequences_per_batch
+
+    def __next__(self) -> torch.Tensor:
+        return self.store.get_batch_tokens(self.sequences_per_batch)
+
+    def skip(self, n_sequences: int) -> None:
+        """Draw and drop ``n_sequences`` sequences (resume continues where training stopped)."""
+        while n_sequences > 0:
+            n = min(n_sequences, self.sequences_per_batch)
+            self.store.get_batch_tokens(n, move_to_model_device=False)
+            n_sequences -= n
+
+
+class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
+    """Train an SAE with an end-to-end objective; ``run()`` returns it and writes it to ``output_path``."""
+
+    cfg: E2ERunnerConfig[Any]
+    model: HookedTransformer
+
+    def __init__(
+        self,
+        cfg: E2ERunnerConfig[Any],
+        override_model: HookedTransformer | None = None,
+        override_dataset: HfDataset | None = None,
+        override_sae: TrainingSAE[Any] | None = None,
+    ) -> None:
+        if not isinstance(cfg, E2ERunnerConfig):
+            raise ValueError(
+                f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
+                "(the same fields plus loss=...)."
+            )
+        super().__init__(
+            cfg,
+            override_dataset=override_dataset,
+            override_model=override_model,
+            override_sae=override_sae,
+        )
+        if not isinstance(self.model, HookedTransformer):
+            raise ValueError(
+                f"the model is a {type(self.model).__name__}; end-to-end training needs a "
+                "TransformerLens HookedTransformer (start_at_layer)."
+            )
+        freeze(self.model)
+        objective = get_objective(cfg.loss)
+        self.plan = plan_splice(
+            self.model,
+            cfg.hook_name,
+            cfg.downstream_hooks if objective.uses_downstream_hooks else (),
+            d_in=self.sae.cfg.d_in,
+        )
+        if objective.uses_downstream_hooks and not self.plan.downstream_hooks:
+            raise ValueError(
+                f"hook_name={cfg.hook_name!r} has no residual-stream hook after it, so "
+                "loss='e2e_downstream' has nothing to compare. Use loss='e2e' or an earlier hook."
+            )
+        self.trainer: E2ESAETrainer | None = None
+
+    def run(self) -> TrainingSAE[Any]:
+        """Train, write the final SAE to ``cfg.output_path`` (if set) and return it."""
+        self._set_sae_metadata()
+        self._set_objective_metadata()
+        if self.cfg.logger.log_to_wandb:
+            wandb.init(
+                project=self.cfg.logger.wandb_project,
+                entity=self.cfg.logger.wandb_entity,
+                config=self.cfg.to_dict(),
+                name=self.cfg.logger.run_name,
+                id=self.cfg.logger.wandb_id,
+            )
+        tokens = TokenBatches(self.activations_store, self.cfg.sequences_per_batch)
+        self.trainer = trainer = E2ESAETrainer(
+            cfg=self.cfg.to_sae_trainer_config(),
+            sae=self.sae,
+            data_provider=tokens,
+            model=self.model,
+            plan=self.plan,
+            e2e_cfg=self.cfg,
+            save_checkpoint_fn=self.save_checkpoint,
+        )
+        if self.cfg.resume_from_checkpoint is not None:
+            self._resume(trainer, tokens, self.cfg.resume_from_checkpoint)
+        self._compile_sae_if_needed()
+        sae = self.run_trainer_with_interruption_handling(trainer)
+        if self.cfg.output_path is not None:
+            self.save_final_sae(
+                sae=sae,
+                output_path=self.cfg.output_path,
+                log_feature_sparsity=trainer.log_feature_sparsity,
+            )
+        if self.cfg.logger.log_to_wandb:
+            wandb.finish()
+        return sae
+
+    def _resume(self, trainer: E2ESAETrainer, tokens: TokenBatches, path: str) -> None:
+        logger.info(f"Resuming from checkpoint: {path}")
+        trainer.load_trainer_state(path)
+        self.sae.load_weights_from_checkpoint(path)
+        tokens.skip(trainer.n_sequences_consumed)
+
+    def run_trainer_with_interruption_handling(self, trainer: E2ESAETrainer) -> TrainingSAE[Any]:  # type: ignore[override]
+        """Run ``trainer.fit()``; on SIGINT/SIGTERM finish the current step, checkpoint, stop.
+
+        The signal only sets a flag, so the checkpoint is never taken halfway
+        through an optimizer update. A second SIGINT stops at once.
+        """
+
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            if trainer.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            trainer.stop_requested = True
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return trainer.fit()
+        except TrainingInterrupted:
+            if self.cfg.checkpoint_path is not None:
+                logger.warning("interrupted: saving a checkpoint")
+                trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _set_objective_metadata(self) -> None:
+        cfg = self.cfg
+        objective = get_objective(cfg.loss)
+        self.sae.cfg.metadata.e2e_objective = {
+            "loss": cfg.loss,
+            "kl_coefficient": cfg.kl_coefficient,
+            "downstream_coefficient": cfg.downstream_coefficient,
+            "downstream_hooks": list(self.plan.downstream_hooks),
+            "local_mse_coefficient": objective.local_mse_weight(cfg),
+            "trained_with": f"sae-e2e-plugin {__version__}",
+        }

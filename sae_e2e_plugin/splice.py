@@ -1,0 +1,294 @@
+"""Running the frozen language model clean and with an SAE's reconstruction spliced in.
+
+One training step needs two runs of the model on the same tokens: a clean one
+(no grad) that gives the SAE's input, the original next-token distribution and
+the clean downstream activations, and a patched one (with grad flowing into the
+SAE's output only) in which the SAE's reconstruction replaces the activation at
+``hook_name``.
+
+Everything before the SAE's block is identical in the two runs, so it is run
+once (``run_prefix``) and both runs continue from the residual stream entering
+that block (TransformerLens' ``start_at_layer``). Hooks outside the blocks
+(e.g. ``hook_embed``) have no shared prefix and re-run the whole model.
+
+Hooks are plain functions bound with ``functools.partial`` and installed with
+``model.hooks(...)``, which removes them even when the run raises.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_RESID_POST_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+@dataclass(frozen=True)
+class HookProbe:
+    """What one tiny forward pass tells about a model's hook points."""
+
+    order: tuple[str, ...]
+    """Hook names in the order they fire during a forward pass."""
+    widths: dict[str, int]
+    """Last-dimension width of each hook's activation (heads × d_head for ``hook_z``-style 4-D ones)."""
+
+
+@dataclass(frozen=True)
+class SplicePlan:
+    """Where the SAE sits in the model and which later activations are compared."""
+
+    hook_name: str
+    """The hook whose activation the SAE reads and whose value its reconstruction replaces."""
+    start_layer: int | None
+    """The block containing ``hook_name``: the shared prefix stops there. ``None``: no shared prefix."""
+    downstream_hooks: tuple[str, ...]
+    """Hooks after ``hook_name`` whose patched activations are compared with the clean ones."""
+
+
+@dataclass
+class Prefix:
+    """The model's state entering block ``start_layer``, shared by the clean and patched runs."""
+
+    tokens: torch.Tensor
+    """[batch, pos] token ids."""
+    residual: torch.Tensor | None
+    """[batch, pos, d_model] residual stream entering ``start_layer`` (None: re-run from tokens)."""
+    start_layer: int | None
+    shortformer_pos_embed: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+
+
+@dataclass
+class CleanRun:
+    """Outputs of the clean (unpatched) run; none of them carries grad."""
+
+    acts: torch.Tensor
+    """[batch, pos, d_in] activation at the SAE's hook (heads flattened for 4-D hooks)."""
+    final_resid: torch.Tensor | None
+    """[batch, pos, d_model] residual stream after the last block (before the final norm);
+    None when the run stopped after the SAE's block."""
+    downstream: dict[str, torch.Tensor]
+    """Activation at each downstream hook, by hook name."""
+
+
+@dataclass
+class PatchedRun:
+    """Outputs of the run with the SAE's reconstruction spliced in; they carry grad."""
+
+    final_resid: torch.Tensor
+    """[batch, pos, d_model] residual stream after the last block."""
+    downstream: dict[str, torch.Tensor]
+    """Activation at each downstream hook, by hook name."""
+
+
+@torch.no_grad()
+def probe_hooks(model: HookedTransformer) -> HookProbe:
+    """Run the model once on two tokens and record every hook's firing order and width."""
+    order: list[str] = []
+    widths: dict[str, int] = {}
+
+    def record(act: torch.Tensor, hook: HookPoint) -> None:
+        if hook.name not in widths:
+            order.append(hook.name)
+            widths[hook.name] = _flat_width(act)
+
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+    hooks = [(name, record) for name in model.hook_dict]
+    with model.hooks(fwd_hooks=hooks):
+        model(tokens, return_type=None)
+    return HookProbe(order=tuple(order), widths=widths)
+
+
+def plan_splice(
+    model: HookedTransformer,
+    hook_name: str,
+    downstream_hooks: Sequence[str] | None,
+    *,
+    d_in: int | None = None,
+    probe: HookProbe | None = None,
+) -> SplicePlan:
+    """Check ``hook_name`` (and ``d_in``, the downstream hooks) against the model; plan the runs.
+
+    ``downstream_hooks=None`` means every residual-stream hook after the SAE's:
+    ``blocks.k.hook_resid_post`` for each block k whose output comes after the hook.
+    Raises ValueError naming the field, the value and the fix for anything that
+    cannot be spliced.
+    """
+    probe = probe or probe_hooks(model)
+    _check_hook_exists("hook_name", hook_name, probe)
+    if d_in is not None and probe.widths[hook_name] != d_in:
+        raise ValueError(
+            f"sae.d_in is {d_in}, but the activation at hook_name={hook_name!r} has width "
+            f"{probe.widths[hook_name]}. Set sae.d_in={probe.widths[hook_name]} "
+            f"or choose a hook of width {d_in}."
+        )
+    position = probe.order.index(hook_name)
+    if downstream_hooks is None:
+        later = probe.order[position + 1 :]
+        downstream = tuple(name for name in later if _RESID_POST_RE.match(name))
+    else:
+        downstream = tuple(downstream_hooks)
+        for name in downstream:
+            _check_hook_exists("downstream_hooks", name, probe)
+            if probe.order.index(name) <= position:
+                raise ValueError(
+                    f"downstream_hooks contains {name!r}, which runs at or before "
+                    f"hook_name={hook_name!r}; the SAE cannot change it. Use hooks that run "
+                    "later, or leave downstream_hooks unset for every later residual-stream hook."
+                )
+        if len(set(downstream)) != len(downstream):
+            raise ValueError(f"downstream_hooks lists a hook twice: {list(downstream)}.")
+    match = _BLOCK_RE.match(hook_name)
+    start_layer = int(match.group(1)) if match else None
+    return SplicePlan(hook_name=hook_name, start_layer=start_layer, downstream_hooks=downstream)
+
+
+@jaxtyped(typechecker=beartype)
+@torch.no_grad()
+def run_prefix(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    start_layer: int | None,
+) -> Prefix:
+    """Embed the tokens and run the blocks before ``start_layer`` once, without grad."""
+    if start_layer is None:
+        return Prefix(tokens, None, None, None, None)
+    residual, _, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
+    if start_layer > 0:
+        residual = model(
+            residual,
+            start_at_layer=0,
+            stop_at_layer=start_layer,
+            shortformer_pos_embed=shortformer_pos_embed,
+            attention_mask=attention_mask,
+        )
+    return Prefix(tokens, residual, start_layer, shortformer_pos_embed, attention_mask)
+
+
+@torch.no_grad()
+def run_clean(
+    model: HookedTransformer, prefix: Prefix, plan: SplicePlan, *, full: bool = True
+) -> CleanRun:
+    """The unpatched run from the prefix: SAE input, final residual, downstream activations.
+
+    With ``full=False`` (objectives that need only the SAE's input) the run stops
+    after the SAE's block and records no downstream activations.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [(plan.hook_name, partial(_capture, store=captured, flatten=True))]
+    if full:
+        hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
+    with model.hooks(fwd_hooks=hooks):
+        if full or prefix.residual is None:
+            final_resid = _run_to_final_resid(model, prefix)
+        else:
+            _run_through_block(model, prefix)
+            final_resid = None
+    acts = captured.pop(plan.hook_name)
+    return CleanRun(acts=acts, final_resid=final_resid if full else None, downstream=captured)
+
+
+def run_patched(
+    model: HookedTransformer,
+    prefix: Prefix,
+    plan: SplicePlan,
+    replacement: torch.Tensor,
+) -> PatchedRun:
+    """The run from the prefix with ``replacement`` [batch, pos, d_in] spliced in at the hook.
+
+    Grad flows from the outputs back into ``replacement`` only: the model's
+    parameters are frozen and the prefix was computed without grad.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    hooks: list[tuple[str, Callable[..., Any]]] = [
+        (plan.hook_name, partial(_replace, replacement=replacement))
+    ]
+    hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
+    with model.hooks(fwd_hooks=hooks):
+        final_resid = _run_to_final_resid(model, prefix)
+    return PatchedRun(final_resid=final_resid, downstream=captured)
+
+
+def model_head(model: HookedTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's head as a function: final residual [tokens, d_model] → logits [tokens, vocab]."""
+    return partial(_head, model)
+
+
+@jaxtyped(typechecker=beartype)
+def logits_from_final_resid(
+    model: HookedTransformer, final_resid: Float[torch.Tensor, "batch pos d_model"]
+) -> Float[torch.Tensor, "batch pos vocab"]:
+    """Apply the final norm, the unembedding and any logit soft-cap (as ``model.forward`` does)."""
+    if model.cfg.normalization_type is not None:
+        final_resid = model.ln_final(final_resid)
+    logits = model.unembed(final_resid)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def _head(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    return logits_from_final_resid(model, resid.unsqueeze(0)).squeeze(0)
+
+
+def _run_to_final_resid(model: HookedTransformer, prefix: Prefix) -> torch.Tensor:
+    n_layers = model.cfg.n_layers
+    if prefix.residual is None:
+        return model(prefix.tokens, stop_at_layer=n_layers)
+    return model(
+        prefix.residual,
+        start_at_layer=prefix.start_layer,
+        stop_at_layer=n_layers,
+        shortformer_pos_embed=prefix.shortformer_pos_embed,
+        attention_mask=prefix.attention_mask,
+    )
+
+
+def _run_through_block(model: HookedTransformer, prefix: Prefix) -> None:
+    assert prefix.start_layer is not None
+    model(
+        prefix.residual,
+        start_at_layer=prefix.start_layer,
+        stop_at_layer=prefix.start_layer + 1,
+        shortformer_pos_embed=prefix.shortformer_pos_embed,
+        attention_mask=prefix.attention_mask,
+    )
+
+
+def _capture(
+    act: torch.Tensor, hook: HookPoint, *, store: dict[str, torch.Tensor], flatten: bool = False
+) -> None:
+    # 4-D activations (e.g. hook_z: batch pos head d_head) are read as batch pos (head·d_head),
+    # the layout SAELens' activation store gives SAEs on such hooks.
+    store[hook.name] = act.flatten(2) if flatten and act.ndim == 4 else act
+
+
+def _replace(act: torch.Tensor, hook: HookPoint, *, replacement: torch.Tensor) -> torch.Tensor:
+    return replacement.reshape(act.shape).to(act.dtype)
+
+
+def _flat_width(act: torch.Tensor) -> int:
+    return act.shape[-1] * act.shape[-2] if act.ndim == 4 else act.shape[-1]
+
+
+def _check_hook_exists(field: str, name: str, probe: HookProbe) -> None:
+    if name in probe.widths:
+        return
+    close = difflib.get_close_matches(name, probe.order, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"{field}={name!r} is not a hook point of this model.{hint} "
+        "Hook names look like 'blocks.6.hook_resid_pre'; list them with model.hook_dict."
+    )

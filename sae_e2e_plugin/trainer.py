@@ -1,0 +1,246 @@
+"""``E2ESAETrainer``: SAELens' ``SAETrainer`` whose step consumes whole token sequences.
+
+SAETrainer keeps everything but the step: Adam, the LR schedule, the
+coefficient warm-ups, dead-feature statistics, checkpoints and resume, wandb
+logging and the progress bar. One step here is:
+
+1. run the frozen model once up to the SAE's block (shared prefix, no grad);
+2. continue it clean to get the SAE's input, p_orig and the clean downstream activations;
+3. the SAE's own training forward pass (reconstruction, sparsity and auxiliary terms);
+4. the objective: splice the reconstruction in, continue the model, KL (+ downstream MSE);
+5. backward, clip, optimizer and scheduler steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.training.sae_trainer import SAETrainer, SaveCheckpointFn
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from sae_e2e_plugin.config import E2ERunnerConfig
+from sae_e2e_plugin.objectives import ObjectiveInputs, ObjectiveOutput, get_objective
+from sae_e2e_plugin.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
+
+E2E_TRAINER_STATE_FILENAME = "e2e_trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimizer step when the loss is NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised at the start of a step after SIGINT/SIGTERM asked training to stop."""
+
+
+class E2ESAETrainer(SAETrainer[Any, Any]):
+    """Trains an SAE on ``(batch, context_size)`` token batches with an end-to-end objective."""
+
+    def __init__(
+        self,
+        cfg: SAETrainerConfig,
+        sae: TrainingSAE[Any],
+        data_provider: Iterator[torch.Tensor],
+        model: HookedTransformer,
+        plan: SplicePlan,
+        e2e_cfg: E2ERunnerConfig[Any],
+        save_checkpoint_fn: SaveCheckpointFn | None = None,
+    ) -> None:
+        super().__init__(
+            cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
+        )
+        self.model = freeze(model)
+        self.plan = plan
+        self.e2e_cfg = e2e_cfg
+        self.objective = get_objective(e2e_cfg.loss)
+        self.n_sequences_consumed = 0
+        """Token sequences drawn from the data provider so far (resume skips this many)."""
+        self.stop_requested = False
+        """Set by a signal handler; the next step stops before touching any state."""
+
+    def fit(self) -> TrainingSAE[Any]:
+        """Train until ``total_training_samples`` tokens have been consumed; return the SAE."""
+        self.sae.to(self.cfg.device)
+        if (
+            self.sae.cfg.normalize_activations == "expected_average_only_in"
+            and self.activation_scaler.scaling_factor is None
+        ):
+            # SAETrainer would read activations from the data provider; ours yields tokens.
+            self.activation_scaler.estimate_scaling_factor(
+                d_in=self.sae.cfg.d_in,
+                data_provider=self._activation_batches(),
+                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
+            )
+        return super().fit()
+
+    def step(self, batch: torch.Tensor) -> TrainStepOutput:
+        """One training step on a ``(batch, context_size)`` token batch."""
+        if batch.ndim != 2 or batch.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(
+                f"E2ESAETrainer.step expects integer tokens of shape (batch, context_size), "
+                f"got {tuple(batch.shape)} of {batch.dtype}. Feed it ActivationsStore."
+                "get_batch_tokens(...), not the activation buffer."
+            )
+        if self.stop_requested:
+            raise TrainingInterrupted("training stopped on request before step "
+                                      f"{self.n_training_steps}")
+        tokens = batch.to(self.model.cfg.device)
+        self.n_training_samples += tokens.numel()
+        self.n_sequences_consumed += tokens.shape[0]
+        return self._e2e_train_step(tokens)
+
+    def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
+        self.sae.train()
+        prefix, clean = self._clean_pass(tokens)
+        batch, pos, d_in = clean.acts.shape
+        sae_in = self.activation_scaler(clean.acts.reshape(batch * pos, d_in).to(self.sae.device))
+        with self.autocast_if_enabled:
+            output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
+            # The SAE trains on scaled inputs; the model needs its own scale back.
+            reconstruction = self.activation_scaler.unscale(output.sae_out)
+            reconstruction = reconstruction.reshape(batch, pos, d_in).to(self.model.cfg.device)
+            terms = self.objective.fn(
+                ObjectiveInputs(self.model, prefix, self.plan, clean, reconstruction, self.e2e_cfg)
+            )
+        output = self._combine(output, terms)
+        self._check_finite(output)
+        self._update_feature_statistics(output.feature_acts)
+        self._apply_gradients(output.loss)
+        return output
+
+    @torch.no_grad()
+    def _clean_pass(self, tokens: torch.Tensor) -> tuple[Prefix, CleanRun]:
+        prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+        clean = run_clean(self.model, prefix, self.plan, full=self.objective.needs_full_run)
+        return prefix, clean
+
+    def _step_input(self, sae_in: torch.Tensor) -> TrainStepInput:
+        return TrainStepInput(
+            sae_in=sae_in,
+            dead_neuron_mask=self.dead_neurons,
+            coefficients=self.get_coefficients(),
+            n_training_steps=self.n_training_steps,
+            is_logging_step=self._is_logging_step(),
+        )
+
+    def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
+        """Swap SAELens' reconstruction MSE for the objective's terms; keep every other term.
+
+        Sparsity and auxiliary terms (including e.g. matryoshka's inner
+        reconstruction losses) stay as the architecture defines them.
+        """
+        weight = self.objective.local_mse_weight(self.e2e_cfg)
+        mse = output.losses.get("mse_loss")
+        loss = output.loss
+        if mse is not None and weight != 1.0:
+            loss = loss - (1.0 - weight) * mse
+            output.metrics["local_mse"] = mse.detach()
+            if weight == 0.0:
+                del output.losses["mse_loss"]
+            else:
+                output.losses["mse_loss"] = weight * mse
+        for name, term in terms.losses.items():
+            loss = loss + term
+            output.losses[name] = term
+        output.metrics.update(terms.metrics)
+        output.loss = loss
+        return output
+
+    def _check_finite(self, output: TrainStepOutput) -> None:
+        if torch.isfinite(output.loss).item():
+            return
+        terms = {name: float(value.detach()) for name, value in output.losses.items()}
+        where = self.cfg.checkpoint_path or "(checkpointing is off)"
+        raise NonFiniteLossError(
+            f"the training loss became {float(output.loss.detach())} at step "
+            f"{self.n_training_steps} (terms: {terms}). Training stopped before this update; "
+            f"the last checkpoint under {where} is intact. Lower lr, raise lr_warm_up_steps, "
+            "or check the model's dtype."
+        )
+
+    @torch.no_grad()
+    def _update_feature_statistics(self, feature_acts: torch.Tensor) -> None:
+        # The same bookkeeping as SAETrainer._train_step: firing counts for dead features.
+        firing = feature_acts.bool().float()
+        did_fire = firing.sum(-2).bool()
+        if did_fire.is_sparse:
+            did_fire = did_fire.to_dense()
+        self.n_forward_passes_since_fired += 1
+        self.n_forward_passes_since_fired[did_fire] = 0
+        self.act_freq_scores += firing.sum(0)
+        self.n_frac_active_samples += self.cfg.train_batch_size_samples
+
+    def _apply_gradients(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.e2e_cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.e2e_cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step()
+        for scheduler in self.coefficient_schedulers.values():
+            scheduler.step()
+
+    def _activation_batches(self) -> Iterator[torch.Tensor]:
+        """Activations at the SAE's hook, [tokens, d_in], for normalisation estimates."""
+        while True:
+            tokens = next(self.data_provider).to(self.model.cfg.device)
+            self.n_sequences_consumed += tokens.shape[0]
+            with torch.no_grad():
+                prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+                acts = run_clean(self.model, prefix, self.plan, full=False).acts
+            yield acts.reshape(-1, acts.shape[-1])
+
+    def save_trainer_state(self, checkpoint_path: Path) -> None:
+        """SAETrainer's state plus how many token sequences were consumed."""
+        super().save_trainer_state(checkpoint_path)
+        state = {"n_sequences_consumed": self.n_sequences_consumed, "loss": self.e2e_cfg.loss}
+        (Path(checkpoint_path) / E2E_TRAINER_STATE_FILENAME).write_text(json.dumps(state))
+
+    def load_trainer_state(self, checkpoint_path: Path | str) -> None:
+        """Restore SAETrainer's state and the token-stream position."""
+        super().load_trainer_state(checkpoint_path)
+        state_file = Path(checkpoint_path) / E2E_TRAINER_STATE_FILENAME
+        if not state_file.exists():
+            raise ValueError(
+                f"resume_from_checkpoint={str(checkpoint_path)!r} has no {E2E_TRAINER_STATE_FILENAME}: "
+                "it was not written by E2ESAETrainer. Resume from a checkpoint of an e2e run."
+            )
+        state = json.loads(state_file.read_text())
+        self.n_sequences_consumed = int(state["n_sequences_consumed"])
+
+    @torch.no_grad()
+    def _update_pbar(
+        self, step_output: TrainStepOutput, pbar: tqdm, update_interval: int = 10
+    ) -> None:
+        # Advance every step (e2e steps are slow); summarise the per-hook terms in one number.
+        pbar.update(self.cfg.train_batch_size_samples)
+        if self.n_training_steps % update_interval == 0 or self.n_training_steps == 1:
+            pbar.set_description(f"{self.n_training_steps}| {_summary(step_output)}")
+
+
+def freeze(model: HookedTransformer) -> HookedTransformer:
+    """Put the language model in eval mode with no parameter requiring grad."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _summary(output: TrainStepOutput) -> str:
+    shown: dict[str, float] = {"loss": float(output.loss.detach())}
+    downstream = 0.0
+    for name, value in output.losses.items():
+        if name.startswith("downstream_mse_loss/"):
+            downstream += float(value.detach())
+        else:
+            shown[name] = float(value.detach())
+    if any(name.startswith("downstream_mse_loss/") for name in output.losses):
+        shown["downstream_loss"] = downstream
+    return " | ".join(f"{name}: {value:.4f}" for name, value in shown.items())
