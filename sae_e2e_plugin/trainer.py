@@ -62,6 +62,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.objective = get_objective(e2e_cfg.loss)
         self.n_sequences_consumed = 0
         """Token sequences drawn from the data provider so far (resume skips this many)."""
+        self.n_steps_taken = 0
+        """Completed steps. SAETrainer checkpoints before it counts the step it just took, so
+        its saved ``n_training_steps`` lags by one; resume restores this count instead."""
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
 
@@ -94,7 +97,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         tokens = batch.to(self.model.cfg.device)
         self.n_training_samples += tokens.numel()
         self.n_sequences_consumed += tokens.shape[0]
-        return self._e2e_train_step(tokens)
+        output = self._e2e_train_step(tokens)
+        self.n_steps_taken += 1
+        return output
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         self.sae.train()
@@ -200,7 +205,11 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def save_trainer_state(self, checkpoint_path: Path) -> None:
         """SAETrainer's state plus how many token sequences were consumed."""
         super().save_trainer_state(checkpoint_path)
-        state = {"n_sequences_consumed": self.n_sequences_consumed, "loss": self.e2e_cfg.loss}
+        state = {
+            "n_sequences_consumed": self.n_sequences_consumed,
+            "n_steps_taken": self.n_steps_taken,
+            "loss": self.e2e_cfg.loss,
+        }
         (Path(checkpoint_path) / E2E_TRAINER_STATE_FILENAME).write_text(json.dumps(state))
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
@@ -214,6 +223,11 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             )
         state = json.loads(state_file.read_text())
         self.n_sequences_consumed = int(state["n_sequences_consumed"])
+        self.n_steps_taken = self.n_training_steps = int(state["n_steps_taken"])
+        # Checkpoints already written before the interruption are not written again.
+        self.checkpoint_thresholds = [
+            t for t in self.checkpoint_thresholds if t >= self.n_training_samples
+        ]
 
     @torch.no_grad()
     def _update_pbar(

@@ -19,7 +19,7 @@ VOCAB = 40
 
 def tiny_model(seed: int = 0, n_layers: int = 3, **overrides: Any) -> HookedTransformer:
     """A 3-layer, d_model=16 transformer with random weights."""
-    cfg = HookedTransformerConfig(
+    fields: dict[str, Any] = dict(
         n_layers=n_layers,
         d_model=D_MODEL,
         n_heads=2,
@@ -31,8 +31,8 @@ def tiny_model(seed: int = 0, n_layers: int = 3, **overrides: Any) -> HookedTran
         normalization_type="LN",
         seed=seed,
         device="cpu",
-        **overrides,
     )
+    cfg = HookedTransformerConfig(**(fields | overrides))
     model = HookedTransformer(cfg)
     # Larger-than-default weights so the next-token distributions are far from uniform.
     with torch.no_grad():
