@@ -75,6 +75,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"the model is a {type(self.model).__name__}; end-to-end training needs a "
                 "TransformerLens HookedTransformer (start_at_layer)."
             )
+        if cfg.lm_dtype is not None:
+            self.model.to(getattr(torch, cfg.lm_dtype))
         freeze(self.model)
         objective = get_objective(cfg.loss)
         self.plan = plan_splice(

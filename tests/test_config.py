@@ -111,3 +111,8 @@ def test_runner_needs_an_e2e_config(tmp_path: Path) -> None:
     plain = sae_lens.LanguageModelSAERunnerConfig(sae=cfg.sae, dataset_path="x", verbose=False)
     with pytest.raises(ValueError, match="needs an E2ERunnerConfig"):
         E2ESAETrainingRunner(plain)  # type: ignore[arg-type]
+
+
+def test_fp16_model_on_cpu_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"lm_dtype='float16' is not supported on the CPU.*'bfloat16'"):
+        make_cfg(tmp_path, lm_dtype="float16")

@@ -265,3 +265,14 @@ def test_expected_average_normalisation_is_undone_before_the_splice(tmp_path: Pa
     assert folded == [pytest.approx(expected_factor, rel=1e-5)]
     assert runner.sae.cfg.normalize_activations == "none"
     assert objective_terms(runner, tokens)["kl"] < 0.5 * before["kl"]
+
+
+def test_bf16_model_trains_a_float32_sae(tmp_path: Path) -> None:
+    dataset = fixed_batch_dataset()
+    tokens = torch.tensor(dataset["tokens"])
+    runner = runner_for(tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, lm_dtype="bfloat16")
+    assert runner.model.W_U.dtype == torch.bfloat16
+    before = objective_terms(runner, tokens)
+    runner.run()
+    assert all(p.dtype == torch.float32 for p in runner.sae.parameters())
+    assert objective_terms(runner, tokens)["kl"] < 0.5 * before["kl"]
