@@ -1,0 +1,583 @@
+"""The paper's evaluation metrics for an SAE on held-out tokens, independent of wandb.
+
+``evaluate_sae`` runs the frozen model three ways on each token batch: clean,
+with the SAE's reconstruction spliced in at its hook, and with that hook's
+activation replaced by zeros. The three runs share the prefix before the SAE's
+block (``splice.run_prefix``), and the logits are made a chunk of tokens at a
+time, so no [tokens, vocab] tensor outlives its chunk. Each batch adds sums to
+running totals; ``EvalResult`` holds the averages over every token seen.
+
+Definitions follow Braun et al. 2024 (arXiv 2405.12241) and the reference
+implementation's ``calc_explained_variance`` / ``calc_output_metrics`` /
+``ActFrequencyMetrics``; the CE- and KL-recovered scores follow SAELens'
+``evals.get_downstream_reconstruction_metrics``. ``docs/evaluation.md`` gives
+every formula.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from sae_lens import SAE
+from sae_lens.saes.transcoder import Transcoder
+from sae_lens.training.activation_scaler import ActivationScaler
+from transformer_lens import HookedTransformer
+
+from sae_e2e_plugin.losses import kl_orig_to_patched_sum
+from sae_e2e_plugin.splice import (
+    Prefix,
+    SplicePlan,
+    model_head,
+    plan_splice,
+    run_clean,
+    run_patched,
+    run_prefix,
+)
+
+DEFAULT_ALIVE_WINDOW_TOKENS = 500_000
+"""Tokens over which a feature must fire once to count as alive: the paper's window.
+
+The alive count grows with the window (a feature firing once in 10⁶ tokens is
+dead over 10⁵), so numbers are comparable with the paper's only over the same
+window. On a smaller evaluation set every token is used and ``alive_tokens``
+says how many.
+"""
+
+_IGNORE = -100  # target id of positions with no next token (F.cross_entropy's ignore_index)
+_SCALED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
+
+
+@dataclass(frozen=True)
+class DownstreamMetrics:
+    """How far the patched run's activation at one later hook is from the clean run's."""
+
+    mse: float
+    """Squared error averaged over every element (batch, position, width), as the
+    reference's ``F.mse_loss(patched, clean)``."""
+    explained_variance: float
+    """Per token 1 − ‖patched − clean‖² / ‖clean − mean(clean)‖², averaged over tokens;
+    mean(clean) is the mean over the tokens of the token's own evaluation batch."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The paper's metrics for one SAE, averaged over every evaluated token."""
+
+    hook_name: str
+    """The hook the SAE reads and whose activation its reconstruction replaces."""
+    n_tokens: int
+    """Tokens evaluated (batch × pos summed over batches)."""
+    n_sequences: int
+    """Sequences evaluated; the CE losses average over n_tokens − n_sequences predictions."""
+    ce_loss_clean: float
+    """Next-token cross-entropy of the unmodified model (nats, float32)."""
+    ce_loss_spliced: float
+    """Next-token cross-entropy with the SAE's reconstruction spliced in at the hook."""
+    ce_loss_increase: float
+    """ce_loss_spliced − ce_loss_clean: the paper's headline "CE loss increase"."""
+    ce_loss_zero_ablation: float
+    """Next-token cross-entropy with the hook's activation replaced by zeros."""
+    ce_loss_score: float
+    """(ce_loss_zero_ablation − ce_loss_spliced) / (ce_loss_zero_ablation − ce_loss_clean):
+    the fraction of the ablation's damage the SAE recovers (SAELens' ``ce_loss_score``)."""
+    kl_orig_patched: float
+    """KL(p_orig ‖ p_spliced) summed over the vocabulary, averaged over all tokens."""
+    kl_orig_ablated: float
+    """KL(p_orig ‖ p_ablated) summed over the vocabulary, averaged over all tokens."""
+    kl_score: float
+    """1 − kl_orig_patched / kl_orig_ablated (SAELens' ``kl_div_score``)."""
+    l0: float
+    """Mean number of non-zero feature activations per token."""
+    d_sae: int
+    """Number of features in the dictionary."""
+    alive_features: int
+    """Features that are non-zero on at least one of the first ``alive_tokens`` tokens."""
+    alive_fraction: float
+    """alive_features / d_sae."""
+    alive_tokens: int
+    """Tokens the alive count used: min(alive_window_tokens, n_tokens)."""
+    explained_variance: float
+    """At the SAE's hook, per token 1 − ‖â − a‖² / ‖a − mean(a)‖², averaged over tokens;
+    mean(a) is the mean over the tokens of the token's own evaluation batch."""
+    explained_variance_reference: float
+    """The reference's logged SAE-position value (``out_to_in/explained_variance``): the same
+    with the reconstruction's spread as denominator, 1 − ‖a − â‖² / ‖â − mean(â)‖², because
+    its code passes the SAE output as the target. Use it to compare with the paper's runs."""
+    downstream: dict[str, DownstreamMetrics] = field(hash=False)
+    """Patched-vs-clean comparison at each later hook, by hook name, in firing order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-safe dict: scalar fields by name, ``downstream/<hook>/<metric>``;
+        NaN and infinities become None."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name != "downstream":
+                out[f.name] = _json_number(getattr(self, f.name))
+        for hook, metrics in self.downstream.items():
+            out[f"downstream/{hook}/mse"] = _json_number(metrics.mse)
+            out[f"downstream/{hook}/explained_variance"] = _json_number(
+                metrics.explained_variance
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
+        """Inverse of ``to_dict`` (None reads back as NaN)."""
+        scalars: dict[str, Any] = {}
+        downstream: dict[str, dict[str, float]] = {}
+        for key, value in data.items():
+            if key.startswith("downstream/"):
+                hook, metric = key[len("downstream/") :].rsplit("/", 1)
+                downstream.setdefault(hook, {})[metric] = _from_json_number(value)
+            else:
+                scalars[key] = value
+        for f in dataclasses.fields(cls):
+            if f.type == "float" and f.name in scalars:
+                scalars[f.name] = _from_json_number(scalars[f.name])
+        return cls(
+            **scalars,
+            downstream={hook: DownstreamMetrics(**m) for hook, m in downstream.items()},
+        )
+
+    def format_table(self) -> str:
+        """A plain-text table of every metric."""
+        rows = [
+            ("CE loss, clean", self.ce_loss_clean),
+            ("CE loss, SAE spliced in", self.ce_loss_spliced),
+            ("CE loss increase", self.ce_loss_increase),
+            ("CE loss, zero ablation", self.ce_loss_zero_ablation),
+            ("CE loss score", self.ce_loss_score),
+            ("KL(orig || spliced)", self.kl_orig_patched),
+            ("KL(orig || ablated)", self.kl_orig_ablated),
+            ("KL score", self.kl_score),
+            ("L0", self.l0),
+            (f"alive features (first {self.alive_tokens:,} tokens)", self.alive_features),
+            ("alive fraction", self.alive_fraction),
+            ("explained variance", self.explained_variance),
+            ("explained variance (reference's order)", self.explained_variance_reference),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [
+            f"SAE at {self.hook_name}: {self.n_tokens:,} tokens, {self.n_sequences:,} "
+            f"sequences, d_sae={self.d_sae:,}",
+            f"{'metric':<{width}}  value",
+            f"{'-' * width}  ----------",
+        ]
+        lines += [f"{name:<{width}}  {_format_number(value)}" for name, value in rows]
+        if self.downstream:
+            hook_width = max(len("downstream hook"), *(len(h) for h in self.downstream))
+            lines += [
+                "",
+                f"{'downstream hook':<{hook_width}}  {'MSE':<10}  explained variance",
+                f"{'-' * hook_width}  ----------  ------------------",
+            ]
+            lines += [
+                f"{hook:<{hook_width}}  {_format_number(m.mse):<10}  "
+                f"{_format_number(m.explained_variance)}"
+                for hook, m in self.downstream.items()
+            ]
+        return "\n".join(lines)
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write ``to_dict()`` as JSON to ``path`` (parent folders created); return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+
+@jaxtyped(typechecker=beartype)
+def explained_variance_per_token(
+    reconstruction: Float[torch.Tensor, "batch pos d_in"],
+    target: Float[torch.Tensor, "batch pos d_in"],
+) -> Float[torch.Tensor, "batch pos"]:
+    """Per token 1 − ‖reconstruction − target‖² / ‖target − mean(target)‖², in float32.
+
+    mean(target) is taken over every token of this batch (batch and pos), as the
+    reference's ``calc_explained_variance`` does for its evaluation batch.
+    """
+    target = target.float()
+    residual = (reconstruction.float() - target).pow(2).sum(-1)
+    spread = (target - target.mean(dim=(0, 1))).pow(2).sum(-1)
+    return 1.0 - residual / spread
+
+
+@jaxtyped(typechecker=beartype)
+def next_token_targets(tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
+    """The token each position predicts; the last position of a sequence predicts nothing (-100)."""
+    targets = torch.full_like(tokens, _IGNORE)
+    targets[:, :-1] = tokens[:, 1:]
+    return targets
+
+
+@jaxtyped(typechecker=beartype)
+def active_features_per_token(
+    feature_acts: Float[torch.Tensor, "batch pos d_sae"],
+) -> Float[torch.Tensor, "batch pos"]:
+    """Number of non-zero features at each token (the per-token L0)."""
+    return (feature_acts != 0).sum(-1).float()
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae: SAE[Any],
+    model: HookedTransformer,
+    token_batches: Iterable[torch.Tensor] | torch.Tensor,
+    *,
+    hook_name: str | None = None,
+    downstream_hooks: Sequence[str] | None = None,
+    alive_window_tokens: int | None = DEFAULT_ALIVE_WINDOW_TOKENS,
+    max_batches: int | None = None,
+    logits_chunk_size: int = 1024,
+    activation_scaler: ActivationScaler | None = None,
+) -> EvalResult:
+    """Evaluate ``sae`` spliced into ``model`` on held-out ``(batch, pos)`` token batches.
+
+    Args:
+        sae: any SAELens ``SAE`` or ``TrainingSAE``; its own ``encode``/``decode`` are
+            used, so its architecture, ``apply_b_dec_to_input`` and run-time
+            normalisation apply as they do in the SAE. Put in eval mode for the
+            evaluation; its previous mode is restored afterwards (so is the model's).
+        model: the language model, a ``HookedTransformer``.
+        token_batches: an iterable of integer tensors of shape (batch, pos), pos ≥ 2,
+            or one such tensor (one batch). Explained variance uses each batch's own
+            mean, so batch size is part of the definition (the reference used its
+            training batch size); ``tokens.split(n)`` makes batches of n sequences.
+        hook_name: where the SAE sits; default ``sae.cfg.metadata.hook_name``.
+        downstream_hooks: later hooks to compare; default every ``blocks.k.hook_resid_post``
+            after the SAE's hook. ``()`` for none.
+        alive_window_tokens: count a feature as alive if it fires on one of the first
+            this many tokens (None: all tokens). Default 500k, the paper's window.
+        max_batches: stop after this many batches (needed for endless iterators).
+        logits_chunk_size: tokens whose logits are made at once (memory: three
+            [chunk, vocab] float32 tensors).
+        activation_scaler: the trainer's ``ActivationScaler`` for a ``TrainingSAE`` with
+            ``normalize_activations="expected_average_only_in"`` or
+            ``"covariance_whitening"`` (scaling that lives outside the SAE until export).
+
+    Raises:
+        ValueError: for an SAE or token batch this function cannot evaluate; the
+            message names the field and the fix.
+    """
+    hook_name = _resolve_hook_name(sae, hook_name)
+    _check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens)
+    plan = plan_splice(model, hook_name, downstream_hooks, d_in=sae.cfg.d_in)
+    totals = _Totals(sae.cfg.d_sae, plan.downstream_hooks, alive_window_tokens)
+    with _eval_mode(sae, model):
+        for tokens in _token_batches(token_batches, max_batches):
+            _evaluate_batch(
+                sae, model, plan, tokens.to(model.cfg.device), totals,
+                activation_scaler, logits_chunk_size,
+            )
+    return totals.result(hook_name)
+
+
+@dataclass
+class _Totals:
+    """Running sums over batches; ``result`` divides them into averages."""
+
+    d_sae: int
+    downstream_hooks: tuple[str, ...]
+    alive_window: int | None
+    n_tokens: int = 0
+    n_sequences: int = 0
+    n_predicted: int = 0
+    ce_clean: float = 0.0
+    ce_spliced: float = 0.0
+    ce_ablated: float = 0.0
+    kl_spliced: float = 0.0
+    kl_ablated: float = 0.0
+    active: float = 0.0
+    explained_variance: float = 0.0
+    explained_variance_reference: float = 0.0
+    alive_tokens: int = 0
+    fired: torch.Tensor | None = None
+    downstream_sq_error: dict[str, float] = field(default_factory=dict)
+    downstream_elements: dict[str, int] = field(default_factory=dict)
+    downstream_ev: dict[str, float] = field(default_factory=dict)
+
+    def add_features(self, feature_acts: torch.Tensor) -> None:
+        """Sparsity statistics of one batch's [batch, pos, d_sae] feature activations."""
+        self.active += float(active_features_per_token(feature_acts).sum())
+        flat = feature_acts.reshape(-1, feature_acts.shape[-1])
+        room = flat.shape[0] if self.alive_window is None else self.alive_window - self.alive_tokens
+        window = flat[: max(room, 0)]
+        fired = (window != 0).any(0).cpu()
+        self.fired = fired if self.fired is None else self.fired | fired
+        self.alive_tokens += window.shape[0]
+
+    def add_downstream(self, name: str, patched: torch.Tensor, clean: torch.Tensor) -> None:
+        """One batch's patched-vs-clean comparison at a downstream hook."""
+        patched, clean = _flat_heads(patched), _flat_heads(clean)
+        sq_error = (patched.float() - clean.float()).pow(2).sum()
+        self.downstream_sq_error[name] = self.downstream_sq_error.get(name, 0.0) + float(sq_error)
+        self.downstream_elements[name] = self.downstream_elements.get(name, 0) + clean.numel()
+        ev = float(explained_variance_per_token(patched, clean).sum())
+        self.downstream_ev[name] = self.downstream_ev.get(name, 0.0) + ev
+
+    def result(self, hook_name: str) -> EvalResult:
+        if self.n_tokens == 0:
+            raise ValueError(
+                "token_batches yielded no batch: pass (batch, pos) token tensors of held-out data."
+            )
+        ce_clean = self.ce_clean / self.n_predicted
+        ce_spliced = self.ce_spliced / self.n_predicted
+        ce_ablated = self.ce_ablated / self.n_predicted
+        kl_spliced = self.kl_spliced / self.n_tokens
+        kl_ablated = self.kl_ablated / self.n_tokens
+        alive = int(self.fired.sum()) if self.fired is not None else 0
+        return EvalResult(
+            hook_name=hook_name,
+            n_tokens=self.n_tokens,
+            n_sequences=self.n_sequences,
+            ce_loss_clean=ce_clean,
+            ce_loss_spliced=ce_spliced,
+            ce_loss_increase=ce_spliced - ce_clean,
+            ce_loss_zero_ablation=ce_ablated,
+            ce_loss_score=_ratio(ce_ablated - ce_spliced, ce_ablated - ce_clean),
+            kl_orig_patched=kl_spliced,
+            kl_orig_ablated=kl_ablated,
+            kl_score=1.0 - _ratio(kl_spliced, kl_ablated),
+            l0=self.active / self.n_tokens,
+            d_sae=self.d_sae,
+            alive_features=alive,
+            alive_fraction=alive / self.d_sae,
+            alive_tokens=self.alive_tokens,
+            explained_variance=self.explained_variance / self.n_tokens,
+            explained_variance_reference=self.explained_variance_reference / self.n_tokens,
+            downstream={
+                name: DownstreamMetrics(
+                    mse=self.downstream_sq_error[name] / self.downstream_elements[name],
+                    explained_variance=self.downstream_ev[name] / self.n_tokens,
+                )
+                for name in self.downstream_hooks
+            },
+        )
+
+
+def _evaluate_batch(
+    sae: SAE[Any],
+    model: HookedTransformer,
+    plan: SplicePlan,
+    tokens: torch.Tensor,
+    totals: _Totals,
+    scaler: ActivationScaler | None,
+    chunk_size: int,
+) -> None:
+    """Clean, spliced and zero-ablated runs of one batch from a shared prefix; add to totals."""
+    batch, pos = tokens.shape
+    prefix = run_prefix(model, tokens, plan.start_layer)
+    clean = run_clean(model, prefix, plan, full=True)
+    feature_acts, reconstruction = _encode_decode(sae, model, clean.acts, scaler)
+    spliced = run_patched(model, prefix, plan, reconstruction)
+    ablated_final = _run_ablated(model, prefix, plan, clean.acts)
+    assert clean.final_resid is not None  # full=True always reaches the last block
+
+    totals.n_tokens += batch * pos
+    totals.n_sequences += batch
+    totals.n_predicted += batch * (pos - 1)
+    totals.add_features(feature_acts)
+    totals.explained_variance += float(explained_variance_per_token(reconstruction, clean.acts).sum())
+    # The reference's argument order: the reconstruction is the "target" whose spread divides.
+    totals.explained_variance_reference += float(
+        explained_variance_per_token(clean.acts, reconstruction).sum()
+    )
+    for name in plan.downstream_hooks:
+        totals.add_downstream(name, spliced.downstream[name], clean.downstream[name])
+    _add_output_metrics(
+        model, tokens, clean.final_resid, spliced.final_resid, ablated_final, totals, chunk_size
+    )
+
+
+def _encode_decode(
+    sae: SAE[Any],
+    model: HookedTransformer,
+    acts: torch.Tensor,
+    scaler: ActivationScaler | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SAE's features [batch, pos, d_sae] and reconstruction [batch, pos, d_in] (model scale).
+
+    ``acts`` is [batch, pos, d_in] with heads flattened for 4-D hooks. An inference
+    SAE with hook_z reshaping on expects the heads unflattened and returns them so.
+    """
+    batch, pos, d_in = acts.shape
+    sae_in = acts.reshape(batch * pos, d_in).to(sae.device)
+    if scaler is not None:
+        sae_in = scaler.scale(sae_in)
+    if getattr(sae, "hook_z_reshaping_mode", False):
+        sae_in = sae_in.unflatten(-1, (-1, model.cfg.d_head))
+    feature_acts = sae.encode(sae_in)
+    reconstruction = sae.decode(feature_acts).reshape(batch * pos, d_in)
+    if scaler is not None:
+        reconstruction = scaler.unscale(reconstruction)
+    if feature_acts.is_sparse:  # e.g. TopKSAE(use_sparse_activations=True)
+        feature_acts = feature_acts.to_dense()
+    # Kept in the SAE's dtype: the splice casts to the model's, the EV is taken in float32.
+    reconstruction = reconstruction.reshape(batch, pos, d_in).to(acts.device)
+    return feature_acts.reshape(batch, pos, -1), reconstruction
+
+
+def _run_ablated(
+    model: HookedTransformer, prefix: Prefix, plan: SplicePlan, acts: torch.Tensor
+) -> torch.Tensor:
+    """Final residual [batch, pos, d_model] with the hook's activation replaced by zeros."""
+    no_downstream = dataclasses.replace(plan, downstream_hooks=())
+    return run_patched(model, prefix, no_downstream, torch.zeros_like(acts)).final_resid
+
+
+def _add_output_metrics(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    clean: torch.Tensor,
+    spliced: torch.Tensor,
+    ablated: torch.Tensor,
+    totals: _Totals,
+    chunk_size: int,
+) -> None:
+    """CE and KL sums over the batch, a chunk of tokens' logits at a time."""
+    head = model_head(model)
+    targets = next_token_targets(tokens).flatten()
+    d_model = clean.shape[-1]
+    clean, spliced, ablated = (r.reshape(-1, d_model) for r in (clean, spliced, ablated))
+    for start in range(0, targets.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        target = targets[rows]
+        logits_clean = head(clean[rows]).float()  # [chunk, vocab]
+        logits_spliced = head(spliced[rows]).float()
+        logits_ablated = head(ablated[rows]).float()
+        totals.ce_clean += _ce_sum(logits_clean, target)
+        totals.ce_spliced += _ce_sum(logits_spliced, target)
+        totals.ce_ablated += _ce_sum(logits_ablated, target)
+        totals.kl_spliced += float(kl_orig_to_patched_sum(logits_clean, logits_spliced))
+        totals.kl_ablated += float(kl_orig_to_patched_sum(logits_clean, logits_ablated))
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits, targets, ignore_index=_IGNORE, reduction="sum"))
+
+
+def _token_batches(
+    token_batches: Iterable[torch.Tensor] | torch.Tensor, max_batches: int | None
+) -> Iterator[torch.Tensor]:
+    batches: Iterable[Any] = (
+        [token_batches] if isinstance(token_batches, torch.Tensor) else token_batches
+    )
+    if max_batches is not None:
+        if max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}.")
+        batches = itertools.islice(batches, max_batches)
+    for index, tokens in enumerate(batches):
+        _check_tokens(index, tokens)
+        yield tokens
+
+
+def _check_tokens(index: int, tokens: Any) -> None:
+    integer = isinstance(tokens, torch.Tensor) and not (
+        tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool
+    )
+    if not integer or tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1:
+        described = (
+            f"a tensor of shape {tuple(tokens.shape)} and dtype {tokens.dtype}"
+            if isinstance(tokens, torch.Tensor)
+            else f"a {type(tokens).__name__}"
+        )
+        raise ValueError(
+            f"token_batches item {index} is {described}; each batch must be an integer "
+            "token tensor of shape (batch, pos) with pos >= 2 (CE needs a next token). "
+            "For one long 1-D sequence use tokens[None]; for many sequences, tokens.split(n)."
+        )
+
+
+def _resolve_hook_name(sae: SAE[Any], hook_name: str | None) -> str:
+    resolved = hook_name or sae.cfg.metadata.hook_name
+    if not resolved:
+        raise ValueError(
+            "hook_name is not set and sae.cfg.metadata.hook_name is empty: pass "
+            "hook_name='blocks.L.hook_resid_pre' (the hook the SAE was trained on)."
+        )
+    return resolved
+
+
+def _check_sae(
+    sae: SAE[Any],
+    scaler: ActivationScaler | None,
+    chunk_size: int,
+    alive_window_tokens: int | None,
+) -> None:
+    if isinstance(sae, Transcoder):
+        raise ValueError(
+            "sae is a transcoder (it writes to a different hook than it reads); "
+            "evaluate_sae splices an SAE's reconstruction back into its own hook."
+        )
+    if sae.cfg.metadata.hook_head_index is not None:
+        raise ValueError(
+            f"sae.cfg.metadata.hook_head_index={sae.cfg.metadata.hook_head_index}: single-head "
+            "SAEs are not supported; train the SAE on all heads (hook_head_index=None)."
+        )
+    norm = sae.cfg.normalize_activations
+    if norm in _SCALED_NORMALIZATIONS and (
+        scaler is None or (scaler.scaling_factor is None and scaler.whitening is None)
+    ):
+        raise ValueError(
+            f"sae.cfg.normalize_activations={norm!r}, but the scaling is not in the SAE: pass "
+            "activation_scaler=trainer.activation_scaler, or evaluate the exported inference "
+            "SAE (SAE.load_from_disk), whose weights have the scaling folded in."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"logits_chunk_size must be >= 1, got {chunk_size}.")
+    if alive_window_tokens is not None and alive_window_tokens < 1:
+        raise ValueError(
+            f"alive_window_tokens must be >= 1 or None (all tokens), got {alive_window_tokens}."
+        )
+
+
+@contextmanager
+def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; each module's previous mode restored afterwards."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+
+
+def _flat_heads(act: torch.Tensor) -> torch.Tensor:
+    # [batch, pos, head, d_head] hooks are compared as [batch, pos, head·d_head].
+    return act.flatten(2) if act.ndim == 4 else act
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator != 0 else math.nan
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _from_json_number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _format_number(value: float | int) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
