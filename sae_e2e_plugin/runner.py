@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import wandb
 from sae_lens import LanguageModelSAETrainingRunner, logger
+from sae_lens.load_model import load_model
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activations_store import ActivationsStore
@@ -64,6 +65,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
             )
+        override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
         super().__init__(
             cfg,
             override_dataset=override_dataset,
@@ -169,3 +171,27 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             "local_mse_coefficient": objective.local_mse_weight(cfg),
             "trained_with": f"sae-e2e-plugin {__version__}",
         }
+
+
+def _resolve_builtins(
+    cfg: E2ERunnerConfig[Any],
+    model: HookedTransformer | None,
+    dataset: HfDataset | None,
+) -> tuple[HookedTransformer | None, HfDataset | None]:
+    """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one."""
+    from sae_e2e_plugin import builtin
+
+    if model is None and builtin.is_builtin_model(cfg.model_name):
+        model = builtin.load_builtin_model(cfg.model_name, device=cfg.llm_device or cfg.device)
+    if dataset is None and builtin.is_builtin_dataset(cfg.dataset_path):
+        if model is None:
+            model = load_model(
+                cfg.model_class_name,
+                cfg.model_name,
+                device=cfg.llm_device,
+                model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+            )
+        dataset = builtin.load_builtin_dataset(
+            cfg.dataset_path, model.tokenizer, cfg.context_size, split="train"
+        ).shuffle(seed=cfg.seed)
+    return model, dataset
