@@ -71,6 +71,21 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     while the SAE keeps float32 weights and log-softmax/KL are computed in float32.
     "float16" needs a GPU."""
 
+    eval_every_n_steps: int = 0
+    """Evaluate on held-out tokens every this many steps (printed, logged to wandb when
+    it is on), whether or not wandb is on. 0: only at the end (see ``eval_at_end``)."""
+
+    eval_at_end: bool = True
+    """Evaluate the final SAE on held-out tokens, print the table and save ``eval.json``
+    next to the exported SAE."""
+
+    eval_dataset_path: str | None = None
+    """Held-out tokens for evaluation: a built-in corpus name or a Hugging Face dataset.
+    None: the built-in corpus' eval split when ``dataset_path`` names one, else the first
+    ``n_eval_batches × eval_batch_size_prompts`` sequences of the training data, which
+    training then never consumes (they are reserved whether or not evaluation is on, so
+    turning it on does not change the training stream)."""
+
     max_grad_norm: float | None = 1.0
     """Clip the SAE's gradient norm to this value (SAELens hard-codes 1.0). None: no clipping."""
 
@@ -82,6 +97,16 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     def sequences_per_batch(self) -> int:
         """Whole sequences per training step."""
         return self.train_batch_size_tokens // self.context_size
+
+    @property
+    def eval_sequences_per_batch(self) -> int:
+        """Sequences per evaluation batch."""
+        return self.eval_batch_size_prompts or self.store_batch_size_prompts
+
+    @property
+    def n_eval_sequences(self) -> int:
+        """Held-out sequences evaluated each time."""
+        return self.n_eval_batches * self.eval_sequences_per_batch
 
     @classmethod
     def from_dict(cls, cfg_dict: dict[str, Any]) -> E2ERunnerConfig[Any]:  # type: ignore[override]
@@ -105,6 +130,12 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
             f"context_size={cfg.context_size}; end-to-end training consumes whole sequences. "
             f"Use e.g. train_batch_size_tokens={max(1, cfg.sequences_per_batch) * cfg.context_size}."
         )
+    if cfg.eval_every_n_steps < 0:
+        raise ValueError(
+            f"eval_every_n_steps must be >= 0 (0: evaluate only at the end), got {cfg.eval_every_n_steps}."
+        )
+    if cfg.n_eval_batches < 0:
+        raise ValueError(f"n_eval_batches must be >= 0, got {cfg.n_eval_batches}.")
     if cfg.kl_chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {cfg.kl_chunk_size}.")
     if cfg.lm_dtype not in (None, "float32", "bfloat16", "float16"):

@@ -8,8 +8,10 @@ SAELens' inference format with the objective recorded in its metadata.
 
 from __future__ import annotations
 
+import copy
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -19,14 +21,20 @@ from sae_lens import LanguageModelSAETrainingRunner, logger
 from sae_lens.load_model import load_model
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin import __version__
 from sae_e2e_plugin.config import E2ERunnerConfig
+from sae_e2e_plugin.evals import EvalResult, evaluate_sae
 from sae_e2e_plugin.objectives import get_objective
 from sae_e2e_plugin.splice import plan_splice
 from sae_e2e_plugin.trainer import E2ESAETrainer, TrainingInterrupted, freeze
+
+
+EVAL_FILENAME = "eval.json"
 
 
 class TokenBatches(Iterator[torch.Tensor]):
@@ -65,6 +73,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
             )
+        self._builtin_dataset = override_dataset is None and _is_builtin_dataset(cfg.dataset_path)
         override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
         super().__init__(
             cfg,
@@ -93,6 +102,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 "loss='e2e_downstream' has nothing to compare. Use loss='e2e' or an earlier hook."
             )
         self.trainer: E2ESAETrainer | None = None
+        self.eval_history: list[tuple[int, EvalResult]] = []
+        """(step, result) of each evaluation during training, and the final one."""
+        self.eval_tokens = self._held_out_tokens()
+        """[n_eval_sequences, context_size] held-out tokens (None when n_eval_batches=0)."""
 
     def run(self) -> TrainingSAE[Any]:
         """Train, write the final SAE to ``cfg.output_path`` (if set) and return it."""
@@ -115,6 +128,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             plan=self.plan,
             e2e_cfg=self.cfg,
             save_checkpoint_fn=self.save_checkpoint,
+            periodic_eval=self._evaluate_during_training,
         )
         if self.cfg.resume_from_checkpoint is not None:
             self._resume(trainer, tokens, self.cfg.resume_from_checkpoint)
@@ -126,9 +140,70 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 output_path=self.cfg.output_path,
                 log_feature_sparsity=trainer.log_feature_sparsity,
             )
+        if self.cfg.eval_at_end and self.eval_tokens is not None:
+            self._final_evaluation(trainer)
         if self.cfg.logger.log_to_wandb:
             wandb.finish()
         return sae
+
+    def evaluate(self, activation_scaler: ActivationScaler | None = None) -> EvalResult:
+        """The SAE's metrics on the held-out tokens (see ``sae_e2e_plugin.evaluate_sae``)."""
+        if self.eval_tokens is None:
+            raise ValueError("n_eval_batches=0: there are no held-out tokens to evaluate on.")
+        return evaluate_sae(
+            self.sae,
+            self.model,
+            self.eval_tokens.split(self.cfg.eval_sequences_per_batch),
+            hook_name=self.cfg.hook_name,
+            alive_window_tokens=None,
+            logits_chunk_size=self.cfg.kl_chunk_size,
+            activation_scaler=activation_scaler,
+        )
+
+    def _evaluate_during_training(self, trainer: E2ESAETrainer) -> None:
+        if self.eval_tokens is None:
+            return
+        result = self.evaluate(trainer.activation_scaler)
+        self.eval_history.append((trainer.n_steps_taken, result))
+        tqdm.write(f"evaluation after step {trainer.n_steps_taken}:\n{result.format_table()}")
+        if self.cfg.logger.log_to_wandb:
+            wandb.log(_wandb_eval_dict(result), step=trainer.n_training_steps)
+
+    def _final_evaluation(self, trainer: E2ESAETrainer) -> None:
+        # After fit() any activation scaling is folded into the SAE's weights.
+        result = self.evaluate()
+        self.eval_history.append((trainer.n_steps_taken, result))
+        print(f"final evaluation on held-out tokens:\n{result.format_table()}")
+        if self.cfg.output_path is not None:
+            path = result.save_json(Path(self.cfg.output_path) / EVAL_FILENAME)
+            print(f"saved the evaluation to {path}")
+        if self.cfg.logger.log_to_wandb:
+            wandb.log(_wandb_eval_dict(result), step=trainer.n_training_steps)
+
+    def _held_out_tokens(self) -> torch.Tensor | None:
+        cfg = self.cfg
+        n = cfg.n_eval_sequences
+        if n == 0:
+            return None
+        if cfg.eval_dataset_path is None and not self._builtin_dataset:
+            # The first n sequences of the training stream: training starts after them.
+            return self.activations_store.get_batch_tokens(n, move_to_model_device=False)
+        name = cfg.eval_dataset_path or cfg.dataset_path
+        if _is_builtin_dataset(name):
+            from sae_e2e_plugin import builtin
+
+            rows = builtin.load_builtin_dataset(
+                name, self.model.tokenizer, cfg.context_size, split="eval"
+            )
+            if len(rows) < n:
+                raise ValueError(
+                    f"the eval split of {name!r} has {len(rows)} sequences of {cfg.context_size} "
+                    f"tokens, fewer than n_eval_batches × eval_batch_size_prompts = {n}. "
+                    "Lower n_eval_batches or eval_batch_size_prompts."
+                )
+            return torch.tensor(rows["tokens"][:n], dtype=torch.long)
+        store = ActivationsStore.from_config(self.model, _with_dataset(cfg, name))
+        return store.get_batch_tokens(n, move_to_model_device=False)
 
     def _resume(self, trainer: E2ESAETrainer, tokens: TokenBatches, path: str) -> None:
         logger.info(f"Resuming from checkpoint: {path}")
@@ -195,3 +270,24 @@ def _resolve_builtins(
             cfg.dataset_path, model.tokenizer, cfg.context_size, split="train"
         ).shuffle(seed=cfg.seed)
     return model, dataset
+
+
+def _is_builtin_dataset(name: str) -> bool:
+    from sae_e2e_plugin import builtin
+
+    return builtin.is_builtin_dataset(name)
+
+
+def _with_dataset(cfg: E2ERunnerConfig[Any], dataset_path: str) -> E2ERunnerConfig[Any]:
+    # A shallow copy: no __post_init__ (which would re-validate and rename checkpoint_path).
+    other = copy.copy(cfg)
+    other.dataset_path = dataset_path
+    return other
+
+
+def _wandb_eval_dict(result: EvalResult) -> dict[str, Any]:
+    return {
+        f"eval/{key}": value
+        for key, value in result.to_dict().items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }

@@ -14,7 +14,7 @@ logging and the progress bar. One step here is:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         plan: SplicePlan,
         e2e_cfg: E2ERunnerConfig[Any],
         save_checkpoint_fn: SaveCheckpointFn | None = None,
+        periodic_eval: Callable[[E2ESAETrainer], None] | None = None,
     ) -> None:
         super().__init__(
             cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
@@ -60,6 +61,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.plan = plan
         self.e2e_cfg = e2e_cfg
         self.objective = get_objective(e2e_cfg.loss)
+        self.periodic_eval = periodic_eval
+        """Called every ``eval_every_n_steps`` completed steps (evaluation on held-out tokens)."""
         self.n_sequences_consumed = 0
         """Token sequences drawn from the data provider so far (resume skips this many)."""
         self.n_steps_taken = 0
@@ -99,6 +102,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.n_sequences_consumed += tokens.shape[0]
         output = self._e2e_train_step(tokens)
         self.n_steps_taken += 1
+        every = self.e2e_cfg.eval_every_n_steps
+        if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
+            self.periodic_eval(self)
         return output
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
