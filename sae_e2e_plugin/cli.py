@@ -62,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     train.set_defaults(command="train", handler=_train)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a SAELens-format SAE (local folder or hub release) on held-out text",
+        description="Evaluate a SAELens SAE spliced into its model: CE-loss increase, KL, L0, "
+        "alive features, explained variance, downstream MSE. Model, hook, context size and data "
+        "default to what the SAE's metadata records.",
+    )
+    evaluate.add_argument("sae", help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name")
+    evaluate.add_argument("--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)")
+    evaluate.add_argument("--model_name", help="model to splice into (default: the SAE's metadata)")
+    evaluate.add_argument("--hook_name", help="hook to splice at (default: the SAE's metadata)")
+    evaluate.add_argument("--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset")
+    evaluate.add_argument("--context_size", type=int, help="tokens per sequence (default: the SAE's metadata, else 128)")
+    evaluate.add_argument("--n_sequences", type=int, default=64, help="held-out sequences to evaluate (default 64)")
+    evaluate.add_argument("--batch_size", type=int, default=8, help="sequences per batch (default 8)")
+    evaluate.add_argument("--alive_window_tokens", type=int, default=None, help="tokens for the alive count (default: all evaluated)")
+    evaluate.add_argument("--lm_dtype", choices=["float32", "bfloat16", "float16"], default=None, help="dtype for the model")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--output", type=Path, default=Path("eval.json"), help="where to write the JSON (default eval.json)")
+    evaluate.set_defaults(command="eval", handler=_eval)
+
     convert = commands.add_parser(
         "convert", help="convert a reference-format (e2e_sae) checkpoint to SAELens folders"
     )
@@ -85,6 +106,74 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if cfg.output_path is not None:
         print(f"saved the SAE (SAELens format) to {cfg.output_path}")
     return 0
+
+
+def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from sae_e2e_plugin.evals import evaluate_sae
+
+    sae = _load_any_sae(args.sae, args.sae_id, args.device)
+    meta = sae.cfg.metadata
+    model_name = args.model_name or meta.model_name
+    hook_name = args.hook_name or meta.hook_name
+    dataset = args.dataset_path or meta.dataset_path
+    context_size = args.context_size or meta.context_size or 128
+    for flag, value in (("--model_name", model_name), ("--hook_name", hook_name), ("--dataset_path", dataset)):
+        if not value:
+            raise ValueError(f"the SAE's metadata does not record {flag[2:]}; pass {flag}.")
+    model = _load_eval_model(model_name, meta, args.device)
+    if args.lm_dtype:
+        model.to(getattr(torch, args.lm_dtype))
+    tokens = _eval_tokens(model, sae, dataset, context_size, args.n_sequences)
+    result = evaluate_sae(
+        sae, model, tokens.split(args.batch_size), hook_name=hook_name,
+        alive_window_tokens=args.alive_window_tokens,
+    )
+    print(result.format_table())
+    print(f"saved the evaluation to {result.save_json(args.output)}")
+    return 0
+
+
+def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
+    from sae_lens import SAE
+
+    if Path(source).is_dir():
+        return SAE.load_from_disk(source, device=device)
+    if sae_id is None:
+        raise ValueError(
+            f"sae={source!r} is not a local folder, so it is read as a SAELens release; "
+            "pass --sae-id (e.g. --sae-id blocks.6.hook_resid_pre)."
+        )
+    return SAE.from_pretrained(source, sae_id, device=device)
+
+
+def _load_eval_model(model_name: str, meta: Any, device: str) -> Any:
+    from sae_lens.load_model import load_model
+
+    from sae_e2e_plugin import builtin
+
+    if builtin.is_builtin_model(model_name):
+        return builtin.load_builtin_model(model_name, device=device)
+    return load_model(
+        meta.model_class_name or "HookedTransformer",
+        model_name,
+        device=device,
+        model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs or {},
+    )
+
+
+def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) -> Any:
+    import torch
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from sae_e2e_plugin import builtin
+
+    if builtin.is_builtin_dataset(dataset):
+        rows = builtin.load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")
+        return torch.tensor(rows["tokens"][:n], dtype=torch.long)
+    store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
+    return store.get_batch_tokens(n, move_to_model_device=False)
 
 
 def _convert(args: argparse.Namespace, extra: list[str]) -> int:
@@ -152,6 +241,7 @@ def config_from_fields(fields: dict[str, Any]) -> Any:
     from sae_e2e_plugin.config import E2ERunnerConfig
 
     fields = dict(fields)
+    _check_known("", {k: v for k, v in fields.items() if k not in ("sae", "logger")}, E2ERunnerConfig)
     sae_fields = dict(fields.pop("sae", None) or {})
     architecture = sae_fields.pop("architecture", "standard")
     try:
@@ -163,7 +253,6 @@ def config_from_fields(fields: dict[str, Any]) -> Any:
         raise ValueError("sae.d_in and sae.d_sae are required, e.g. --sae.d_in 576 --sae.d_sae 9216.")
     logger_fields = dict(fields.pop("logger", None) or {})
     _check_known("logger.", logger_fields, LoggingConfig)
-    _check_known("", fields, E2ERunnerConfig)
     return E2ERunnerConfig(
         sae=sae_cfg_class(**sae_fields), logger=LoggingConfig(**logger_fields), **fields
     )
