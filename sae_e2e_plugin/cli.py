@@ -1,4 +1,4 @@
-"""The ``sae-e2e`` command line: ``train``, ``eval`` and ``convert``.
+"""The ``sae-e2e`` command line: ``train``, ``eval``, ``convert`` and ``upload``.
 
 ``train`` takes every ``E2ERunnerConfig`` field as a flag (``--loss e2e``,
 ``--lr 1e-3``), SAE fields as ``--sae.<field>`` (``--sae.architecture topk
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--output", type=Path, default=Path("eval.json"), help="where to write the JSON (default eval.json)")
     evaluate.set_defaults(command="eval", handler=_eval)
+
+    upload = commands.add_parser(
+        "upload", help="publish an exported SAE folder to the Hugging Face Hub (SAELens' uploader)"
+    )
+    upload.add_argument("folder", type=Path, help="a folder with cfg.json + sae_weights.safetensors")
+    upload.add_argument("repo_id", help="the hub repo, e.g. your-name/smollm2-e2e-saes")
+    upload.add_argument("--sae-id", required=True, help="the SAE's folder in the repo, e.g. blocks.15.hook_resid_pre")
+    upload.add_argument("--dry-run", type=Path, metavar="DIR", help="write what would be uploaded to DIR instead")
+    upload.set_defaults(command="upload", handler=_upload)
 
     convert = commands.add_parser(
         "convert", help="convert a reference-format (e2e_sae) checkpoint to SAELens folders"
@@ -174,6 +183,16 @@ def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) 
         return torch.tensor(rows["tokens"][:n], dtype=torch.long)
     store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
     return store.get_batch_tokens(n, move_to_model_device=False)
+
+
+def _upload(args: argparse.Namespace, extra: list[str]) -> int:
+    from sae_e2e_plugin.hub import upload_sae
+
+    files = upload_sae(args.folder, args.repo_id, args.sae_id, dry_run=args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    for path in files:
+        print(f"{verb}: {path}")
+    return 0
 
 
 def _convert(args: argparse.Namespace, extra: list[str]) -> int:

@@ -71,6 +71,15 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     while the SAE keeps float32 weights and log-softmax/KL are computed in float32.
     "float16" needs a GPU."""
 
+    pretrained_sae: str | None = None
+    """Start from a pretrained SAE: a local SAELens folder, a local reference-format run
+    (``final_config.yaml`` + ``samples_<N>.pt``), a SAELens release name, or a hub repo id in
+    SAELens format. Its architecture, widths, hook and ``apply_b_dec_to_input`` must match the run."""
+
+    pretrained_sae_id: str | None = None
+    """The SAE within ``pretrained_sae``: the release's SAE id, the folder inside the hub repo,
+    or the SAE position of a reference-format run."""
+
     eval_every_n_steps: int = 0
     """Evaluate on held-out tokens every this many steps (printed, logged to wandb when
     it is on), whether or not wandb is on. 0: only at the end (see ``eval_at_end``)."""
@@ -129,6 +138,17 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
             f"train_batch_size_tokens={cfg.train_batch_size_tokens} is not a multiple of "
             f"context_size={cfg.context_size}; end-to-end training consumes whole sequences. "
             f"Use e.g. train_batch_size_tokens={max(1, cfg.sequences_per_batch) * cfg.context_size}."
+        )
+    if cfg.pretrained_sae is not None and cfg.from_pretrained_path is not None:
+        raise ValueError(
+            f"pretrained_sae={cfg.pretrained_sae!r} and from_pretrained_path="
+            f"{cfg.from_pretrained_path!r} are both set; keep one (from_pretrained_path is "
+            "SAELens' training-format checkpoint, pretrained_sae any released SAE)."
+        )
+    if cfg.pretrained_sae_id is not None and cfg.pretrained_sae is None:
+        raise ValueError(
+            f"pretrained_sae_id={cfg.pretrained_sae_id!r} is set without pretrained_sae; "
+            "set pretrained_sae to the release, hub repo or folder it belongs to."
         )
     if cfg.eval_every_n_steps < 0:
         raise ValueError(

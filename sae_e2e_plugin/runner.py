@@ -29,6 +29,7 @@ from transformer_lens import HookedTransformer
 from sae_e2e_plugin import __version__
 from sae_e2e_plugin.config import E2ERunnerConfig
 from sae_e2e_plugin.evals import EvalResult, evaluate_sae
+from sae_e2e_plugin.hub import load_pretrained_sae
 from sae_e2e_plugin.objectives import get_objective
 from sae_e2e_plugin.splice import plan_splice
 from sae_e2e_plugin.trainer import E2ESAETrainer, TrainingInterrupted, freeze
@@ -75,6 +76,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             )
         self._builtin_dataset = override_dataset is None and _is_builtin_dataset(cfg.dataset_path)
         override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
+        if override_sae is None and cfg.pretrained_sae is not None:
+            override_sae = load_pretrained_sae(
+                cfg.pretrained_sae, cfg.pretrained_sae_id, cfg.sae, cfg.hook_name, cfg.device
+            )
         super().__init__(
             cfg,
             override_dataset=override_dataset,

@@ -1,0 +1,124 @@
+"""Pretrained SAEs as starting points, and publishing trained SAEs to the Hugging Face Hub.
+
+Starting point (``E2ERunnerConfig.pretrained_sae`` / ``pretrained_sae_id``):
+  * a local SAELens folder (``cfg.json`` + ``sae_weights.safetensors``);
+  * a local reference-format run folder (``final_config.yaml`` + ``samples_<N>.pt``),
+    with ``pretrained_sae_id`` naming the SAE position;
+  * a SAELens release from its directory (e.g. ``gpt2-small-res_sle-ajt`` with
+    ``pretrained_sae_id="blocks.6.hook_resid_pre"``), or any hub repo in SAELens format
+    (``"org/repo"`` with the folder inside it as ``pretrained_sae_id``).
+The weights are loaded into a fresh training SAE built from the run's ``sae`` config, after
+checking architecture, widths, hook and ``apply_b_dec_to_input`` against the run.
+
+Upload: ``upload_sae(folder, repo_id, sae_id)`` publishes an exported folder with SAELens'
+own uploader; ``dry_run=<dir>`` writes exactly the files that would be uploaded instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+
+# The files SAELens' uploader sends for each SAE (its allow-list).
+UPLOADED_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "runner_cfg.json")
+
+
+def load_pretrained_sae(
+    source: str, sae_id: str | None, training_cfg: TrainingSAEConfig, hook_name: str, device: str
+) -> TrainingSAE[Any]:
+    """A training SAE for ``training_cfg`` holding the weights of a pretrained SAE."""
+    pretrained = _load_inference_sae(source, sae_id, device)
+    _check_compatible(pretrained, training_cfg, hook_name, source)
+    sae = TrainingSAE.from_dict(training_cfg.to_dict())
+    state = {name: tensor.to(device) for name, tensor in pretrained.state_dict().items()}
+    sae.process_state_dict_for_loading(state)
+    missing, unexpected = sae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"pretrained_sae={source!r}: its weights ({sorted(state)}) do not fit a "
+            f"{training_cfg.architecture()!r} training SAE (missing {missing}, unexpected "
+            f"{unexpected}). Set sae.architecture to the architecture it was trained with."
+        )
+    sae.cfg.metadata.pretrained_from = f"{source}:{sae_id}" if sae_id else source
+    return sae.to(device)
+
+
+def _load_inference_sae(source: str, sae_id: str | None, device: str) -> SAE[Any]:
+    path = Path(source)
+    if path.is_dir() and (path / "final_config.yaml").exists():
+        from sae_e2e_plugin.loading import reference_format_disk_loader
+
+        if sae_id is None:
+            raise ValueError(
+                f"pretrained_sae={source!r} is a reference-format run; set pretrained_sae_id "
+                "to the SAE position, e.g. 'blocks.6.hook_resid_pre'."
+            )
+        return SAE.load_from_disk(str(path / sae_id), device=device, converter=reference_format_disk_loader)
+    if path.is_dir():
+        return SAE.load_from_disk(str(path), device=device)
+    if sae_id is None:
+        raise ValueError(
+            f"pretrained_sae={source!r} is not a local folder, so it is read as a SAELens release "
+            "or hub repo; set pretrained_sae_id to the SAE's id (the folder inside the repo)."
+        )
+    return SAE.from_pretrained(source, sae_id, device=device)
+
+
+def _check_compatible(pretrained: SAE[Any], cfg: TrainingSAEConfig, hook_name: str, source: str) -> None:
+    expected_architecture = cfg.get_inference_config_class().architecture()
+    checks = [
+        ("sae.architecture", pretrained.cfg.architecture(), expected_architecture,
+         f"set sae.architecture to the training architecture of a {pretrained.cfg.architecture()!r} SAE"),
+        ("sae.d_in", pretrained.cfg.d_in, cfg.d_in, f"set sae.d_in={pretrained.cfg.d_in}"),
+        ("sae.d_sae", pretrained.cfg.d_sae, cfg.d_sae, f"set sae.d_sae={pretrained.cfg.d_sae}"),
+        ("sae.apply_b_dec_to_input", pretrained.cfg.apply_b_dec_to_input, cfg.apply_b_dec_to_input,
+         f"set sae.apply_b_dec_to_input={pretrained.cfg.apply_b_dec_to_input} (it changes the encoder)"),
+    ]
+    recorded_hook = pretrained.cfg.metadata.hook_name
+    if recorded_hook is not None:
+        checks.append(("hook_name", recorded_hook, hook_name, f"set hook_name={recorded_hook!r}"))
+    for field, theirs, ours, fix in checks:
+        if theirs != ours:
+            raise ValueError(
+                f"pretrained_sae={source!r} has {field}={theirs!r} but the run has {ours!r}: {fix}."
+            )
+
+
+def upload_sae(
+    folder: str | Path, repo_id: str, sae_id: str, *, dry_run: str | Path | None = None
+) -> list[Path]:
+    """Publish an exported SAE folder to ``repo_id`` under ``sae_id`` with SAELens' uploader.
+
+    With ``dry_run`` nothing is sent: the files the uploader would send (the SAE's files
+    under ``<sae_id>/`` and the default README) are written under ``dry_run`` and listed.
+    """
+    folder = Path(folder)
+    for required in UPLOADED_FILES[:2]:
+        if not (folder / required).exists():
+            raise ValueError(
+                f"{folder} has no {required}: pass a folder written by E2ESAETrainingRunner "
+                "(output_path) or SAE.save_model."
+            )
+    if dry_run is None:
+        from sae_lens import upload_saes_to_huggingface
+
+        upload_saes_to_huggingface({sae_id: folder}, hf_repo_id=repo_id)
+        return [folder / name for name in UPLOADED_FILES if (folder / name).exists()]
+    return _write_dry_run(folder, repo_id, sae_id, Path(dry_run))
+
+
+def _write_dry_run(folder: Path, repo_id: str, sae_id: str, target: Path) -> list[Path]:
+    from sae_lens.training.upload_saes_to_huggingface import _create_default_readme
+
+    written = []
+    (target / sae_id).mkdir(parents=True, exist_ok=True)
+    for name in UPLOADED_FILES:
+        if (folder / name).exists():
+            written.append(Path(shutil.copy2(folder / name, target / sae_id / name)))
+    readme = target / "README.md"
+    readme.write_text(_create_default_readme(repo_id, [sae_id]))
+    return [*written, readme]
