@@ -1,4 +1,4 @@
-"""The ``sae-e2e`` command line: ``train``, ``eval``, ``convert`` and ``upload``.
+"""The ``sae-e2e`` command line: ``train``, ``eval``, ``sweep``, ``convert`` and ``upload``.
 
 ``train`` takes every ``E2ERunnerConfig`` field as a flag (``--loss e2e``,
 ``--lr 1e-3``), SAE fields as ``--sae.<field>`` (``--sae.architecture topk
@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--output", type=Path, default=Path("eval.json"), help="where to write the JSON (default eval.json)")
     evaluate.set_defaults(command="eval", handler=_eval)
+
+    sweep = commands.add_parser(
+        "sweep", help="train and evaluate a grid of runs (loss × sparsity × layer); resumable"
+    )
+    sweep.add_argument("--config", type=Path, required=True, help="sweep file: base, grid, output_dir")
+    sweep.add_argument("--output", type=Path, help="output folder (default: the file's output_dir, else sweeps/<file name>)")
+    sweep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sweep.set_defaults(command="sweep", handler=_sweep)
 
     upload = commands.add_parser(
         "upload", help="publish an exported SAE folder to the Hugging Face Hub (SAELens' uploader)"
@@ -183,6 +191,16 @@ def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) 
         return torch.tensor(rows["tokens"][:n], dtype=torch.long)
     store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
     return store.get_batch_tokens(n, move_to_model_device=False)
+
+
+def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from sae_e2e_plugin.sweep import RESULTS_CSV, load_sweep_file, run_sweep
+
+    spec = load_sweep_file(args.config)
+    output = args.output or Path(spec.get("output_dir") or Path("sweeps") / args.config.stem)
+    rows = run_sweep(spec, output, plots=not args.no_plots)
+    print(f"{len(rows)} finished runs; results in {output / RESULTS_CSV}")
+    return 0
 
 
 def _upload(args: argparse.Namespace, extra: list[str]) -> int:

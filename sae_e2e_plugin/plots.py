@@ -1,0 +1,109 @@
+"""Plots of a sweep: the paper's Pareto curves and dictionary geometry (PNG, matplotlib).
+
+``plot_sweep`` draws, from a sweep's results and its exported SAEs:
+  * ``pareto_l0.png``: L0 against CE-loss increase, one line per objective;
+  * ``pareto_alive.png``: alive features against CE-loss increase;
+  * ``cosine_within.png``: each dictionary's distribution of max cosine similarity between a
+    feature and the other features (one run per objective, the runs closest in L0);
+  * ``cosine_across.png``: each feature's max cosine similarity with the "local" dictionary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_e2e_plugin.geometry import max_cosine_across, max_cosine_within
+
+
+def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Draw every plot that the results support; return the files written."""
+    written = []
+    for y_key, name in (("l0", "pareto_l0.png"), ("alive_features", "pareto_alive.png")):
+        written.append(plot_pareto(rows, x=y_key, y="ce_loss_increase", path=output_dir / name))
+    chosen = runs_closest_in_l0(rows)
+    if chosen:
+        decoders = {loss: _decoder(output_dir, row["run_id"]) for loss, row in chosen.items()}
+        labels = {loss: f"{loss} (L0 {row['l0']:.1f})" for loss, row in chosen.items()}
+        within = {labels[k]: max_cosine_within(w) for k, w in decoders.items()}
+        written.append(plot_histograms(within, output_dir / "cosine_within.png",
+                                       "max cosine similarity with another feature of the same dictionary"))
+        if "local" in decoders and len(decoders) > 1:
+            across = {labels[k]: max_cosine_across(w, decoders["local"]) for k, w in decoders.items() if k != "local"}
+            written.append(plot_histograms(across, output_dir / "cosine_across.png",
+                                           "max cosine similarity with a feature of the local dictionary"))
+    return written
+
+
+def runs_closest_in_l0(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One finished run per objective, each the closest to the median L0 of all runs."""
+    with_l0 = [r for r in rows if r.get("l0") is not None and "loss" in r]
+    if not with_l0:
+        return {}
+    target = float(torch.tensor([r["l0"] for r in with_l0]).median())
+    chosen: dict[str, dict[str, Any]] = {}
+    for row in with_l0:
+        best = chosen.get(row["loss"])
+        if best is None or abs(row["l0"] - target) < abs(best["l0"] - target):
+            chosen[row["loss"]] = row
+    return chosen
+
+
+def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
+    """``y`` against ``x``, one marker line per objective (``loss``), points sorted by ``x``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for loss in sorted({str(r.get("loss", "run")) for r in rows}):
+        points = sorted((r[x], r[y]) for r in rows if str(r.get("loss", "run")) == loss and r.get(x) is not None and r.get(y) is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=loss)
+    ax.set_xlabel(_LABELS.get(x, x))
+    ax.set_ylabel(_LABELS.get(y, y))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(series: dict[str, torch.Tensor], path: Path, xlabel: str) -> Path:
+    """Overlaid histograms of values in [-1, 1] (one per series)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, values in series.items():
+        ax.hist(values.numpy(), bins=50, range=(-0.2, 1.0), alpha=0.5, label=label, density=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+_LABELS = {
+    "l0": "L0 (active features per token)",
+    "alive_features": "alive features",
+    "ce_loss_increase": "CE-loss increase (nats)",
+}
+
+
+def _decoder(output_dir: Path, run_id: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    weights = load_file(output_dir / "runs" / run_id / "sae_weights.safetensors")
+    return weights["W_dec"].float()
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'sae-e2e-plugin[demo]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,182 @@
+"""``sae-e2e sweep``: a grid of training runs, each trained and evaluated, resumable.
+
+A sweep file holds ``base`` (config fields, as for ``sae-e2e train --config``), ``grid``
+(dotted field names → lists of values, e.g. ``loss: [local, e2e]`` and
+``sae.l1_coefficient: [1e-4, 3e-4]``) and optionally ``output_dir``. Every combination is one
+run in ``<output_dir>/runs/<run id>/``: its exported SAE and ``eval.json``. A run with an
+``eval.json`` is finished and never redone; an interrupted run resumes from its last
+checkpoint. ``results.csv`` / ``results.json`` gather one row per finished run, and the
+plots are redrawn from them (``sae_e2e_plugin.plots``).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sae_e2e_plugin.runner import EVAL_FILENAME
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+# Metrics copied from eval.json into the results table.
+RESULT_METRICS = (
+    "l0", "alive_features", "alive_fraction", "ce_loss_clean", "ce_loss_spliced",
+    "ce_loss_increase", "ce_loss_score", "kl_orig_patched", "kl_score", "explained_variance",
+    "n_tokens",
+)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of the grid."""
+
+    run_id: str
+    """Folder name under ``runs/``, made from the grid values."""
+    overrides: dict[str, Any]
+    """Dotted field name → value for this run."""
+
+
+def load_sweep_file(path: Path) -> dict[str, Any]:
+    """Read a sweep file and check its shape."""
+    if not path.exists():
+        raise ValueError(f"sweep file {path} does not exist.")
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
+        raise ValueError(f"{path}: a sweep file needs a non-empty 'grid' mapping (and usually 'base').")
+    for key, values in spec["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{path}: grid.{key} must be a non-empty list, got {values!r}.")
+    return spec
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[SweepRun]:
+    """Every combination of the grid's values, in a fixed order."""
+    keys = list(grid)
+    runs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        overrides = dict(zip(keys, values))
+        run_id = "__".join(f"{_short(k)}={_slug(v)}" for k, v in overrides.items())
+        runs.append(SweepRun(run_id=run_id, overrides=overrides))
+    return runs
+
+
+def run_sweep(
+    spec: dict[str, Any],
+    output_dir: Path,
+    *,
+    make_runner: Callable[[Any], Any] | None = None,
+    plots: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every unfinished run of the grid; return the results table.
+
+    ``make_runner(cfg)`` builds the runner (default ``E2ESAETrainingRunner(cfg)`` with the
+    bundled model loaded once and shared between runs).
+    """
+    from sae_e2e_plugin.cli import config_from_fields
+
+    make_runner = make_runner or _default_runner_factory()
+    runs = expand_grid(spec["grid"])
+    for index, run in enumerate(runs, start=1):
+        run_dir = output_dir / "runs" / run.run_id
+        if (run_dir / EVAL_FILENAME).exists():
+            print(f"[{index}/{len(runs)}] {run.run_id}: finished earlier, kept")
+            continue
+        print(f"[{index}/{len(runs)}] {run.run_id}: training")
+        cfg = config_from_fields(_run_fields(spec.get("base") or {}, run, run_dir))
+        make_runner(cfg).run()
+    rows = collect_results(output_dir, runs)
+    if plots and rows:
+        from sae_e2e_plugin.plots import plot_sweep
+
+        plot_sweep(output_dir, rows)
+    return rows
+
+
+def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
+    """One row per finished run (grid values + metrics); written as CSV and JSON."""
+    rows = []
+    for run in runs:
+        eval_file = output_dir / "runs" / run.run_id / EVAL_FILENAME
+        if not eval_file.exists():
+            continue
+        metrics = json.loads(eval_file.read_text())
+        row: dict[str, Any] = {"run_id": run.run_id, **run.overrides}
+        row.update({name: metrics.get(name) for name in RESULT_METRICS})
+        rows.append(row)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
+    if rows:
+        with open(output_dir / RESULTS_CSV, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the most tokens under ``run_dir/checkpoints``, if any."""
+    from sae_e2e_plugin.trainer import E2E_TRAINER_STATE_FILENAME
+
+    found = [p.parent for p in (run_dir / "checkpoints").glob(f"*/*/{E2E_TRAINER_STATE_FILENAME}")]
+    found = [p for p in found if p.name.isdigit()]
+    return max(found, key=lambda p: int(p.name)) if found else None
+
+
+def _run_fields(base: dict[str, Any], run: SweepRun, run_dir: Path) -> dict[str, Any]:
+    from sae_e2e_plugin.cli import merge_flags
+
+    fields = merge_flags(base, _nest(run.overrides))
+    fields["output_path"] = str(run_dir)
+    fields["checkpoint_path"] = str(run_dir / "checkpoints")
+    fields["eval_at_end"] = True  # eval.json marks a run as finished
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        print(f"  resuming from {checkpoint}")
+        fields["resume_from_checkpoint"] = str(checkpoint)
+        # Keep writing into the same run-id folder (SAELens appends wandb_id or a fresh id).
+        fields.setdefault("logger", {})["wandb_id"] = checkpoint.parent.name
+    return fields
+
+
+def _default_runner_factory() -> Callable[[Any], Any]:
+    from sae_e2e_plugin import builtin
+    from sae_e2e_plugin.runner import E2ESAETrainingRunner
+
+    models: dict[str, Any] = {}
+
+    def make(cfg: Any) -> Any:
+        model = None
+        if builtin.is_builtin_model(cfg.model_name):
+            if cfg.model_name not in models:
+                models[cfg.model_name] = builtin.load_builtin_model(cfg.model_name, device=cfg.llm_device)
+            model = models[cfg.model_name]
+        return E2ESAETrainingRunner(cfg, override_model=model)
+
+    return make
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        target = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return nested
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-") or "none"

@@ -1,0 +1,100 @@
+"""sae-e2e sweep: grid expansion, results, plots, and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
+
+from sae_e2e_plugin.runner import E2ESAETrainingRunner
+from sae_e2e_plugin.sweep import expand_grid, latest_checkpoint, load_sweep_file, run_sweep
+
+BASE: dict[str, Any] = {
+    "model_name": "tiny", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "unused",
+    "context_size": CONTEXT, "prepend_bos": False, "train_batch_size_tokens": 4 * CONTEXT,
+    "training_tokens": 4 * 4 * CONTEXT, "store_batch_size_prompts": 4, "n_batches_in_buffer": 4,
+    "n_eval_batches": 2, "lr": 3e-3, "verbose": False,
+    "sae": {"architecture": "standard", "d_in": D_MODEL, "d_sae": 32},
+    "logger": {"log_to_wandb": False},
+}
+SPEC = {"base": BASE, "grid": {"loss": ["local", "e2e"], "sae.l1_coefficient": [1e-3, 1e-2]}}
+
+
+class Factory:
+    """Builds runners on the tiny model; can fail on a chosen call to simulate a crash."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.calls: list[Any] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, cfg: Any) -> E2ESAETrainingRunner:
+        self.calls.append(cfg)
+        if len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interruption")
+        return E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
+
+
+def test_grid_expands_every_combination_with_readable_ids() -> None:
+    runs = expand_grid(SPEC["grid"])
+    assert [r.run_id for r in runs] == [
+        "loss=local__l1_coefficient=0.001", "loss=local__l1_coefficient=0.01",
+        "loss=e2e__l1_coefficient=0.001", "loss=e2e__l1_coefficient=0.01",
+    ]
+    assert runs[3].overrides == {"loss": "e2e", "sae.l1_coefficient": 0.01}
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path) -> None:
+    crashing = Factory(fail_on_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SPEC, tmp_path, make_runner=crashing, plots=False)
+    finished = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/eval.json"))
+    assert finished == ["loss=local__l1_coefficient=0.001", "loss=local__l1_coefficient=0.01"]
+
+    again = Factory()
+    rows = run_sweep(SPEC, tmp_path, make_runner=again)
+    assert [Path(c.output_path).name for c in again.calls] == [
+        "loss=e2e__l1_coefficient=0.001", "loss=e2e__l1_coefficient=0.01",
+    ]
+    assert len(rows) == 4 and {r["loss"] for r in rows} == {"local", "e2e"}
+    assert all(r["l0"] is not None and r["ce_loss_increase"] is not None for r in rows)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == rows
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("run_id,loss,sae.l1_coefficient,l0")
+    for name in ("pareto_l0.png", "pareto_alive.png", "cosine_within.png", "cosine_across.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_an_unfinished_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    spec = {"base": {**BASE, "n_checkpoints": 1}, "grid": {"loss": ["e2e"]}}
+    factory = Factory()
+    run_dir = tmp_path / "runs" / "loss=e2e"
+    # A first attempt that stopped after its checkpoint, before the final evaluation.
+    first = factory(_cfg_for(spec, run_dir, eval_at_end=False))
+    first.run()
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and not (run_dir / "eval.json").exists()
+    run_sweep(spec, tmp_path, make_runner=factory, plots=False)
+    resumed_cfg = factory.calls[-1]
+    assert resumed_cfg.resume_from_checkpoint == str(checkpoint)
+    assert (run_dir / "eval.json").exists()
+
+
+def _cfg_for(spec: dict[str, Any], run_dir: Path, **extra: Any) -> Any:
+    from sae_e2e_plugin.cli import config_from_fields
+    from sae_e2e_plugin.sweep import _run_fields, expand_grid
+
+    fields = _run_fields(spec["base"], expand_grid(spec["grid"])[0], run_dir)
+    return config_from_fields({**fields, **extra})
+
+
+def test_bad_sweep_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("base: {}\n")
+    with pytest.raises(ValueError, match="needs a non-empty 'grid' mapping"):
+        load_sweep_file(path)
+    path.write_text("grid: {loss: e2e}\n")
+    with pytest.raises(ValueError, match="grid.loss must be a non-empty list"):
+        load_sweep_file(path)
