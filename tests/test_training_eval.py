@@ -73,3 +73,24 @@ def test_training_never_consumes_the_held_out_sequences(tmp_path: Path) -> None:
     trained = {tuple(row.tolist()) for batch in seen for row in batch}
     assert len(held_out) == 8 and len(trained) == 32
     assert not held_out & trained
+
+
+def test_wandb_gets_every_loss_term_by_name_and_the_evaluations(tmp_path: Path, monkeypatch: Any) -> None:
+    import wandb
+
+    logged: list[dict[str, Any]] = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: None)
+    monkeypatch.setattr(wandb, "finish", lambda: None)
+    monkeypatch.setattr(wandb, "log", lambda data, step=None: logged.append(dict(data)))
+    monkeypatch.setattr(wandb, "Histogram", lambda *args, **kwargs: None)
+    from sae_lens import LoggingConfig
+
+    run(tmp_path, loss="e2e_downstream", eval_every_n_steps=3, checkpoint_path=None, output_path=None,
+        logger=LoggingConfig(log_to_wandb=True, wandb_log_frequency=1, eval_every_n_wandb_logs=1000))
+    keys = set().union(*logged)
+    for hook in ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"):
+        assert f"losses/downstream_mse_loss/{hook}" in keys
+        assert f"metrics/downstream_mse/{hook}" in keys
+    assert {"losses/kl_loss", "losses/l1_loss", "metrics/kl_orig_patched", "metrics/local_mse"} <= keys
+    evals = [entry for entry in logged if "eval/ce_loss_increase" in entry]
+    assert len(evals) == 3  # after steps 3 and 6, and the final evaluation
