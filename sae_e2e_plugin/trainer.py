@@ -151,7 +151,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         mse = output.losses.get("mse_loss")
         loss = output.loss
         if mse is not None and weight != 1.0:
-            loss = loss - (1.0 - weight) * mse
+            loss = self._loss_without_full_mse(output, mse, weight)
             output.metrics["local_mse"] = mse.detach()
             if weight == 0.0:
                 del output.losses["mse_loss"]
@@ -163,6 +163,19 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         output.metrics.update(terms.metrics)
         output.loss = loss
         return output
+
+    @staticmethod
+    def _loss_without_full_mse(
+        output: TrainStepOutput, mse: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        # Re-add the terms rather than subtract the MSE: on models with large activations
+        # the MSE is ~1e6 and ``loss - mse`` would lose the small terms to float32 rounding.
+        others = [value for name, value in output.losses.items() if name != "mse_loss"]
+        total = sum(output.losses.values(), torch.zeros_like(output.loss))
+        if torch.allclose(total.detach(), output.loss.detach(), rtol=1e-5, atol=1e-6):
+            return sum(others, weight * mse)
+        # The architecture's loss has terms outside its losses dict: keep them.
+        return output.loss - (1.0 - weight) * mse
 
     def _check_finite(self, output: TrainStepOutput) -> None:
         if torch.isfinite(output.loss).item():

@@ -17,6 +17,7 @@ from datasets import Dataset
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin import (
+    E2ESAETrainer,
     E2ESAETrainingRunner,
     NonFiniteLossError,
     ObjectiveInputs,
@@ -276,3 +277,24 @@ def test_bf16_model_trains_a_float32_sae(tmp_path: Path) -> None:
     runner.run()
     assert all(p.dtype == torch.float32 for p in runner.sae.parameters())
     assert objective_terms(runner, tokens)["kl"] < 0.5 * before["kl"]
+
+
+def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None:
+    from sae_lens.saes.sae import TrainStepOutput
+
+    from sae_e2e_plugin.objectives import ObjectiveOutput
+
+    runner = runner_for(tmp_path)
+    trainer = E2ESAETrainer(
+        cfg=runner.cfg.to_sae_trainer_config(), sae=runner.sae, data_provider=iter(()),
+        model=runner.model, plan=runner.plan, e2e_cfg=runner.cfg,
+    )
+    mse, l1, kl = torch.tensor(3.0e6), torch.tensor(0.1234), torch.tensor(0.5678)
+    output = TrainStepOutput(
+        sae_in=torch.zeros(1), sae_out=torch.zeros(1), feature_acts=torch.zeros(1, 1),
+        hidden_pre=torch.zeros(1), loss=mse + l1, losses={"mse_loss": mse, "l1_loss": l1},
+    )
+    combined = trainer._combine(output, ObjectiveOutput(losses={"kl_loss": kl}, metrics={}))
+    assert combined.loss.item() == pytest.approx(0.1234 + 0.5678, rel=1e-6)
+    assert set(combined.losses) == {"l1_loss", "kl_loss"}
+    assert combined.metrics["local_mse"].item() == 3.0e6
