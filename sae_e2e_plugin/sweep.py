@@ -2,7 +2,8 @@
 
 A sweep file holds ``base`` (config fields, as for ``sae-e2e train --config``), ``grid``
 (dotted field names → lists of values, e.g. ``loss: [local, e2e]`` and
-``sae.l1_coefficient: [1e-4, 3e-4]``) and optionally ``output_dir``. Every combination is one
+``sae.l1_coefficient: [1e-4, 3e-4]``; or a list of such mappings, whose products are joined —
+objectives need different sparsity coefficients for similar L0) and optionally ``output_dir``. Every combination is one
 run in ``<output_dir>/runs/<run id>/``: its exported SAE and ``eval.json``. A run with an
 ``eval.json`` is finished and never redone; an interrupted run resumes from its last
 checkpoint. ``results.csv`` / ``results.json`` gather one row per finished run, and the
@@ -49,22 +50,30 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"sweep file {path} does not exist.")
     spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
-        raise ValueError(f"{path}: a sweep file needs a non-empty 'grid' mapping (and usually 'base').")
-    for key, values in spec["grid"].items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"{path}: grid.{key} must be a non-empty list, got {values!r}.")
+    grids = spec.get("grid") if isinstance(spec, dict) else None
+    grids = [grids] if isinstance(grids, dict) else grids
+    if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) and g for g in grids):
+        raise ValueError(
+            f"{path}: a sweep file needs a non-empty 'grid' mapping, or a list of them "
+            "(and usually 'base')."
+        )
+    for grid in grids:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{path}: grid.{key} must be a non-empty list, got {values!r}.")
     return spec
 
 
-def expand_grid(grid: dict[str, list[Any]]) -> list[SweepRun]:
-    """Every combination of the grid's values, in a fixed order."""
-    keys = list(grid)
-    runs = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        overrides = dict(zip(keys, values))
-        run_id = "__".join(f"{_short(k)}={_slug(v)}" for k, v in overrides.items())
-        runs.append(SweepRun(run_id=run_id, overrides=overrides))
+def expand_grid(grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list[SweepRun]:
+    """Every combination of the grid's values (of each grid, for a list), in a fixed order."""
+    runs: list[SweepRun] = []
+    for part in [grid] if isinstance(grid, dict) else grid:
+        keys = list(part)
+        for values in itertools.product(*(part[k] for k in keys)):
+            overrides = dict(zip(keys, values))
+            run_id = "__".join(f"{_short(k)}={_slug(v)}" for k, v in overrides.items())
+            if run_id not in {r.run_id for r in runs}:
+                runs.append(SweepRun(run_id=run_id, overrides=overrides))
     return runs
 
 

@@ -98,3 +98,15 @@ def test_bad_sweep_files_are_refused(tmp_path: Path) -> None:
     path.write_text("grid: {loss: e2e}\n")
     with pytest.raises(ValueError, match="grid.loss must be a non-empty list"):
         load_sweep_file(path)
+
+
+def test_a_list_of_grids_joins_their_products_without_duplicates() -> None:
+    runs = expand_grid([
+        {"loss": ["local"], "sae.l1_coefficient": [1.0, 2.0]},
+        {"loss": ["e2e", "local"], "sae.l1_coefficient": [0.1, 1.0]},
+    ])
+    assert [r.run_id for r in runs] == [
+        "loss=local__l1_coefficient=1.0", "loss=local__l1_coefficient=2.0",
+        "loss=e2e__l1_coefficient=0.1", "loss=e2e__l1_coefficient=1.0",
+        "loss=local__l1_coefficient=0.1",
+    ]
