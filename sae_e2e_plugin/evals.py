@@ -166,8 +166,10 @@ class EvalResult:
             (f"alive features (first {self.alive_tokens:,} tokens)", self.alive_features),
             ("alive fraction", self.alive_fraction),
             ("explained variance", self.explained_variance),
-            ("explained variance (reference's order)", self.explained_variance_reference),
         ]
+        # explained_variance_reference (the reference's SAE-position formula, whose denominator
+        # is the reconstruction's spread) stays in to_dict()/JSON: on e2e SAEs it is often
+        # hugely negative and would mislead in a table read at a glance.
         width = max(len(name) for name, _ in rows)
         lines = [
             f"SAE at {self.hook_name}: {self.n_tokens:,} tokens, {self.n_sequences:,} "

@@ -145,6 +145,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 output_path=self.cfg.output_path,
                 log_feature_sparsity=trainer.log_feature_sparsity,
             )
+        print(_first_to_last(trainer))
         if self.cfg.eval_at_end and self.eval_tokens is not None:
             self._final_evaluation(trainer)
         if self.cfg.logger.log_to_wandb:
@@ -275,6 +276,16 @@ def _resolve_builtins(
             cfg.dataset_path, model.tokenizer, cfg.context_size, split="train"
         ).shuffle(seed=cfg.seed)
     return model, dataset
+
+
+def _first_to_last(trainer: E2ESAETrainer) -> str:
+    """One line: each loss term on the first and on the last training batch."""
+    terms = [
+        f"{name} {trainer.first_losses[name]:.4g} -> {value:.4g}"
+        for name, value in trainer.last_losses.items()
+        if name in trainer.first_losses and not name.startswith("downstream_mse_loss/")
+    ]
+    return f"training batches, first step -> last step: {', '.join(terms)}"
 
 
 def _is_builtin_dataset(name: str) -> bool:

@@ -68,6 +68,10 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.n_steps_taken = 0
         """Completed steps. SAETrainer checkpoints before it counts the step it just took, so
         its saved ``n_training_steps`` lags by one; resume restores this count instead."""
+        self.first_losses: dict[str, float] = {}
+        """Each loss term of the first step this trainer took (for the end-of-run summary)."""
+        self.last_losses: dict[str, float] = {}
+        """Each loss term of the latest step."""
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
 
@@ -102,6 +106,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.n_sequences_consumed += tokens.shape[0]
         output = self._e2e_train_step(tokens)
         self.n_steps_taken += 1
+        self.last_losses = {"loss": float(output.loss.detach())}
+        self.last_losses |= {name: float(v.detach()) for name, v in output.losses.items()}
+        self.first_losses = self.first_losses or dict(self.last_losses)
         every = self.e2e_cfg.eval_every_n_steps
         if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
             self.periodic_eval(self)
