@@ -9,13 +9,13 @@ the opposite; the code is what trained the published SAEs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
-from torch.utils.checkpoint import checkpoint
 
 # Maps a chunk of final residuals [tokens, d_model] to logits [tokens, vocab].
 ResidToLogits = Callable[[torch.Tensor], torch.Tensor]
@@ -55,27 +55,62 @@ def chunked_kl_orig_to_patched(
 ) -> Float[torch.Tensor, ""]:
     """KL(p_orig ‖ p_patched) from final residual streams, a chunk of tokens at a time.
 
-    ``resid_to_logits`` is the model's head (final norm + unembedding). Each chunk's
-    logits are made, reduced to a KL sum and dropped; under autograd the chunk is
-    checkpointed, so the backward pass recomputes that chunk's logits instead of
-    keeping them. Peak memory holds two [chunk_size, vocab] logit tensors rather
-    than several [tokens, vocab] ones. The value and gradient equal
-    ``kl_orig_to_patched`` on the full logits (up to float summation order).
+    ``resid_to_logits`` is the model's head (final norm + unembedding), whose parameters
+    must not need gradients (the language model is frozen). Each chunk's logits are made,
+    reduced to a KL sum and dropped. When ``resid_patched`` needs a gradient, the chunk's
+    gradient with respect to it ([chunk, d_model]) is computed on the spot and kept instead
+    of the logits, so the backward pass is one multiplication: no [tokens, vocab] tensor is
+    ever kept, and the head runs three times per chunk (clean, patched, its backward) as in
+    the unchunked form. The value and gradient equal ``kl_orig_to_patched`` on the full
+    logits up to float summation order.
     """
     if chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
-    n_tokens = resid_orig.shape[0]
-    total = resid_patched.new_zeros((), dtype=torch.float32)
-    for start in range(0, n_tokens, chunk_size):
-        orig = resid_orig[start : start + chunk_size]
-        patched = resid_patched[start : start + chunk_size]
-        if patched.requires_grad:
-            total = total + checkpoint(
-                _chunk_kl_sum, orig, patched, resid_to_logits, use_reentrant=False
-            )
-        else:
-            total = total + _chunk_kl_sum(orig, patched, resid_to_logits)
-    return total / n_tokens
+    if resid_patched.requires_grad and torch.is_grad_enabled():
+        return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size)
+    with torch.no_grad():
+        total = sum(
+            (_chunk_kl_sum(o, p, resid_to_logits) for o, p in _chunks(resid_orig, resid_patched, chunk_size)),
+            torch.zeros((), dtype=torch.float32, device=resid_orig.device),
+        )
+    return total / resid_orig.shape[0]
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL over chunks with each chunk's input gradient computed in the forward pass."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        resid_orig: torch.Tensor,
+        resid_patched: torch.Tensor,
+        resid_to_logits: ResidToLogits,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        n_tokens = resid_orig.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=resid_orig.device)
+        grads = []
+        for orig, patched in _chunks(resid_orig, resid_patched, chunk_size):
+            with torch.enable_grad():
+                leaf = patched.detach().requires_grad_(True)
+                chunk_sum = _chunk_kl_sum(orig, leaf, resid_to_logits)
+                (grad,) = torch.autograd.grad(chunk_sum, leaf)
+            total = total + chunk_sum.detach()
+            grads.append(grad / n_tokens)
+        ctx.save_for_backward(torch.cat(grads))
+        return total / n_tokens
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return None, grad_output * grad, None, None
+
+
+def _chunks(
+    a: torch.Tensor, b: torch.Tensor, chunk_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, a.shape[0], chunk_size):
+        yield a[start : start + chunk_size], b[start : start + chunk_size]
 
 
 def _chunk_kl_sum(
