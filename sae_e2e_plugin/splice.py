@@ -199,11 +199,12 @@ def run_clean(
     return CleanRun(acts=acts, final_resid=final_resid if full else None, downstream=captured)
 
 
+@jaxtyped(typechecker=beartype)
 def run_patched(
     model: HookedTransformer,
     prefix: Prefix,
     plan: SplicePlan,
-    replacement: torch.Tensor,
+    replacement: Float[torch.Tensor, "batch pos d_in"],
 ) -> PatchedRun:
     """The run from the prefix with ``replacement`` [batch, pos, d_in] spliced in at the hook.
 
