@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -229,7 +230,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 raise KeyboardInterrupt
             trainer.stop_requested = True
 
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Signal handlers can only be installed from the main thread.
+        in_main = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+        previous = {sig: signal.signal(sig, request_stop) for sig in signals}
         try:
             return trainer.fit()
         except TrainingInterrupted:

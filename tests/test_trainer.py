@@ -298,3 +298,40 @@ def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None
     assert combined.loss.item() == pytest.approx(0.1234 + 0.5678, rel=1e-6)
     assert set(combined.losses) == {"l1_loss", "kl_loss"}
     assert combined.metrics["local_mse"].item() == 3.0e6
+
+
+_sigint_calls = itertools.count()
+
+
+def _sigint_during_third_step(inputs: ObjectiveInputs) -> ObjectiveOutput:
+    import os
+    import signal
+
+    if next(_sigint_calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-step
+    return ObjectiveOutput(losses={"recon": inputs.reconstruction.pow(2).mean()}, metrics={})
+
+
+register_objective("test_sigint_during_third_step", _sigint_during_third_step, needs_full_run=False)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
+    from sae_e2e_plugin.trainer import TrainingInterrupted
+
+    dataset = token_dataset(n_rows=64, seed=11)
+    common: dict[str, Any] = dict(training_tokens=6 * 4 * CONTEXT, n_eval_batches=0)
+    interrupted = runner_for(tmp_path / "a", dataset=dataset, loss="test_sigint_during_third_step", **common)
+    with pytest.raises(TrainingInterrupted):
+        interrupted.run()
+    assert interrupted.cfg.checkpoint_path is not None
+    (checkpoint,) = [p for p in Path(interrupted.cfg.checkpoint_path).iterdir() if p.is_dir()]
+    assert int(checkpoint.name) == 3 * 4 * CONTEXT  # the third step completed, the fourth never began
+
+    resumed = runner_for(tmp_path / "b", dataset=dataset, loss="test_sigint_during_third_step",
+                         resume_from_checkpoint=str(checkpoint), **common)
+    resumed.run()
+    # The call counter is past 2 now, so this run is not interrupted.
+    uninterrupted = runner_for(tmp_path / "c", dataset=dataset, loss="test_sigint_during_third_step", **common)
+    uninterrupted.run()
+    for (name, a), (_, b) in zip(uninterrupted.sae.state_dict().items(), resumed.sae.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
