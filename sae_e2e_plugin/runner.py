@@ -33,7 +33,12 @@ from sae_e2e_plugin.evals import EvalResult, evaluate_sae
 from sae_e2e_plugin.hub import load_pretrained_sae
 from sae_e2e_plugin.objectives import get_objective
 from sae_e2e_plugin.splice import plan_splice
-from sae_e2e_plugin.trainer import E2ESAETrainer, TrainingInterrupted, freeze
+from sae_e2e_plugin.trainer import (
+    TRAINING_LOG_FILENAME,
+    E2ESAETrainer,
+    TrainingInterrupted,
+    freeze,
+)
 
 
 EVAL_FILENAME = "eval.json"
@@ -135,9 +140,16 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             e2e_cfg=self.cfg,
             save_checkpoint_fn=self.save_checkpoint,
             periodic_eval=self._evaluate_during_training,
+            training_log_path=(
+                None if self.cfg.output_path is None
+                else Path(self.cfg.output_path) / TRAINING_LOG_FILENAME
+            ),
         )
         if self.cfg.resume_from_checkpoint is not None:
             self._resume(trainer, tokens, self.cfg.resume_from_checkpoint)
+        elif trainer.training_log_path is not None:
+            # A fresh run starts a fresh log.
+            trainer.training_log_path.unlink(missing_ok=True)
         self._compile_sae_if_needed()
         sae = self.run_trainer_with_interruption_handling(trainer)
         if self.cfg.output_path is not None:

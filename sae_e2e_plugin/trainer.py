@@ -30,6 +30,7 @@ from sae_e2e_plugin.objectives import ObjectiveInputs, ObjectiveOutput, get_obje
 from sae_e2e_plugin.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
 
 E2E_TRAINER_STATE_FILENAME = "e2e_trainer_state.json"
+TRAINING_LOG_FILENAME = "training_log.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,6 +54,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         e2e_cfg: E2ERunnerConfig[Any],
         save_checkpoint_fn: SaveCheckpointFn | None = None,
         periodic_eval: Callable[[E2ESAETrainer], None] | None = None,
+        training_log_path: Path | None = None,
     ) -> None:
         super().__init__(
             cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
@@ -74,6 +76,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Each loss term of the latest step."""
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
+        self.training_log_path = training_log_path
+        """If set, one JSON line per step is appended here: step, tokens, each loss term and
+        the batch's L0 (to see whether the loss and L0 have settled)."""
 
     def fit(self) -> TrainingSAE[Any]:
         """Train until ``total_training_samples`` tokens have been consumed; return the SAE."""
@@ -109,6 +114,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.last_losses = {"loss": float(output.loss.detach())}
         self.last_losses |= {name: float(v.detach()) for name, v in output.losses.items()}
         self.first_losses = self.first_losses or dict(self.last_losses)
+        if self.training_log_path is not None:
+            self._append_log_row(output)
         every = self.e2e_cfg.eval_every_n_steps
         if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
             self.periodic_eval(self)
@@ -132,6 +139,24 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self._update_feature_statistics(output.feature_acts)
         self._apply_gradients(output.loss)
         return output
+
+    def _append_log_row(self, output: TrainStepOutput) -> None:
+        l0 = (output.feature_acts > 0).float().sum(-1).mean()
+        row = {"step": self.n_steps_taken, "tokens": self.n_training_samples}
+        row |= self.last_losses | {"l0": float(l0)}
+        assert self.training_log_path is not None
+        self.training_log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.training_log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _truncate_log(self) -> None:
+        """Drop log rows of steps after the checkpoint being resumed (they are redone)."""
+        path = self.training_log_path
+        if path is None or not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= self.n_steps_taken]
+        path.write_text("".join(line + "\n" for line in kept))
 
     @torch.no_grad()
     def _clean_pass(self, tokens: torch.Tensor) -> tuple[Prefix, CleanRun]:
@@ -250,6 +275,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         state = json.loads(state_file.read_text())
         self.n_sequences_consumed = int(state["n_sequences_consumed"])
         self.n_steps_taken = self.n_training_steps = int(state["n_steps_taken"])
+        self._truncate_log()
         # Checkpoints already written before the interruption are not written again.
         self.checkpoint_thresholds = [
             t for t in self.checkpoint_thresholds if t >= self.n_training_samples

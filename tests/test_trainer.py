@@ -197,6 +197,11 @@ def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path
     (checkpoint,) = [p for p in Path(full.cfg.checkpoint_path).iterdir() if p.is_dir()]
 
     resumed = runner_for(tmp_path / "b", dataset=dataset, resume_from_checkpoint=str(checkpoint), **common)
+    # The interrupted run's log went on past its checkpoint: those rows are redone, not doubled.
+    log_a = Path(full.cfg.output_path or "") / "training_log.jsonl"
+    log_b = Path(resumed.cfg.output_path or "") / "training_log.jsonl"
+    log_b.parent.mkdir(parents=True)
+    log_b.write_text(log_a.read_text())
     original_fit = type(full.trainer).fit
     seen: dict[str, Any] = {}
 
@@ -219,6 +224,29 @@ def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path
     assert resumed.trainer.n_training_steps == full.trainer.n_training_steps == 8
     for (name, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    rows_a = [json.loads(line) for line in log_a.read_text().splitlines()]
+    rows_b = [json.loads(line) for line in log_b.read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == list(range(1, 9))
+    for a, b in zip(rows_a, rows_b):
+        assert b.keys() == a.keys()
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_training_log_has_one_row_per_step_with_the_terms_and_batch_l0(tmp_path: Path) -> None:
+    runner = runner_for(tmp_path, loss="e2e", training_tokens=3 * 4 * CONTEXT)
+    log = Path(runner.cfg.output_path or "") / "training_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"step": 99}\n')  # left by an earlier run in the same folder
+    runner.run()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["tokens"]) for r in rows] == [(k, k * 4 * CONTEXT) for k in (1, 2, 3)]
+    for row in rows:
+        terms = [v for k, v in row.items() if k not in ("step", "tokens", "loss", "l0")]
+        assert set(row) >= {"kl_loss", "l1_loss"}
+        assert row["loss"] == pytest.approx(sum(terms), rel=1e-5)
+        assert 0 < row["l0"] <= runner.sae.cfg.d_sae
+    assert runner.trainer is not None
+    assert rows[-1]["loss"] == pytest.approx(runner.trainer.last_losses["loss"])
 
 
 _nan_calls = itertools.count()
