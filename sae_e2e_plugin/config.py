@@ -65,6 +65,17 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     """Tokens per chunk when computing logits and KL; the full [tokens, vocab]
     logits never exist at once. Smaller uses less memory."""
 
+    compile_kl: bool = False
+    """Fuse the KL's elementwise work on each chunk of logits (two log-softmaxes, the KL and
+    its gradient, in float32) with ``torch.compile``: on a CPU a step's KL then costs little
+    more than its three vocabulary-sized matrix products. The first step compiles (tens of
+    seconds) and needs a C++ compiler on the CPU (a working Triton on GPUs)."""
+
+    checkpoint_blocks: bool = False
+    """Recompute the blocks after the SAE during the backward pass instead of keeping their
+    activations (activation checkpointing). Cuts a step's peak memory severalfold on long
+    contexts (see docs/performance.md) for one more forward of those blocks per step."""
+
     lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Hold the frozen language model in this dtype. None: as loaded. "bfloat16" runs the
     model's matrix products in bf16 (several times faster on CPUs with AMX and on GPUs)

@@ -9,6 +9,7 @@ the opposite; the code is what trained the published SAEs).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,6 +53,8 @@ def chunked_kl_orig_to_patched(
     resid_patched: Float[torch.Tensor, "tokens d_model"],
     resid_to_logits: ResidToLogits,
     chunk_size: int,
+    *,
+    compile_kernel: bool = False,
 ) -> Float[torch.Tensor, ""]:
     """KL(p_orig ‖ p_patched) from final residual streams, a chunk of tokens at a time.
 
@@ -61,13 +64,20 @@ def chunked_kl_orig_to_patched(
     gradient with respect to it ([chunk, d_model]) is computed on the spot and kept instead
     of the logits, so the backward pass is one multiplication: no [tokens, vocab] tensor is
     ever kept, and the head runs three times per chunk (clean, patched, its backward) as in
-    the unchunked form. The value and gradient equal ``kl_orig_to_patched`` on the full
-    logits up to float summation order.
+    the unchunked form. The gradient of the KL with respect to the patched logits is
+    written out (``kl_sum_and_logit_grad``) rather than taken through the log-softmax.
+    The value and gradient equal ``kl_orig_to_patched`` on the full logits up to float
+    summation order.
+
+    ``compile_kernel=True`` runs that elementwise part (about ten passes over each
+    [chunk, vocab] block in float32) through ``torch.compile``, which fuses it into a few;
+    the first call compiles (tens of seconds on a CPU).
     """
     if chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
     if resid_patched.requires_grad and torch.is_grad_enabled():
-        return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size)
+        kernel = _compiled_kernel() if compile_kernel else kl_sum_and_logit_grad
+        return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size, kernel)
     with torch.no_grad():
         total = sum(
             (_chunk_kl_sum(o, p, resid_to_logits) for o, p in _chunks(resid_orig, resid_patched, chunk_size)),
@@ -86,16 +96,21 @@ class _ChunkedKL(torch.autograd.Function):
         resid_patched: torch.Tensor,
         resid_to_logits: ResidToLogits,
         chunk_size: int,
+        kernel: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         n_tokens = resid_orig.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=resid_orig.device)
         grads = []
         for orig, patched in _chunks(resid_orig, resid_patched, chunk_size):
+            logits_orig = resid_to_logits(orig)
             with torch.enable_grad():
                 leaf = patched.detach().requires_grad_(True)
-                chunk_sum = _chunk_kl_sum(orig, leaf, resid_to_logits)
-                (grad,) = torch.autograd.grad(chunk_sum, leaf)
-            total = total + chunk_sum.detach()
+                logits_patched = resid_to_logits(leaf)
+            chunk_sum, logit_grad = kernel(logits_orig, logits_patched.detach())
+            del logits_orig
+            # Backward through the head only; the KL's own backward is written out above.
+            (grad,) = torch.autograd.grad(logits_patched, leaf, grad_outputs=logit_grad)
+            total = total + chunk_sum
             grads.append(grad / n_tokens)
         ctx.save_for_backward(torch.cat(grads))
         return total / n_tokens
@@ -103,7 +118,33 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return None, grad_output * grad, None, None
+        return None, grad_output * grad, None, None, None
+
+
+@torch.no_grad()
+def kl_sum_and_logit_grad(
+    logits_orig: torch.Tensor, logits_patched: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ KL(p_orig ‖ p_patched) over [tokens, vocab] logits, and its gradient w.r.t. the patched logits.
+
+    The gradient of Σ_v p_orig(v) (log p_orig(v) − log_softmax(z)(v)) with respect to
+    the patched logits z is softmax(z) − p_orig, token by token; it comes back in
+    ``logits_patched``'s dtype. Everything is computed in float32, in place where
+    possible, so a chunk needs two float32 [tokens, vocab] buffers beyond its inputs.
+    """
+    logp_orig = F.log_softmax(logits_orig.float(), dim=-1)
+    logp_patched = F.log_softmax(logits_patched.float(), dim=-1)
+    p_orig = logp_orig.exp()
+    kl_sum = logp_orig.sub_(logp_patched).mul_(p_orig).sum()
+    del logp_orig
+    logit_grad = logp_patched.exp_().sub_(p_orig)
+    return kl_sum, logit_grad.to(logits_patched.dtype)
+
+
+@functools.cache
+def _compiled_kernel() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    # dynamic=True: the last chunk is usually shorter; one compiled kernel serves every length.
+    return torch.compile(kl_sum_and_logit_grad.__wrapped__, dynamic=True)  # type: ignore[attr-defined]
 
 
 def _chunks(
@@ -118,9 +159,9 @@ def _chunk_kl_sum(
     resid_patched: torch.Tensor,
     resid_to_logits: ResidToLogits,
 ) -> torch.Tensor:
-    with torch.no_grad():
-        logits_orig = resid_to_logits(resid_orig)
-    return kl_orig_to_patched_sum(logits_orig, resid_to_logits(resid_patched))
+    logp_orig = F.log_softmax(resid_to_logits(resid_orig).float(), dim=-1)
+    logp_patched = F.log_softmax(resid_to_logits(resid_patched).float(), dim=-1)
+    return logp_orig.exp().mul_(logp_orig.sub_(logp_patched)).sum()
 
 
 @jaxtyped(typechecker=beartype)

@@ -16,7 +16,14 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.losses import chunked_kl_orig_to_patched, downstream_loss, mse_mean
-from sae_e2e_plugin.splice import CleanRun, Prefix, SplicePlan, model_head, run_patched
+from sae_e2e_plugin.splice import (
+    CleanRun,
+    PatchedRun,
+    Prefix,
+    SplicePlan,
+    model_head,
+    run_patched,
+)
 
 
 @dataclass
@@ -115,7 +122,7 @@ def _local(inputs: ObjectiveInputs) -> ObjectiveOutput:
 
 
 def _e2e(inputs: ObjectiveInputs) -> ObjectiveOutput:
-    patched = run_patched(inputs.model, inputs.prefix, inputs.plan, inputs.reconstruction)
+    patched = _run_patched(inputs)
     kl = _kl(inputs, patched.final_resid)
     return ObjectiveOutput(
         losses={"kl_loss": inputs.coefficients.kl_coefficient * kl},
@@ -125,7 +132,7 @@ def _e2e(inputs: ObjectiveInputs) -> ObjectiveOutput:
 
 def _e2e_downstream(inputs: ObjectiveInputs) -> ObjectiveOutput:
     cfg = inputs.coefficients
-    patched = run_patched(inputs.model, inputs.prefix, inputs.plan, inputs.reconstruction)
+    patched = _run_patched(inputs)
     kl = _kl(inputs, patched.final_resid)
     terms = downstream_loss(patched.downstream, inputs.clean.downstream, cfg.downstream_coefficient)
     losses = {"kl_loss": cfg.kl_coefficient * kl}
@@ -137,6 +144,16 @@ def _e2e_downstream(inputs: ObjectiveInputs) -> ObjectiveOutput:
     return ObjectiveOutput(losses=losses, metrics=metrics)
 
 
+def _run_patched(inputs: ObjectiveInputs) -> PatchedRun:
+    return run_patched(
+        inputs.model,
+        inputs.prefix,
+        inputs.plan,
+        inputs.reconstruction,
+        checkpoint_blocks=inputs.coefficients.checkpoint_blocks,
+    )
+
+
 def _kl(inputs: ObjectiveInputs, patched_final_resid: torch.Tensor) -> torch.Tensor:
     d_model = patched_final_resid.shape[-1]
     return chunked_kl_orig_to_patched(
@@ -144,6 +161,7 @@ def _kl(inputs: ObjectiveInputs, patched_final_resid: torch.Tensor) -> torch.Ten
         patched_final_resid.reshape(-1, d_model),
         model_head(inputs.model),
         chunk_size=inputs.coefficients.kl_chunk_size,
+        compile_kernel=inputs.coefficients.compile_kl,
     )
 
 

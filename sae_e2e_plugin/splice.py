@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
+from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
@@ -205,12 +206,23 @@ def run_patched(
     prefix: Prefix,
     plan: SplicePlan,
     replacement: Float[torch.Tensor, "batch pos d_in"],
+    *,
+    checkpoint_blocks: bool = False,
 ) -> PatchedRun:
     """The run from the prefix with ``replacement`` [batch, pos, d_in] spliced in at the hook.
 
     Grad flows from the outputs back into ``replacement`` only: the model's
     parameters are frozen and the prefix was computed without grad.
+
+    ``checkpoint_blocks=True`` keeps only each later block's input for the backward pass
+    and recomputes the block there (activation checkpointing): the saved activations of
+    those blocks (attention patterns, MLP hidden states) are most of a step's memory on long
+    contexts, and recomputing them costs one more forward of the blocks. It applies when
+    the run has a shared prefix, grad is on and every downstream hook is a
+    ``blocks.k.hook_resid_post``; otherwise the run is the plain one.
     """
+    if checkpoint_blocks and _can_checkpoint(prefix, plan):
+        return _run_patched_checkpointed(model, prefix, plan, replacement)
     captured: dict[str, torch.Tensor] = {}
     hooks: list[tuple[str, Callable[..., Any]]] = [
         (plan.hook_name, partial(_replace, replacement=replacement))
@@ -219,6 +231,51 @@ def run_patched(
     with model.hooks(fwd_hooks=hooks):
         final_resid = _run_to_final_resid(model, prefix)
     return PatchedRun(final_resid=final_resid, downstream=captured)
+
+
+def _can_checkpoint(prefix: Prefix, plan: SplicePlan) -> bool:
+    return (
+        torch.is_grad_enabled()
+        and prefix.residual is not None
+        and all(_RESID_POST_RE.match(name) for name in plan.downstream_hooks)
+    )
+
+
+def _run_patched_checkpointed(
+    model: HookedTransformer, prefix: Prefix, plan: SplicePlan, replacement: torch.Tensor
+) -> PatchedRun:
+    assert prefix.start_layer is not None and prefix.residual is not None
+    layer = prefix.start_layer
+    by_layer = {int(_RESID_POST_RE.match(n).group(1)): n for n in plan.downstream_hooks}  # type: ignore[union-attr]
+    captured: dict[str, torch.Tensor] = {}
+    if plan.hook_name == f"blocks.{layer}.hook_resid_pre":
+        # The replacement is the residual stream entering the block.
+        resid = replacement.to(prefix.residual.dtype)
+    else:
+        # The hook is inside the block: run that block with the splice hook, not checkpointed.
+        hooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
+        with model.hooks(fwd_hooks=hooks):
+            resid = _one_block(model, prefix, layer, prefix.residual)
+        if layer in by_layer:
+            captured[by_layer[layer]] = resid
+        layer += 1
+    for k in range(layer, model.cfg.n_layers):
+        resid = checkpoint(_one_block, model, prefix, k, resid, use_reentrant=False)
+        if k in by_layer:
+            captured[by_layer[k]] = resid
+    return PatchedRun(final_resid=resid, downstream=captured)
+
+
+def _one_block(
+    model: HookedTransformer, prefix: Prefix, layer: int, resid: torch.Tensor
+) -> torch.Tensor:
+    return model(
+        resid,
+        start_at_layer=layer,
+        stop_at_layer=layer + 1,
+        shortformer_pos_embed=prefix.shortformer_pos_embed,
+        attention_mask=prefix.attention_mask,
+    )
 
 
 def model_head(model: HookedTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -233,7 +290,12 @@ def logits_from_final_resid(
     """Apply the final norm, the unembedding and any logit soft-cap (as ``model.forward`` does)."""
     if model.cfg.normalization_type is not None:
         final_resid = model.ln_final(final_resid)
-    logits = model.unembed(final_resid)
+    # resid @ W_U + b_U, as TransformerLens' Unembed computes it, but reading W_U where it is
+    # stored: Unembed.forward copies W_U.T to a contiguous tensor on every call (an extra
+    # d_vocab × d_model copy per chunk of tokens, as long as the product itself in bf16).
+    unembed = model.unembed
+    flat = final_resid.reshape(-1, final_resid.shape[-1])
+    logits = torch.addmm(unembed.b_U, flat, unembed.W_U).reshape(*final_resid.shape[:-1], -1)
     cap = getattr(model.cfg, "output_logits_soft_cap", None)
     if cap is not None and cap > 0:
         logits = cap * torch.tanh(logits / cap)

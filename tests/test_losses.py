@@ -11,6 +11,7 @@ from sae_e2e_plugin.losses import (
     chunked_kl_orig_to_patched,
     downstream_loss,
     kl_orig_to_patched,
+    kl_sum_and_logit_grad,
     mse_mean,
 )
 
@@ -79,6 +80,41 @@ def test_chunked_kl_equals_unchunked_value_and_gradient(chunk_size: int) -> None
     # 1e-5 relative to the gradient's scale (single elements near zero differ in the last bits).
     scale = patched_a.grad.abs().max().item()
     torch.testing.assert_close(patched_b.grad, patched_a.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_logit_gradient_equals_autograd_of_the_hand_formula(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    orig = (torch.randn(9, 31, generator=gen) * 4).to(dtype)
+    patched = (torch.randn(9, 31, generator=gen) * 4).to(dtype)
+    kl_sum, grad = kl_sum_and_logit_grad(orig, patched)
+    assert kl_sum.dtype == torch.float32 and grad.dtype == dtype
+    leaf = patched.double().requires_grad_(True)
+    expected = hand_kl(orig.double(), leaf) * 9  # summed over the 9 tokens
+    expected.backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(kl_sum.double(), expected.detach(), rtol=1e-5, atol=0)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # the gradient is rounded to bf16
+    torch.testing.assert_close(grad.double(), leaf.grad, rtol=tolerance, atol=tolerance * 1e-2)
+    # The inputs are left as they were (the float32 work is done in fresh buffers).
+    torch.testing.assert_close(orig, (torch.randn(9, 31, generator=gen.manual_seed(2)) * 4).to(dtype))
+
+
+def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
+    gen = torch.Generator().manual_seed(5)
+    head_weight = torch.randn(6, 40, generator=gen)
+    orig = torch.randn(23, 6, generator=gen)
+    results = []
+    for compiled in (False, True):
+        patched = torch.randn(23, 6, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        kl = chunked_kl_orig_to_patched(orig, patched, lambda r: r @ head_weight, chunk_size=10,
+                                        compile_kernel=compiled)
+        kl.backward()
+        results.append((kl.detach(), patched.grad))
+    (eager_kl, eager_grad), (compiled_kl, compiled_grad) = results
+    assert eager_kl > 0.1
+    torch.testing.assert_close(compiled_kl, eager_kl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_chunked_kl_rejects_bad_chunk_size() -> None:

@@ -139,3 +139,57 @@ def test_rotary_model_with_shared_prefix_matches_full_rerun() -> None:
         tokens, fwd_hooks=[("blocks.2.hook_resid_pre", lambda a, hook: replacement)]
     )
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "hook_name",
+    ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid",
+     "blocks.1.attn.hook_z", "blocks.2.hook_resid_post", "hook_embed"],
+)
+@pytest.mark.parametrize("positional", ["standard", "rotary"])
+def test_checkpointed_blocks_give_the_same_outputs_and_gradient(
+    hook_name: str, positional: str
+) -> None:
+    model = tiny_model(positional_embedding_type=positional)
+    tokens = random_tokens(seed=3)
+    plan = plan_splice(model, hook_name, None)
+    prefix = run_prefix(model, tokens, plan.start_layer)
+    clean = run_clean(model, prefix, plan)
+    noise = torch.randn_like(clean.acts, generator=torch.Generator().manual_seed(4))
+    results = []
+    for checkpointed in (False, True):
+        replacement = (clean.acts + 0.5 * noise).requires_grad_(True)
+        patched = run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpointed)
+        logits = logits_from_final_resid(model, patched.final_resid)
+        loss = kl_orig_to_patched(logits_from_final_resid(model, clean.final_resid), logits)
+        loss = loss + sum(((patched.downstream[n] - clean.downstream[n]) ** 2).mean()
+                          for n in plan.downstream_hooks)
+        loss.backward()
+        results.append((loss.detach(), patched.downstream, replacement.grad))
+    (plain_loss, plain_down, plain_grad), (ckpt_loss, ckpt_down, ckpt_grad) = results
+    assert plain_loss > 1e-3 and plain_grad is not None and ckpt_grad is not None
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=0)
+    assert ckpt_down.keys() == plain_down.keys() and len(plain_down) == len(plan.downstream_hooks)
+    for name in plain_down:
+        torch.testing.assert_close(ckpt_down[name].detach(), plain_down[name].detach())
+    torch.testing.assert_close(ckpt_grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_keeps_fewer_tensors_for_backward() -> None:
+    model = tiny_model()
+    plan = plan_splice(model, "blocks.0.hook_resid_pre", None)
+    prefix = run_prefix(model, random_tokens(), plan.start_layer)
+    replacement = prefix.residual.clone().requires_grad_(True)  # type: ignore[union-attr]
+    saved = []
+    for checkpointed in (False, True):
+        count = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpointed)
+        saved.append(count[0])
+    plain, checkpointed_count = saved
+    assert checkpointed_count < plain / 3

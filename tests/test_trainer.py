@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -270,7 +271,12 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path: Path) -
     (checkpoint,) = [p for p in Path(runner.cfg.checkpoint_path).iterdir() if p.is_dir()]
     loaded = sae_lens.TrainingSAE.load_from_disk(str(checkpoint))
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
-    assert not Path(runner.cfg.output_path or "").exists()
+    # No SAE was exported; the log holds the four finished steps and nothing of the NaN one.
+    output = Path(runner.cfg.output_path or "")
+    assert [p.name for p in output.iterdir()] == ["training_log.jsonl"]
+    rows = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows)
 
 
 def test_expected_average_normalisation_is_undone_before_the_splice(tmp_path: Path) -> None:

@@ -1,0 +1,184 @@
+"""Shared pieces of the benchmarks: the GPT-2-small-shaped model, token batches, measurements.
+
+Both implementations are measured on the same model: ``gpt2_shaped_model(seed)`` builds
+a HookedTransformer with GPT-2 small's shape and random weights; the seed fixes every
+weight, so two processes that call it with the same seed hold identical weights (each
+benchmark prints ``weights_checksum`` to show it).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+GPT2_SMALL_SHAPE: dict[str, Any] = dict(
+    n_layers=12,
+    d_model=768,
+    n_heads=12,
+    d_head=64,
+    d_mlp=3072,
+    d_vocab=50257,
+    n_ctx=1024,
+    act_fn="gelu_new",
+    normalization_type="LN",
+)
+"""GPT-2 small's shape (TransformerLens names)."""
+
+TINY_SHAPE: dict[str, Any] = dict(
+    n_layers=3, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=101, n_ctx=64,
+    act_fn="gelu_new", normalization_type="LN",
+)
+"""A tiny model of the same kind, for smoke tests of the benchmark scripts."""
+
+SHAPES = {"gpt2-small": GPT2_SMALL_SHAPE, "tiny": TINY_SHAPE}
+
+DICT_RATIO = 16
+"""Dictionary size as a multiple of d_model (16 × 768 = 12288 features)."""
+
+
+def gpt2_shaped_model(seed: int = 0, shape: str = "gpt2-small") -> HookedTransformer:
+    """GPT-2 small's shape (or ``shape="tiny"``) with random weights fixed by ``seed``, in eval
+    mode, fp32, on the CPU."""
+    cfg = HookedTransformerConfig(**SHAPES[shape], seed=seed, device="cpu")
+    model = HookedTransformer(cfg)
+    return model.eval()
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A float that changes with any weight: sum over parameters of (index+1) · mean(parameter)."""
+    with torch.no_grad():
+        return float(
+            sum((i + 1) * p.double().mean() for i, p in enumerate(model.parameters()))
+        )
+
+
+def token_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1234) -> torch.Tensor:
+    """``n`` batches of uniformly random token ids, [n, batch, seq]; identical for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, batch, seq), generator=gen)
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+    return sum(fields) - fields[3] - fields[4]
+
+
+class OtherLoad:
+    """CPU time used by *other* processes while a block runs (busy jiffies minus our own CPU).
+
+    ``fraction`` is that time over wall time × CPUs: 0 on a quiet machine. A shared machine
+    whose other jobs take CPU during a measurement slows it down (on 2 cores, 2 PyTorch threads
+    lose far more than the stolen share); the benchmarks report it next to every figure.
+    """
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._busy = _busy_jiffies()
+        self._own = _own_cpu_s()
+        self._t = _now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        busy_s = (_busy_jiffies() - self._busy) / hz
+        own_s = _own_cpu_s() - self._own
+        wall = max(_now() - self._t, 1e-9)
+        self.fraction = round(max(busy_s - own_s, 0.0) / (wall * (os.cpu_count() or 1)), 3)
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def others_busy_fraction(window_s: float = 2.0) -> float:
+    """Share of all CPUs that other processes kept busy over the next ``window_s`` seconds."""
+    import time
+
+    hz = os.sysconf("SC_CLK_TCK")
+    b0 = _busy_jiffies()
+    time.sleep(window_s)
+    return (_busy_jiffies() - b0) / hz / (window_s * (os.cpu_count() or 1))
+
+
+def wait_until_quiet(threshold: float = 0.1, max_wait_s: float = 300.0) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` of the CPUs;
+    return the last reading."""
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = others_busy_fraction()
+        if busy < threshold or time.monotonic() > deadline:
+            return round(busy, 3)
+
+
+def limit_address_space(gib: float | None) -> None:
+    """Cap this process's address space, so running out of memory raises instead of
+    waking the kernel's OOM killer (which could pick another process on a shared machine)."""
+    if gib is None:
+        return
+    limit = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def package_version() -> dict[str, Any]:
+    """Which code of this package was measured: git HEAD, a hash of its sources, the time."""
+    import hashlib
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted((root / "sae_e2e_plugin").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    return {"git_head": head, "package_sources_sha256": digest.hexdigest()[:12],
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,50 @@
+"""The benchmark scripts run (tiny model, one step) on both implementations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY = ["--shape", "tiny", "--layer", "1", "--batch", "2", "--seq", "16", "--steps", "1"]
+
+
+def run_bench(*args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_step.py"), *TINY, *args],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--lm-dtype", "bfloat16", "--autocast", "--kl-chunk-size", "8", "--phases"],
+        ["--checkpoint-blocks"],
+    ],
+)
+def test_plugin_side_runs_one_step(extra: list[str]) -> None:
+    result = run_bench("--impl", "plugin", *extra)
+    assert result["status"] == "ok"
+    assert result["tokens_per_s"] > 0 and result["peak_rss_gib"] > 0
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def test_reference_side_runs_one_step_when_installed() -> None:
+    ref = os.environ.get("E2E_SAE_REF_PATH", "/work/refenv")
+    if not (Path(ref) / "e2e_sae" / "__init__.py").exists():
+        pytest.skip("e2e-sae 2.1.1 is not installed (pip install --no-deps --target DIR e2e-sae==2.1.1)")
+    result = run_bench("--impl", "reference", "--ref-path", ref)
+    assert result["status"] == "ok"
+    plugin = run_bench("--impl", "plugin")
+    assert result["weights_checksum"] == plugin["weights_checksum"]  # the same model weights
