@@ -5,7 +5,8 @@
   * ``pareto_alive.png``: alive features against CE-loss increase;
   * ``cosine_within.png``: each dictionary's distribution of max cosine similarity between a
     feature and the other features (one run per objective, the runs closest in L0);
-  * ``cosine_across.png``: each feature's max cosine similarity with the "local" dictionary.
+  * ``cosine_across.png``: each feature's max cosine similarity with the "local" dictionary;
+  * ``training_l0.png``: each run's batch L0 over training (has it settled?).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from sae_e2e_plugin.geometry import max_cosine_across, max_cosine_within
+from sae_e2e_plugin.sweep import read_training_log
+from sae_e2e_plugin.trainer import TRAINING_LOG_FILENAME
 
 
 def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -23,6 +26,10 @@ def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     written = []
     for y_key, name in (("l0", "pareto_l0.png"), ("alive_features", "pareto_alive.png")):
         written.append(plot_pareto(rows, x=y_key, y="ce_loss_increase", path=output_dir / name))
+    logs = {row["run_id"]: read_training_log(output_dir / "runs" / row["run_id"] / TRAINING_LOG_FILENAME)
+            for row in rows}
+    if any(logs.values()):
+        written.append(plot_training_l0(rows, logs, output_dir / "training_l0.png"))
     chosen = runs_closest_in_l0(rows)
     if chosen:
         decoders = {loss: _decoder(output_dir, row["run_id"]) for loss, row in chosen.items()}
@@ -61,6 +68,33 @@ def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
             ax.plot(*zip(*points), marker="o", label=loss)
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_training_l0(
+    rows: list[dict[str, Any]], logs: dict[str, list[dict[str, Any]]], path: Path
+) -> Path:
+    """Batch L0 against tokens seen, one line per run, one colour per objective."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colours = {loss: f"C{i}" for i, loss in enumerate(sorted({str(r.get("loss")) for r in rows}))}
+    labelled: set[str] = set()
+    for row in rows:
+        log = [entry for entry in logs.get(row["run_id"], []) if "l0" in entry]
+        if not log:
+            continue
+        loss = str(row.get("loss"))
+        ax.plot([e["tokens"] for e in log], [e["l0"] for e in log], color=colours[loss],
+                alpha=0.8, linewidth=1, label=None if loss in labelled else loss)
+        labelled.add(loss)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("L0 of the training batch")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from sae_e2e_plugin.runner import EVAL_FILENAME
+from sae_e2e_plugin.trainer import TRAINING_LOG_FILENAME
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -119,6 +120,7 @@ def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, An
         metrics = json.loads(eval_file.read_text())
         row: dict[str, Any] = {"run_id": run.run_id, **run.overrides}
         row.update({name: metrics.get(name) for name in RESULT_METRICS})
+        row.update(training_l0_summary(output_dir / "runs" / run.run_id / TRAINING_LOG_FILENAME))
         rows.append(row)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
@@ -128,6 +130,29 @@ def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, An
             writer.writeheader()
             writer.writerows(rows)
     return rows
+
+
+def read_training_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``training_log.jsonl`` (empty if it has none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_l0_summary(path: Path) -> dict[str, float | None]:
+    """Whether L0 had settled by the end of training, from the run's training log.
+
+    ``l0_train_end``: the mean batch L0 over the last tenth of the steps;
+    ``l0_train_drift``: its relative change from the tenth before (0 = flat;
+    -0.1 = still falling by 10% per tenth of the run).
+    """
+    l0 = [row["l0"] for row in read_training_log(path) if "l0" in row]
+    tenth = len(l0) // 10
+    if tenth == 0:
+        return {"l0_train_end": None, "l0_train_drift": None}
+    last = sum(l0[-tenth:]) / tenth
+    before = sum(l0[-2 * tenth : -tenth]) / tenth
+    return {"l0_train_end": last, "l0_train_drift": (last - before) / before if before else None}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

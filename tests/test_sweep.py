@@ -10,7 +10,13 @@ import pytest
 from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
 
 from sae_e2e_plugin.runner import E2ESAETrainingRunner
-from sae_e2e_plugin.sweep import expand_grid, latest_checkpoint, load_sweep_file, run_sweep
+from sae_e2e_plugin.sweep import (
+    expand_grid,
+    latest_checkpoint,
+    load_sweep_file,
+    run_sweep,
+    training_l0_summary,
+)
 
 BASE: dict[str, Any] = {
     "model_name": "tiny", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "unused",
@@ -63,7 +69,10 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == rows
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("run_id,loss,sae.l1_coefficient,l0")
-    for name in ("pareto_l0.png", "pareto_alive.png", "cosine_within.png", "cosine_across.png"):
+    for row in rows:  # 4 steps per run: too few tenths to judge settling
+        assert row["l0_train_end"] is None and row["l0_train_drift"] is None
+    for name in ("pareto_l0.png", "pareto_alive.png", "cosine_within.png", "cosine_across.png",
+                 "training_l0.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
 
 
@@ -110,3 +119,14 @@ def test_a_list_of_grids_joins_their_products_without_duplicates() -> None:
         "loss=e2e__l1_coefficient=0.1", "loss=e2e__l1_coefficient=1.0",
         "loss=local__l1_coefficient=0.1",
     ]
+
+
+def test_training_l0_summary_compares_the_last_two_tenths(tmp_path: Path) -> None:
+    log = tmp_path / "training_log.jsonl"
+    l0 = [100.0 - k for k in range(20)] + [50.0, 52.0]  # 22 steps: tenths of 2 steps
+    log.write_text("".join(json.dumps({"step": k + 1, "tokens": 8 * (k + 1), "l0": v}) + "\n"
+                           for k, v in enumerate(l0)))
+    summary = training_l0_summary(log)
+    assert summary["l0_train_end"] == pytest.approx(51.0)
+    assert summary["l0_train_drift"] == pytest.approx((51.0 - 81.5) / 81.5)
+    assert training_l0_summary(tmp_path / "missing.jsonl") == {"l0_train_end": None, "l0_train_drift": None}
