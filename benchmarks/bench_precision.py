@@ -7,7 +7,8 @@ language model's weights and activations change precision. Steps:
    built-in Shakespeare corpus when available, else the GPT-2-small-shaped random model of
    ``bench_step.py`` on random tokens (``--model`` chooses).
 2. Train an SAE a little at a middle layer with this plugin's runner (``loss="local"``,
-   float32), so its reconstruction is neither random nor perfect.
+   float32), so its reconstruction is neither random nor perfect; or load a trained one
+   (``--sae-path``, e.g. an e2e SAE from a sweep).
 3. On the same held-out tokens, with that same SAE, compare the model in float32 and in bf16:
    KL(p_orig ‖ p_patched) per token, cross-entropy clean and patched, the bf16 model's own
    distance from the float32 one (the noise floor), and the gradient of the KL with respect
@@ -19,6 +20,8 @@ language model's weights and activations change precision. Steps:
 Prints one JSON object. Example::
 
     python benchmarks/bench_precision.py --model smollm2-135m --e2e-steps 40
+    python benchmarks/bench_precision.py --model smollm2-135m \
+        --sae-path "sweeps/smollm2_layer15/runs/loss=e2e__l1_coefficient=0.006" --e2e-steps 20
 """
 
 from __future__ import annotations
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=8, help="sequences per training step")
     p.add_argument("--eval-seqs", type=int, default=16)
     p.add_argument("--dict-ratio", type=int, default=8)
+    p.add_argument("--sae-path", default=None,
+                   help="a trained SAE folder (SAELens format, e.g. a sweep run) to compare with, "
+                        "instead of pre-training one; its hook sets the layer")
     p.add_argument("--local-steps", type=int, default=150)
     p.add_argument("--l1", type=float, default=5e-3, help="L1 coefficient of the local pre-training")
     p.add_argument("--e2e-steps", type=int, default=0)
@@ -232,6 +238,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model32.eval()
     for q in model32.parameters():
         q.requires_grad_(False)
+    loaded = None
+    if args.sae_path:
+        from sae_lens import TrainingSAE
+
+        loaded = TrainingSAE.load_from_disk(args.sae_path)
+        args.layer = int(loaded.cfg.metadata.hook_name.split(".")[1])
+        args.dict_ratio = loaded.cfg.d_sae // model32.cfg.d_model
     if args.layer is None:
         args.layer = model32.cfg.n_layers // 2
     hook = f"blocks.{args.layer}.hook_resid_pre"
@@ -247,8 +260,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d_in=model32.cfg.d_model, d_sae=args.dict_ratio * model32.cfg.d_model,
         l1_coefficient=args.l1, apply_b_dec_to_input=False,
     ))
-    sae = train(args, model32, train_set, sae0, "local", args.local_steps)
-    result["local_pretraining_steps"] = args.local_steps
+    if loaded is not None:
+        sae = loaded
+        result["sae"] = args.sae_path
+    else:
+        sae = train(args, model32, train_set, sae0, "local", args.local_steps)
+        result["local_pretraining_steps"] = args.local_steps
 
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     e32 = evaluate(model32, sae, eval_tokens, hook, args.kl_chunk, grads=True)

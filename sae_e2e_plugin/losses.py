@@ -144,7 +144,20 @@ def kl_sum_and_logit_grad(
 @functools.cache
 def _compiled_kernel() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     # dynamic=True: the last chunk is usually shorter; one compiled kernel serves every length.
-    return torch.compile(kl_sum_and_logit_grad.__wrapped__, dynamic=True)  # type: ignore[attr-defined]
+    compiled = torch.compile(kl_sum_and_logit_grad.__wrapped__, dynamic=True)  # type: ignore[attr-defined]
+
+    def run(logits_orig: torch.Tensor, logits_patched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return compiled(logits_orig, logits_patched)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            reason = str(error).strip().splitlines()[0][:300]
+            raise RuntimeError(
+                f"compile_kl=True, but torch.compile could not build the KL kernel ({reason}). "
+                "It needs a C++ compiler on the CPU (e.g. apt install g++) or Triton on a GPU; "
+                "or set compile_kl=False (same results, a little slower)."
+            ) from error
+
+    return run
 
 
 def _chunks(

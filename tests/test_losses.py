@@ -117,6 +117,24 @@ def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
 
 
+def test_a_failed_compile_names_the_setting_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_e2e_plugin import losses
+
+    def fake_compile(fn: object, **kwargs: object) -> object:
+        def fail(*args: object) -> None:
+            raise torch._dynamo.exc.BackendCompilerFailed(fake_compile, RuntimeError("no g++ found"), None)
+        return fail
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    losses._compiled_kernel.cache_clear()
+    try:
+        x = torch.randn(4, 3, requires_grad=True)
+        with pytest.raises(RuntimeError, match=r"compile_kl=True.*C\+\+ compiler.*compile_kl=False"):
+            chunked_kl_orig_to_patched(x.detach(), x, lambda r: r, chunk_size=2, compile_kernel=True)
+    finally:
+        losses._compiled_kernel.cache_clear()
+
+
 def test_chunked_kl_rejects_bad_chunk_size() -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="kl_chunk_size must be >= 1"):
