@@ -194,12 +194,14 @@ def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) 
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.sweep import RESULTS_CSV, load_sweep_file, run_sweep
+    from sae_e2e_plugin.sweep import RESULTS_CSV, load_sweep_file, results_markdown, run_sweep
 
     spec = load_sweep_file(args.config)
     output = args.output or Path(spec.get("output_dir") or Path("sweeps") / args.config.stem)
     rows = run_sweep(spec, output, plots=not args.no_plots)
-    print(f"{len(rows)} finished runs; results in {output / RESULTS_CSV}")
+    if rows:
+        print(results_markdown(rows))
+    print(f"{len(rows)} finished runs; results in {output / RESULTS_CSV} (and .json, .md)")
     return 0
 
 

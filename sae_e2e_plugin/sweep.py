@@ -28,6 +28,7 @@ from sae_e2e_plugin.trainer import TRAINING_LOG_FILENAME
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
 # Metrics copied from eval.json into the results table.
 RESULT_METRICS = (
     "l0", "alive_features", "alive_fraction", "ce_loss_clean", "ce_loss_spliced",
@@ -129,7 +130,36 @@ def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, An
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        (output_dir / RESULTS_MD).write_text(results_markdown(rows))
     return rows
+
+
+# (column title, results key, format) of the markdown table.
+_TABLE_COLUMNS = (
+    ("L0", "l0", "{:.1f}"),
+    ("alive", "alive_features", "{:.0f}"),
+    ("CE increase", "ce_loss_increase", "{:.3f}"),
+    ("CE score", "ce_loss_score", "{:.3f}"),
+    ("KL", "kl_orig_patched", "{:.3f}"),
+    ("expl. var.", "explained_variance", "{:.3f}"),
+    ("L0 drift, last tenth", "l0_train_drift", "{:+.1%}"),
+)
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """The results as a markdown table: grid values, then metrics; by objective, then L0."""
+    grid_keys = [k for k in rows[0] if k != "run_id" and k not in RESULT_METRICS
+                 and not k.startswith("l0_train_")]
+    titles = [_short(k) for k in grid_keys] + [title for title, _, _ in _TABLE_COLUMNS]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    ordered = sorted(rows, key=lambda r: (str(r.get("loss")), -(r.get("l0") or 0.0)))
+    for row in ordered:
+        cells = [str(row.get(k)) for k in grid_keys]
+        for _, key, fmt in _TABLE_COLUMNS:
+            value = row.get(key)
+            cells.append("–" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def read_training_log(path: Path) -> list[dict[str, Any]]:

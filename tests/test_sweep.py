@@ -69,6 +69,11 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == rows
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("run_id,loss,sae.l1_coefficient,l0")
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0].startswith("| loss | l1_coefficient | L0 | alive | CE increase |")
+    assert len(table) == 2 + 4
+    first_e2e = next(r for r in sorted(rows, key=lambda r: -r["l0"]) if r["loss"] == "e2e")
+    assert f"| e2e | {first_e2e['sae.l1_coefficient']} | {first_e2e['l0']:.1f} |" in table[2]
     for row in rows:  # 4 steps per run: too few tenths to judge settling
         assert row["l0_train_end"] is None and row["l0_train_drift"] is None
     for name in ("pareto_l0.png", "pareto_alive.png", "cosine_within.png", "cosine_across.png",
