@@ -127,7 +127,8 @@ def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, An
     (output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
     if rows:
         with open(output_dir / RESULTS_CSV, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            # Grids of a list may set different fields: every column, blank where unset.
+            writer = csv.DictWriter(handle, fieldnames=_all_keys(rows), restval="")
             writer.writeheader()
             writer.writerows(rows)
         (output_dir / RESULTS_MD).write_text(results_markdown(rows))
@@ -148,18 +149,22 @@ _TABLE_COLUMNS = (
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table: grid values, then metrics; by objective, then L0."""
-    grid_keys = [k for k in rows[0] if k != "run_id" and k not in RESULT_METRICS
+    grid_keys = [k for k in _all_keys(rows) if k != "run_id" and k not in RESULT_METRICS
                  and not k.startswith("l0_train_")]
     titles = [_short(k) for k in grid_keys] + [title for title, _, _ in _TABLE_COLUMNS]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     ordered = sorted(rows, key=lambda r: (str(r.get("loss")), -(r.get("l0") or 0.0)))
     for row in ordered:
-        cells = [str(row.get(k)) for k in grid_keys]
+        cells = [str(row[k]) if k in row else "–" for k in grid_keys]
         for _, key, fmt in _TABLE_COLUMNS:
             value = row.get(key)
             cells.append("–" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _all_keys(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def read_training_log(path: Path) -> list[dict[str, Any]]:

@@ -135,3 +135,19 @@ def test_training_l0_summary_compares_the_last_two_tenths(tmp_path: Path) -> Non
     assert summary["l0_train_end"] == pytest.approx(51.0)
     assert summary["l0_train_drift"] == pytest.approx((51.0 - 81.5) / 81.5)
     assert training_l0_summary(tmp_path / "missing.jsonl") == {"l0_train_end": None, "l0_train_drift": None}
+
+
+def test_grids_setting_different_fields_share_one_table(tmp_path: Path) -> None:
+    spec = {"base": {**BASE, "loss": "e2e_downstream"},
+            "grid": [{"sae.l1_coefficient": [1e-3]},
+                     {"downstream_coefficient": [0.5], "sae.l1_coefficient": [1e-3]}]}
+    rows = run_sweep(spec, tmp_path, make_runner=Factory(), plots=False)
+    assert [r["run_id"] for r in rows] == [
+        "l1_coefficient=0.001", "downstream_coefficient=0.5__l1_coefficient=0.001"]
+    header, first, second = (tmp_path / "results.csv").read_text().splitlines()
+    assert header.startswith("run_id,sae.l1_coefficient,") and ",downstream_coefficient" in header
+    column = header.split(",").index("downstream_coefficient")
+    assert first.split(",")[column] == "" and second.split(",")[column] == "0.5"
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0].startswith("| l1_coefficient | downstream_coefficient | L0 |")
+    assert sorted(line.split(" | ")[1] for line in table[2:]) == ["0.5", "–"]
