@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sae_e2e_plugin.geometry import max_cosine_across, max_cosine_within
-from sae_e2e_plugin.sweep import read_training_log
+from sae_e2e_plugin.sweep import RESULT_METRICS, read_training_log
 from sae_e2e_plugin.trainer import TRAINING_LOG_FILENAME
 
 
@@ -62,10 +62,11 @@ def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
     """``y`` against ``x``, one marker line per objective (``loss``), points sorted by ``x``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for loss in sorted({str(r.get("loss", "run")) for r in rows}):
-        points = sorted((r[x], r[y]) for r in rows if str(r.get("loss", "run")) == loss and r.get(x) is not None and r.get(y) is not None)
+    for label in sorted({series_label(r) for r in rows}):
+        points = sorted((r[x], r[y]) for r in rows if series_label(r) == label
+                        and r.get(x) is not None and r.get(y) is not None)
         if points:
-            ax.plot(*zip(*points), marker="o", label=loss)
+            ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
     ax.grid(alpha=0.3)
@@ -101,6 +102,16 @@ def plot_training_l0(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def series_label(row: dict[str, Any]) -> str:
+    """The line a run belongs to: its objective, plus any grid value other than the sparsity
+    coefficient (e.g. ``local (training_tokens=409600)``)."""
+    others = [f"{key.split('.')[-1]}={value}" for key, value in row.items()
+              if key not in ("run_id", "loss", "sae.l1_coefficient") and key not in RESULT_METRICS
+              and not key.startswith("l0_train_")]
+    loss = str(row.get("loss", "run"))
+    return f"{loss} ({', '.join(others)})" if others else loss
 
 
 def plot_histograms(series: dict[str, torch.Tensor], path: Path, xlabel: str) -> Path:

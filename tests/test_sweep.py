@@ -151,3 +151,12 @@ def test_grids_setting_different_fields_share_one_table(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[0].startswith("| l1_coefficient | downstream_coefficient | L0 |")
     assert sorted(line.split(" | ")[1] for line in table[2:]) == ["0.5", "–"]
+
+
+def test_runs_with_other_grid_values_are_their_own_plot_series() -> None:
+    from sae_e2e_plugin.plots import series_label
+
+    row = {"run_id": "x", "loss": "local", "sae.l1_coefficient": 30.0, "l0": 5.0,
+           "l0_train_end": 5.0, "l0_train_drift": 0.0}
+    assert series_label(row) == "local"
+    assert series_label({**row, "training_tokens": 409600}) == "local (training_tokens=409600)"
