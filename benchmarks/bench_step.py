@@ -133,6 +133,10 @@ def import_reference(ref_path: str) -> types.ModuleType:
         MISSING_REF_MODULE.rsplit(".", 1)[0]
     )
     sys.modules[MISSING_REF_MODULE] = stub
+    # e2e_sae.settings reads $GITHUB_WORKSPACE whenever $CI is set (it assumes GitHub Actions);
+    # other CI systems set CI alone. Its REPO_ROOT only locates its own output folders.
+    if os.environ.get("CI") and "GITHUB_WORKSPACE" not in os.environ:
+        os.environ["GITHUB_WORKSPACE"] = str(Path(ref_path).resolve())
     import e2e_sae
 
     return e2e_sae
