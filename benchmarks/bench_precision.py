@@ -17,11 +17,13 @@ language model's weights and activations change precision. Steps:
    the same weights on the same batches, once with the float32 model and once with
    ``lm_dtype="bfloat16"``; evaluate both SAEs with the float32 model.
 
-Prints one JSON object. Example::
+Prints the runs' progress, then one JSON object; ``--out FILE`` also writes the object alone to
+a file. Example::
 
     python benchmarks/bench_precision.py --model smollm2-135m --e2e-steps 40
     python benchmarks/bench_precision.py --model smollm2-135m \
-        --sae-path "sweeps/smollm2_layer15/runs/loss=e2e__l1_coefficient=0.006" --e2e-steps 20
+        --sae-path "sweeps/smollm2_layer15/runs/loss=e2e__l1_coefficient=0.006" --e2e-steps 20 \
+        --out benchmarks/results/precision_smollm2.json
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-chunk", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON object to this file")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
