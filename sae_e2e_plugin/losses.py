@@ -121,17 +121,25 @@ class _ChunkedKL(torch.autograd.Function):
         return None, grad_output * grad, None, None, None
 
 
-@torch.no_grad()
+@jaxtyped(typechecker=beartype)
 def kl_sum_and_logit_grad(
-    logits_orig: torch.Tensor, logits_patched: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits_orig: Float[torch.Tensor, "tokens vocab"],
+    logits_patched: Float[torch.Tensor, "tokens vocab"],
+) -> tuple[Float[torch.Tensor, ""], Float[torch.Tensor, "tokens vocab"]]:
     """Σ KL(p_orig ‖ p_patched) over [tokens, vocab] logits, and its gradient w.r.t. the patched logits.
 
     The gradient of Σ_v p_orig(v) (log p_orig(v) − log_softmax(z)(v)) with respect to
     the patched logits z is softmax(z) − p_orig, token by token; it comes back in
-    ``logits_patched``'s dtype. Everything is computed in float32, in place where
-    possible, so a chunk needs two float32 [tokens, vocab] buffers beyond its inputs.
+    ``logits_patched``'s dtype. Everything is computed in float32 without autograd, in place
+    where possible, so a chunk needs two float32 [tokens, vocab] buffers beyond its inputs.
     """
+    with torch.no_grad():
+        return _kl_sum_and_logit_grad(logits_orig, logits_patched)
+
+
+def _kl_sum_and_logit_grad(
+    logits_orig: torch.Tensor, logits_patched: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     logp_orig = F.log_softmax(logits_orig.float(), dim=-1)
     logp_patched = F.log_softmax(logits_patched.float(), dim=-1)
     p_orig = logp_orig.exp()
@@ -144,11 +152,12 @@ def kl_sum_and_logit_grad(
 @functools.cache
 def _compiled_kernel() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     # dynamic=True: the last chunk is usually shorter; one compiled kernel serves every length.
-    compiled = torch.compile(kl_sum_and_logit_grad.__wrapped__, dynamic=True)  # type: ignore[attr-defined]
+    compiled = torch.compile(_kl_sum_and_logit_grad, dynamic=True)
 
     def run(logits_orig: torch.Tensor, logits_patched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            return compiled(logits_orig, logits_patched)
+            with torch.no_grad():
+                return compiled(logits_orig, logits_patched)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             reason = str(error).strip().splitlines()[0][:300]
             raise RuntimeError(

@@ -100,6 +100,12 @@ def test_written_out_logit_gradient_equals_autograd_of_the_hand_formula(dtype: t
     torch.testing.assert_close(orig, (torch.randn(9, 31, generator=gen.manual_seed(2)) * 4).to(dtype))
 
 
+def test_written_out_logit_gradient_checks_its_shapes() -> None:
+    # Mismatched logits get an error that names the argument, not one from inside torch.
+    with pytest.raises(Exception, match="logits_patched"):
+        kl_sum_and_logit_grad(torch.randn(4, 31), torch.randn(4, 30))
+
+
 def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
     gen = torch.Generator().manual_seed(5)
     head_weight = torch.randn(6, 40, generator=gen)
