@@ -76,7 +76,9 @@ def chunked_kl_orig_to_patched(
     if chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
     if resid_patched.requires_grad and torch.is_grad_enabled():
-        kernel = _compiled_kernel() if compile_kernel else kl_sum_and_logit_grad
+        # The inputs' shapes were checked on entry; the per-chunk kernel runs unchecked (the
+        # autograd Function's forward runs without grad).
+        kernel = _compiled_kernel() if compile_kernel else _kl_sum_and_logit_grad
         return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size, kernel)
     with torch.no_grad():
         total = sum(
