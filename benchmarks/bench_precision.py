@@ -3,7 +3,7 @@
 The SAE stays float32 in both cases and the log-softmax/KL are taken in float32; only the
 language model's weights and activations change precision. Steps:
 
-1. Load the model in float32: the built-in SmolLM2-135M (``sae_e2e_plugin.builtin``) on the
+1. Load the model in float32: the built-in SmolLM2-135M (``sae_e2e_plugin.assets``) on the
    built-in Shakespeare corpus when available, else the GPT-2-small-shaped random model of
    ``bench_step.py`` on random tokens (``--model`` chooses).
 2. Train an SAE a little at a middle layer with this plugin's runner (``loss="local"``,
@@ -53,10 +53,12 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, torch.Tenso
     want = args.model
     if want in ("auto", "smollm2-135m"):
         try:
-            from sae_e2e_plugin.builtin import load_builtin_dataset, load_builtin_model
+            from sae_e2e_plugin import load_builtin_dataset, load_builtin_model
 
             model = load_builtin_model("smollm2-135m", dtype=torch.float32)
-            train = load_builtin_dataset("shakespeare", model.tokenizer, args.context, split="train")
+            train = load_builtin_dataset(
+                "shakespeare", model.tokenizer, args.context, split="train"
+            )
             evals = load_builtin_dataset("shakespeare", model.tokenizer, args.context, split="eval")
             gen = torch.Generator().manual_seed(args.seed)
             rows = torch.randperm(len(evals), generator=gen)[: args.eval_seqs].tolist()
@@ -66,7 +68,9 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, torch.Tenso
         except (ImportError, FileNotFoundError, ModuleNotFoundError) as exc:
             if want == "smollm2-135m":
                 raise
-            print(f"built-in model unavailable ({exc}); using the GPT-2-shaped model", file=sys.stderr)
+            print(
+                f"built-in model unavailable ({exc}); using the GPT-2-shaped model", file=sys.stderr
+            )
     model = gpt2_shaped_model(args.seed)
     vocab = model.cfg.d_vocab
     n_train = max(64, args.local_steps * args.batch)
@@ -112,7 +116,15 @@ def runner_cfg(args: argparse.Namespace, d_model: int, loss: str, steps: int, **
     )
 
 
-def train(args: argparse.Namespace, model: Any, dataset: Any, sae: Any, loss: str, steps: int, **extra: Any) -> Any:
+def train(
+    args: argparse.Namespace,
+    model: Any,
+    dataset: Any,
+    sae: Any,
+    loss: str,
+    steps: int,
+    **extra: Any,
+) -> Any:
     """Train ``sae`` (a copy) with this plugin's runner; return the trained copy."""
     from sae_e2e_plugin import E2ESAETrainingRunner
 
@@ -124,10 +136,15 @@ def train(args: argparse.Namespace, model: Any, dataset: Any, sae: Any, loss: st
 
 
 @torch.no_grad()
-def per_token_stats(model: Any, final_clean: torch.Tensor, final_patched: torch.Tensor,
-                    tokens: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+def per_token_stats(
+    model: Any,
+    final_clean: torch.Tensor,
+    final_patched: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk: int,
+) -> dict[str, torch.Tensor]:
     """Per-token KL(orig‖patched), CE clean/patched and the clean log-probs' argmax, chunk by chunk."""
-    from sae_e2e_plugin.splice import model_head
+    from sae_e2e_plugin.core.splice import model_head
 
     head = model_head(model)
     d_model = final_clean.shape[-1]
@@ -143,14 +160,28 @@ def per_token_stats(model: Any, final_clean: torch.Tensor, final_patched: torch.
         t = targets[s : s + chunk]
         ok = t >= 0
         ce_clean.append(torch.where(ok, -lp_o.gather(-1, t.clamp(min=0)[:, None])[:, 0], torch.nan))
-        ce_patched.append(torch.where(ok, -lp_p.gather(-1, t.clamp(min=0)[:, None])[:, 0], torch.nan))
-    return {"kl": torch.cat(kl), "ce_clean": torch.cat(ce_clean), "ce_patched": torch.cat(ce_patched)}
+        ce_patched.append(
+            torch.where(ok, -lp_p.gather(-1, t.clamp(min=0)[:, None])[:, 0], torch.nan)
+        )
+    return {
+        "kl": torch.cat(kl),
+        "ce_clean": torch.cat(ce_clean),
+        "ce_patched": torch.cat(ce_patched),
+    }
 
 
-def evaluate(model: Any, sae: Any, tokens: torch.Tensor, hook: str, chunk: int, grads: bool) -> dict[str, Any]:
+def evaluate(
+    model: Any, sae: Any, tokens: torch.Tensor, hook: str, chunk: int, grads: bool
+) -> dict[str, Any]:
     """Splice ``sae`` into ``model`` as the trainer does; per-token stats and the KL's SAE gradient."""
-    from sae_e2e_plugin.losses import chunked_kl_orig_to_patched
-    from sae_e2e_plugin.splice import model_head, plan_splice, run_clean, run_patched, run_prefix
+    from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched
+    from sae_e2e_plugin.core.splice import (
+        model_head,
+        plan_splice,
+        run_clean,
+        run_patched,
+        run_prefix,
+    )
 
     plan = plan_splice(model, hook, None, d_in=sae.cfg.d_in)
     prefix = run_prefix(model, tokens, plan.start_layer)
@@ -164,12 +195,18 @@ def evaluate(model: Any, sae: Any, tokens: torch.Tensor, hook: str, chunk: int, 
         out: dict[str, Any] = {}
         if grads:
             kl = chunked_kl_orig_to_patched(
-                clean.final_resid.reshape(-1, d), patched.final_resid.reshape(-1, d),
-                model_head(model), chunk,
+                clean.final_resid.reshape(-1, d),
+                patched.final_resid.reshape(-1, d),
+                model_head(model),
+                chunk,
             )
             kl.backward()
-            out["grad"] = {n: q.grad.detach().clone() for n, q in sae.named_parameters() if q.grad is not None}
-    out["stats"] = per_token_stats(model, clean.final_resid, patched.final_resid.detach(), tokens, chunk)
+            out["grad"] = {
+                n: q.grad.detach().clone() for n, q in sae.named_parameters() if q.grad is not None
+            }
+    out["stats"] = per_token_stats(
+        model, clean.final_resid, patched.final_resid.detach(), tokens, chunk
+    )
     out["final_clean"] = clean.final_resid.float()
     out["l0"] = float((feats > 0).float().sum(-1).mean())
     return out
@@ -186,9 +223,11 @@ def summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def noise_floor(model32: Any, model16: Any, r32: torch.Tensor, r16: torch.Tensor, chunk: int) -> float:
+def noise_floor(
+    model32: Any, model16: Any, r32: torch.Tensor, r16: torch.Tensor, chunk: int
+) -> float:
     """Mean per-token KL(p_fp32 ‖ p_bf16) of the clean model: how far bf16 alone moves the output."""
-    from sae_e2e_plugin.splice import model_head
+    from sae_e2e_plugin.core.splice import model_head
 
     h32, h16 = model_head(model32), model_head(model16)
     a, b = r32.reshape(-1, r32.shape[-1]), r16.reshape(-1, r16.shape[-1])
@@ -223,11 +262,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=8, help="sequences per training step")
     p.add_argument("--eval-seqs", type=int, default=16)
     p.add_argument("--dict-ratio", type=int, default=8)
-    p.add_argument("--sae-path", default=None,
-                   help="a trained SAE folder (SAELens format, e.g. a sweep run) to compare with, "
-                        "instead of pre-training one; its hook sets the layer")
+    p.add_argument(
+        "--sae-path",
+        default=None,
+        help="a trained SAE folder (SAELens format, e.g. a sweep run) to compare with, "
+        "instead of pre-training one; its hook sets the layer",
+    )
     p.add_argument("--local-steps", type=int, default=150)
-    p.add_argument("--l1", type=float, default=5e-3, help="L1 coefficient of the local pre-training")
+    p.add_argument(
+        "--l1", type=float, default=5e-3, help="L1 coefficient of the local pre-training"
+    )
     p.add_argument("--e2e-steps", type=int, default=0)
     p.add_argument("--e2e-l1", type=float, default=5e-4, help="L1 coefficient of the e2e runs")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -252,17 +296,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.layer = model32.cfg.n_layers // 2
     hook = f"blocks.{args.layer}.hook_resid_pre"
     result: dict[str, Any] = {
-        "model": description, "hook": hook, "eval_tokens": list(eval_tokens.shape),
-        "dict_size": args.dict_ratio * model32.cfg.d_model, "machine": machine(),
+        "model": description,
+        "hook": hook,
+        "eval_tokens": list(eval_tokens.shape),
+        "dict_size": args.dict_ratio * model32.cfg.d_model,
+        "machine": machine(),
     }
 
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
 
     torch.manual_seed(args.seed)
-    sae0 = StandardTrainingSAE(StandardTrainingSAEConfig(
-        d_in=model32.cfg.d_model, d_sae=args.dict_ratio * model32.cfg.d_model,
-        l1_coefficient=args.l1, apply_b_dec_to_input=False,
-    ))
+    sae0 = StandardTrainingSAE(
+        StandardTrainingSAEConfig(
+            d_in=model32.cfg.d_model,
+            d_sae=args.dict_ratio * model32.cfg.d_model,
+            l1_coefficient=args.l1,
+            apply_b_dec_to_input=False,
+        )
+    )
     if loaded is not None:
         sae = loaded
         result["sae"] = args.sae_path
@@ -295,11 +346,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trained[name] = train(args, lm, train_set, sae, "e2e", args.e2e_steps, **extra)
             trained[name + "_s"] = time.perf_counter() - start
             del lm
-        result["e2e_training"] = {"steps": args.e2e_steps, "tokens_per_step": args.batch * args.context}
+        result["e2e_training"] = {
+            "steps": args.e2e_steps,
+            "tokens_per_step": args.batch * args.context,
+        }
         for name in ("fp32", "bf16"):
             ev = evaluate(model32, trained[name], eval_tokens, hook, args.kl_chunk, grads=False)
             result["e2e_training"][f"trained_with_{name}_model"] = {
-                **summarise(ev["stats"]), "l0": ev["l0"], "train_s": round(trained[name + "_s"], 1),
+                **summarise(ev["stats"]),
+                "l0": ev["l0"],
+                "train_s": round(trained[name + "_s"], 1),
             }
         w32 = torch.cat([q.flatten() for q in trained["fp32"].parameters()])
         w16 = torch.cat([q.flatten() for q in trained["bf16"].parameters()])

@@ -59,10 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DICT_RATIO,
     OtherLoad,
+    current_rss_bytes,
     gpt2_shaped_model,
     limit_address_space,
     machine,
-    current_rss_bytes,
     package_version,
     peak_rss_bytes,
     token_batches,
@@ -101,14 +101,10 @@ class PhaseTimer:
         finally:
             self.seconds[name] += time.perf_counter() - start
             if name not in self.memory:
-                self.memory[name] = (round(current_rss_bytes() / 2**30, 2), round(peak_rss_bytes() / 2**30, 2))
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.phase(name):
-                return fn(*args, **kwargs)
-
-        return timed
+                self.memory[name] = (
+                    round(current_rss_bytes() / 2**30, 2),
+                    round(peak_rss_bytes() / 2**30, 2),
+                )
 
 
 # --------------------------------------------------------------------------- reference
@@ -142,7 +138,9 @@ def import_reference(ref_path: str) -> types.ModuleType:
     return e2e_sae
 
 
-def reference_step_fn(args: argparse.Namespace, timer: PhaseTimer) -> tuple[Callable[[torch.Tensor], float], torch.nn.Module]:
+def reference_step_fn(
+    args: argparse.Namespace, timer: PhaseTimer
+) -> tuple[Callable[[torch.Tensor], float], torch.nn.Module]:
     import_reference(args.ref_path)
     from e2e_sae.losses import (
         LogitsKLLoss,
@@ -219,12 +217,12 @@ def reference_step_fn(args: argparse.Namespace, timer: PhaseTimer) -> tuple[Call
 # --------------------------------------------------------------------------- plugin
 
 
-def plugin_step_fn(args: argparse.Namespace, timer: PhaseTimer) -> tuple[Callable[[torch.Tensor], float], torch.nn.Module]:
+def plugin_step_fn(
+    args: argparse.Namespace, timer: PhaseTimer
+) -> tuple[Callable[[torch.Tensor], float], torch.nn.Module]:
     from datasets import Dataset
     from sae_lens import LoggingConfig, StandardTrainingSAEConfig
 
-    import sae_e2e_plugin.objectives as objectives_module
-    import sae_e2e_plugin.trainer as trainer_module
     from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainer, E2ESAETrainingRunner
 
     model = gpt2_shaped_model(args.seed, args.shape)
@@ -281,30 +279,11 @@ def plugin_step_fn(args: argparse.Namespace, timer: PhaseTimer) -> tuple[Callabl
         model=runner.model,
         plan=runner.plan,
         e2e_cfg=cfg,
+        objective=runner.objective,
+        # The trainer names its phases (sae_e2e_plugin.training.timing); --phases times them.
+        timer=timer,
     )
     trainer.sae.to(cfg.device)
-
-    if args.phases:
-        # Wrap the step's parts where the trainer looks them up (no change to the package).
-        trainer_module.run_prefix = timer.wrap("shared prefix (no grad)", trainer_module.run_prefix)
-        trainer_module.run_clean = timer.wrap("clean continuation (no grad)", trainer_module.run_clean)
-        objectives_module.run_patched = timer.wrap(
-            "patched continuation", objectives_module.run_patched
-        )
-        objectives_module.chunked_kl_orig_to_patched = timer.wrap(
-            "KL forward (chunked logits)", objectives_module.chunked_kl_orig_to_patched
-        )
-        trainer.sae.training_forward_pass = timer.wrap(  # type: ignore[method-assign]
-            "SAE training forward", trainer.sae.training_forward_pass
-        )
-        original_backward = torch.Tensor.backward
-
-        def timed_backward(self: torch.Tensor, *a: Any, **k: Any) -> None:
-            with timer.phase("backward (incl. KL chunk recompute)"):
-                original_backward(self, *a, **k)
-
-        torch.Tensor.backward = timed_backward  # type: ignore[method-assign]
-        trainer.optimizer.step = timer.wrap("Adam step", trainer.optimizer.step)  # type: ignore[method-assign]
 
     def step(tokens: torch.Tensor) -> float:
         # What SAETrainer.fit does around E2ESAETrainer.step, minus logging and checkpoints.
@@ -326,29 +305,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--layer", type=int, default=6, help="SAE at blocks.<layer>.hook_resid_pre")
-    p.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="plugin: E2ERunnerConfig.lm_dtype (default: unset = fp32 as built)")
-    p.add_argument("--kl-chunk-size", type=int, default=None,
-                   help="plugin: E2ERunnerConfig.kl_chunk_size (default: the config's default)")
-    p.add_argument("--checkpoint-blocks", action="store_true",
-                   help="plugin: E2ERunnerConfig.checkpoint_blocks (recompute blocks in backward)")
-    p.add_argument("--compile-kl", action="store_true",
-                   help="plugin: E2ERunnerConfig.compile_kl (torch.compile the KL's elementwise part)")
-    p.add_argument("--autocast", action="store_true",
-                   help="plugin: SAELens' autocast flag (bf16 autocast around the SAE and loss)")
-    p.add_argument("--shape", choices=("gpt2-small", "tiny"), default="gpt2-small",
-                   help="model shape (tiny: for smoke tests)")
+    p.add_argument(
+        "--lm-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="plugin: E2ERunnerConfig.lm_dtype (default: unset = fp32 as built)",
+    )
+    p.add_argument(
+        "--kl-chunk-size",
+        type=int,
+        default=None,
+        help="plugin: E2ERunnerConfig.kl_chunk_size (default: the config's default)",
+    )
+    p.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        help="plugin: E2ERunnerConfig.checkpoint_blocks (recompute blocks in backward)",
+    )
+    p.add_argument(
+        "--compile-kl",
+        action="store_true",
+        help="plugin: E2ERunnerConfig.compile_kl (torch.compile the KL's elementwise part)",
+    )
+    p.add_argument(
+        "--autocast",
+        action="store_true",
+        help="plugin: SAELens' autocast flag (bf16 autocast around the SAE and loss)",
+    )
+    p.add_argument(
+        "--shape",
+        choices=("gpt2-small", "tiny"),
+        default="gpt2-small",
+        help="model shape (tiny: for smoke tests)",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--seed", type=int, default=0, help="model weights seed")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--ref-path", default=os.environ.get(REF_PATH_ENV, "/work/refenv"),
-                   help=f"where e2e-sae 2.1.1 was installed with --target (or ${REF_PATH_ENV})")
-    p.add_argument("--mem-limit-gib", type=float, default=None,
-                   help="cap the address space: running out of memory then raises a clean error")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument(
+        "--ref-path",
+        default=os.environ.get(REF_PATH_ENV, "/work/refenv"),
+        help=f"where e2e-sae 2.1.1 was installed with --target (or ${REF_PATH_ENV})",
+    )
+    p.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=None,
+        help="cap the address space: running out of memory then raises a clean error",
+    )
     p.add_argument("--phases", action="store_true", help="also report seconds per phase of a step")
-    p.add_argument("--torch-profile", type=int, default=0, metavar="N",
-                   help="print torch.profiler's N most expensive ops of the timed steps to stderr")
+    p.add_argument(
+        "--torch-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print torch.profiler's N most expensive ops of the timed steps to stderr",
+    )
     return p.parse_args(argv)
 
 
@@ -402,7 +416,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if profiler is not None:
             profiler.__exit__(None, None, None)
             print(
-                profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.torch_profile),
+                profiler.key_averages().table(
+                    sort_by="self_cpu_time_total", row_limit=args.torch_profile
+                ),
                 file=sys.stderr,
             )
         total = sum(step_seconds)

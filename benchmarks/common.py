@@ -30,8 +30,15 @@ GPT2_SMALL_SHAPE: dict[str, Any] = dict(
 """GPT-2 small's shape (TransformerLens names)."""
 
 TINY_SHAPE: dict[str, Any] = dict(
-    n_layers=3, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=101, n_ctx=64,
-    act_fn="gelu_new", normalization_type="LN",
+    n_layers=3,
+    d_model=32,
+    n_heads=2,
+    d_head=16,
+    d_mlp=64,
+    d_vocab=101,
+    n_ctx=64,
+    act_fn="gelu_new",
+    normalization_type="LN",
 )
 """A tiny model of the same kind, for smoke tests of the benchmark scripts."""
 
@@ -52,9 +59,7 @@ def gpt2_shaped_model(seed: int = 0, shape: str = "gpt2-small") -> HookedTransfo
 def weights_checksum(model: torch.nn.Module) -> float:
     """A float that changes with any weight: sum over parameters of (index+1) · mean(parameter)."""
     with torch.no_grad():
-        return float(
-            sum((i + 1) * p.double().mean() for i, p in enumerate(model.parameters()))
-        )
+        return float(sum((i + 1) * p.double().mean() for i, p in enumerate(model.parameters())))
 
 
 def token_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1234) -> torch.Tensor:
@@ -92,7 +97,7 @@ class OtherLoad:
     def __init__(self) -> None:
         self.fraction: float | None = None
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._busy = _busy_jiffies()
         self._own = _own_cpu_s()
         self._t = _now()
@@ -160,12 +165,19 @@ def package_version() -> dict[str, Any]:
     for path in sorted((root / "sae_e2e_plugin").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head = ""
-    return {"git_head": head, "package_sources_sha256": digest.hexdigest()[:12],
-            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "git_head": head,
+        "package_sources_sha256": digest.hexdigest()[:12],
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def machine() -> dict[str, Any]:

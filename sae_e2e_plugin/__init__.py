@@ -4,27 +4,32 @@ Set ``loss="e2e"`` (or ``"e2e_downstream"``) on an ``E2ERunnerConfig`` and run i
 with ``E2ESAETrainingRunner``: the SAE is trained so that the language model's
 next-token distribution with the SAE's reconstruction spliced in stays close
 to the original (KL divergence).
+
+This module is the public API; ``docs/architecture.md`` maps the subpackages behind it.
+No module of the package imports this one.
 """
 
-__version__ = "0.1.0"
-
-from sae_e2e_plugin.builtin import load_builtin_dataset, load_builtin_model
-from sae_e2e_plugin.config import E2ERunnerConfig
-from sae_e2e_plugin.evals import DownstreamMetrics, EvalResult, evaluate_sae
-from sae_e2e_plugin.loading import (
+from sae_e2e_plugin.assets.corpora import load_builtin_dataset
+from sae_e2e_plugin.assets.model import load_builtin_model
+from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
+from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
+from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult
+from sae_e2e_plugin.interop.reference import (
     convert_reference_checkpoint,
     reference_format_disk_loader,
-    reference_format_loader,
 )
-from sae_e2e_plugin.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
-from sae_e2e_plugin.objectives import (
+from sae_e2e_plugin.interop.reference_hub import reference_format_loader
+from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.objectives import (
     ObjectiveInputs,
     ObjectiveOutput,
     available_objectives,
     register_objective,
 )
-from sae_e2e_plugin.runner import E2ESAETrainingRunner
-from sae_e2e_plugin.trainer import E2ESAETrainer, NonFiniteLossError
+from sae_e2e_plugin.training.timing import PhaseTimer
+from sae_e2e_plugin.training.trainer import E2ESAETrainer, NonFiniteLossError
+from sae_e2e_plugin.version import __version__
 
 __all__ = [
     "DownstreamMetrics",
@@ -35,6 +40,7 @@ __all__ = [
     "NonFiniteLossError",
     "ObjectiveInputs",
     "ObjectiveOutput",
+    "PhaseTimer",
     "__version__",
     "available_objectives",
     "chunked_kl_orig_to_patched",

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import logging
 import re
 import sys
 import textwrap
@@ -24,7 +25,14 @@ from typing import Any
 import yaml
 
 # Fields that are derived or internal and make no sense as flags.
-_HIDDEN_FIELDS = {"sae", "logger", "hook_eval", "sae_lens_version", "sae_lens_training_version", "metadata"}
+_HIDDEN_FIELDS = {
+    "sae",
+    "logger",
+    "hook_eval",
+    "sae_lens_version",
+    "sae_lens_training_version",
+    "metadata",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,11 +44,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command != "train" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _show_library_logs()
     try:
         return int(args.handler(args, extra) or 0)
     except ValueError as error:
         print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+class _ProgressBarSafeHandler(logging.Handler):
+    """Writes log lines to stdout through tqdm, so they do not break a running progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def _show_library_logs() -> None:
+    """The package logs what a run reports (evaluations, resumes, checkpoints); show it."""
+    package_logger = logging.getLogger("sae_e2e_plugin")
+    if not any(isinstance(h, _ProgressBarSafeHandler) for h in package_logger.handlers):
+        package_logger.addHandler(_ProgressBarSafeHandler())
+    package_logger.setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog=_fields_help(),
     )
-    train.add_argument("--config", type=Path, help="YAML or JSON file of config fields; flags override it")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    train.add_argument(
+        "--config", type=Path, help="YAML or JSON file of config fields; flags override it"
+    )
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
     train.set_defaults(command="train", handler=_train)
 
     evaluate = commands.add_parser(
@@ -69,51 +99,99 @@ def build_parser() -> argparse.ArgumentParser:
         "alive features, explained variance, downstream MSE. Model, hook, context size and data "
         "default to what the SAE's metadata records.",
     )
-    evaluate.add_argument("sae", help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name")
-    evaluate.add_argument("--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)")
+    evaluate.add_argument(
+        "sae", help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name"
+    )
+    evaluate.add_argument(
+        "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
+    )
     evaluate.add_argument("--model_name", help="model to splice into (default: the SAE's metadata)")
     evaluate.add_argument("--hook_name", help="hook to splice at (default: the SAE's metadata)")
-    evaluate.add_argument("--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset")
-    evaluate.add_argument("--context_size", type=int, help="tokens per sequence (default: the SAE's metadata, else 128)")
-    evaluate.add_argument("--n_sequences", type=int, default=64, help="held-out sequences to evaluate (default 64)")
-    evaluate.add_argument("--batch_size", type=int, default=8, help="sequences per batch (default 8)")
-    evaluate.add_argument("--alive_window_tokens", type=int, default=None, help="tokens for the alive count (default: all evaluated)")
-    evaluate.add_argument("--lm_dtype", choices=["float32", "bfloat16", "float16"], default=None, help="dtype for the model")
+    evaluate.add_argument(
+        "--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset"
+    )
+    evaluate.add_argument(
+        "--context_size",
+        type=int,
+        help="tokens per sequence (default: the SAE's metadata, else 128)",
+    )
+    evaluate.add_argument(
+        "--n_sequences", type=int, default=64, help="held-out sequences to evaluate (default 64)"
+    )
+    evaluate.add_argument(
+        "--batch_size", type=int, default=8, help="sequences per batch (default 8)"
+    )
+    evaluate.add_argument(
+        "--alive_window_tokens",
+        type=int,
+        default=None,
+        help="tokens for the alive count (default: all evaluated)",
+    )
+    evaluate.add_argument(
+        "--lm_dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtype for the model",
+    )
     evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--output", type=Path, default=Path("eval.json"), help="where to write the JSON (default eval.json)")
+    evaluate.add_argument(
+        "--output",
+        type=Path,
+        default=Path("eval.json"),
+        help="where to write the JSON (default eval.json)",
+    )
     evaluate.set_defaults(command="eval", handler=_eval)
 
     sweep = commands.add_parser(
         "sweep", help="train and evaluate a grid of runs (loss × sparsity × layer); resumable"
     )
-    sweep.add_argument("--config", type=Path, required=True, help="sweep file: base, grid, output_dir")
-    sweep.add_argument("--output", type=Path, help="output folder (default: the file's output_dir, else sweeps/<file name>)")
+    sweep.add_argument(
+        "--config", type=Path, required=True, help="sweep file: base, grid, output_dir"
+    )
+    sweep.add_argument(
+        "--output",
+        type=Path,
+        help="output folder (default: the file's output_dir, else sweeps/<file name>)",
+    )
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sweep.set_defaults(command="sweep", handler=_sweep)
 
     upload = commands.add_parser(
         "upload", help="publish an exported SAE folder to the Hugging Face Hub (SAELens' uploader)"
     )
-    upload.add_argument("folder", type=Path, help="a folder with cfg.json + sae_weights.safetensors")
+    upload.add_argument(
+        "folder", type=Path, help="a folder with cfg.json + sae_weights.safetensors"
+    )
     upload.add_argument("repo_id", help="the hub repo, e.g. your-name/smollm2-e2e-saes")
-    upload.add_argument("--sae-id", required=True, help="the SAE's folder in the repo, e.g. blocks.15.hook_resid_pre")
-    upload.add_argument("--dry-run", type=Path, metavar="DIR", help="write what would be uploaded to DIR instead")
+    upload.add_argument(
+        "--sae-id",
+        required=True,
+        help="the SAE's folder in the repo, e.g. blocks.15.hook_resid_pre",
+    )
+    upload.add_argument(
+        "--dry-run", type=Path, metavar="DIR", help="write what would be uploaded to DIR instead"
+    )
     upload.set_defaults(command="upload", handler=_upload)
 
     convert = commands.add_parser(
         "convert", help="convert a reference-format (e2e_sae) checkpoint to SAELens folders"
     )
-    convert.add_argument("src", type=Path, help="folder with final_config.yaml and samples_<N>.pt, or one .pt file")
-    convert.add_argument("out", type=Path, help="output folder: one SAELens folder per SAE position")
+    convert.add_argument(
+        "src", type=Path, help="folder with final_config.yaml and samples_<N>.pt, or one .pt file"
+    )
+    convert.add_argument(
+        "out", type=Path, help="output folder: one SAELens folder per SAE position"
+    )
     convert.set_defaults(command="convert", handler=_convert)
     return parser
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.runner import E2ESAETrainingRunner
+    from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+    from sae_e2e_plugin.training.fields import config_from_fields, load_config_file, merge_fields
 
     fields = load_config_file(args.config) if args.config else {}
-    fields = merge_flags(fields, parse_field_flags(extra))
+    fields = merge_fields(fields, parse_field_flags(extra))
     cfg = config_from_fields(fields)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -128,7 +206,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from sae_e2e_plugin.evals import evaluate_sae
+    from sae_e2e_plugin.assets.language_model import load_language_model
+    from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 
     sae = _load_any_sae(args.sae, args.sae_id, args.device)
     meta = sae.cfg.metadata
@@ -136,15 +215,27 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     hook_name = args.hook_name or meta.hook_name
     dataset = args.dataset_path or meta.dataset_path
     context_size = args.context_size or meta.context_size or 128
-    for flag, value in (("--model_name", model_name), ("--hook_name", hook_name), ("--dataset_path", dataset)):
+    for flag, value in (
+        ("--model_name", model_name),
+        ("--hook_name", hook_name),
+        ("--dataset_path", dataset),
+    ):
         if not value:
             raise ValueError(f"the SAE's metadata does not record {flag[2:]}; pass {flag}.")
-    model = _load_eval_model(model_name, meta, args.device)
+    model = load_language_model(
+        model_name,
+        model_class_name=meta.model_class_name or "HookedTransformer",
+        device=args.device,
+        model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs,
+    )
     if args.lm_dtype:
         model.to(getattr(torch, args.lm_dtype))
     tokens = _eval_tokens(model, sae, dataset, context_size, args.n_sequences)
     result = evaluate_sae(
-        sae, model, tokens.split(args.batch_size), hook_name=hook_name,
+        sae,
+        model,
+        tokens.split(args.batch_size),
+        hook_name=hook_name,
         alive_window_tokens=args.alive_window_tokens,
     )
     print(result.format_table())
@@ -165,36 +256,22 @@ def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
     return SAE.from_pretrained(source, sae_id, device=device)
 
 
-def _load_eval_model(model_name: str, meta: Any, device: str) -> Any:
-    from sae_lens.load_model import load_model
-
-    from sae_e2e_plugin import builtin
-
-    if builtin.is_builtin_model(model_name):
-        return builtin.load_builtin_model(model_name, device=device)
-    return load_model(
-        meta.model_class_name or "HookedTransformer",
-        model_name,
-        device=device,
-        model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs or {},
-    )
-
-
 def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) -> Any:
     import torch
     from sae_lens.training.activations_store import ActivationsStore
 
-    from sae_e2e_plugin import builtin
+    from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
 
-    if builtin.is_builtin_dataset(dataset):
-        rows = builtin.load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")
+    if is_builtin_dataset(dataset):
+        rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")
         return torch.tensor(rows["tokens"][:n], dtype=torch.long)
     store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
     return store.get_batch_tokens(n, move_to_model_device=False)
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.sweep import RESULTS_CSV, load_sweep_file, results_markdown, run_sweep
+    from sae_e2e_plugin.analysis.results import RESULTS_CSV, results_markdown
+    from sae_e2e_plugin.runs.sweep import load_sweep_file, run_sweep
 
     spec = load_sweep_file(args.config)
     output = args.output or Path(spec.get("output_dir") or Path("sweeps") / args.config.stem)
@@ -206,7 +283,7 @@ def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _upload(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.hub import upload_sae
+    from sae_e2e_plugin.interop.hub import upload_sae
 
     files = upload_sae(args.folder, args.repo_id, args.sae_id, dry_run=args.dry_run)
     verb = "would upload" if args.dry_run else "uploaded"
@@ -216,40 +293,32 @@ def _upload(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _convert(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.loading import convert_reference_checkpoint
+    from sae_e2e_plugin.interop.reference import convert_reference_checkpoint
 
     for folder in convert_reference_checkpoint(args.src, args.out):
         print(folder)
     return 0
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of config fields."""
-    if not path.exists():
-        raise ValueError(f"--config {path}: no such file.")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}.")
-    return data
-
-
 def parse_field_flags(tokens: Sequence[str]) -> dict[str, Any]:
     """``--a.b value`` / ``--a.b=value`` pairs → nested dict; values parsed as YAML scalars/lists."""
-    fields: dict[str, Any] = {}
+    from sae_e2e_plugin.training.fields import nest_dotted
+
+    flat: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--"):
             raise ValueError(f"unexpected argument {token!r}; flags look like --loss e2e.")
-        name, _, value = token[2:].partition("=")
-        if not _:
+        name, has_value, value = token[2:].partition("=")
+        if not has_value:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
                 raise ValueError(f"flag --{name} needs a value.")
             value = tokens[i + 1]
             i += 1
-        _set_nested(fields, name.replace("-", "_").split("."), parse_value(value))
+        flat[name.replace("-", "_")] = parse_value(value)
         i += 1
-    return fields
+    return nest_dotted(flat)
 
 
 def parse_value(text: str) -> Any:
@@ -260,58 +329,6 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-
-
-def merge_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in flags.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_flags(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def config_from_fields(fields: dict[str, Any]) -> Any:
-    """Build an ``E2ERunnerConfig`` from a nested field dict, with clear errors for unknown keys."""
-    from sae_lens import LoggingConfig
-    from sae_lens.registry import get_sae_training_class
-
-    from sae_e2e_plugin.config import E2ERunnerConfig
-
-    fields = dict(fields)
-    _check_known("", {k: v for k, v in fields.items() if k not in ("sae", "logger")}, E2ERunnerConfig)
-    sae_fields = dict(fields.pop("sae", None) or {})
-    architecture = sae_fields.pop("architecture", "standard")
-    try:
-        sae_cfg_class = get_sae_training_class(architecture)[1]
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"sae.architecture={architecture!r} is not a SAELens training architecture ({error}).") from None
-    _check_known("sae.", sae_fields, sae_cfg_class)
-    if "d_in" not in sae_fields or "d_sae" not in sae_fields:
-        raise ValueError("sae.d_in and sae.d_sae are required, e.g. --sae.d_in 576 --sae.d_sae 9216.")
-    logger_fields = dict(fields.pop("logger", None) or {})
-    _check_known("logger.", logger_fields, LoggingConfig)
-    return E2ERunnerConfig(
-        sae=sae_cfg_class(**sae_fields), logger=LoggingConfig(**logger_fields), **fields
-    )
-
-
-def _check_known(prefix: str, fields: dict[str, Any], cls: type) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    for name in fields:
-        if name not in known:
-            import difflib
-
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean --{prefix}{close[0]}?" if close else ""
-            raise ValueError(f"--{prefix}{name} is not a field of {cls.__name__}{hint}")
-
-
-def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:
-    for key in path[:-1]:
-        target = target.setdefault(key, {})
-    target[path[-1]] = value
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -339,7 +356,7 @@ def _attribute_docstrings(klass: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:]):
+    for node, following in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -352,7 +369,7 @@ def _attribute_docstrings(klass: type) -> dict[str, str]:
 
 
 def _fields_help() -> str:
-    from sae_e2e_plugin.config import E2ERunnerConfig
+    from sae_e2e_plugin.training.config import E2ERunnerConfig
 
     docs = field_docs(E2ERunnerConfig)
     lines = ["config fields (--<field> VALUE; SAE fields as --sae.<field>, e.g. --sae.d_sae 4096):"]

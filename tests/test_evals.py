@@ -25,12 +25,8 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.evals import (
-    DEFAULT_ALIVE_WINDOW_TOKENS,
-    EvalResult,
-    evaluate_sae,
-)
-
+from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
+from sae_e2e_plugin.evaluation.metrics import DEFAULT_ALIVE_WINDOW_TOKENS, EvalResult
 
 HOOK = "blocks.1.hook_resid_pre"
 LATER = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
@@ -41,7 +37,9 @@ N_DEAD = 5
 def random_sae(seed: int = 0, d_sae: int = D_SAE, hook: str = HOOK) -> StandardSAE:
     """A StandardSAE with random non-zero weights; features 0..N_DEAD-1 can never fire."""
     cfg = StandardSAEConfig(
-        d_in=D_MODEL, d_sae=d_sae, apply_b_dec_to_input=False,
+        d_in=D_MODEL,
+        d_sae=d_sae,
+        apply_b_dec_to_input=False,
         metadata=SAEMetadata(hook_name=hook),
     )
     sae = StandardSAE(cfg)
@@ -58,8 +56,11 @@ def random_sae(seed: int = 0, d_sae: int = D_SAE, hook: str = HOOK) -> StandardS
 def perfect_sae(hook: str = HOOK, **cfg: Any) -> StandardSAE:
     """d_sae = 2·d_in, W_enc = [I, −I], W_dec = [I; −I]: relu(x) − relu(−x) = x exactly."""
     sae_cfg = StandardSAEConfig(
-        d_in=D_MODEL, d_sae=2 * D_MODEL, apply_b_dec_to_input=False,
-        metadata=SAEMetadata(hook_name=hook), **cfg,
+        d_in=D_MODEL,
+        d_sae=2 * D_MODEL,
+        apply_b_dec_to_input=False,
+        metadata=SAEMetadata(hook_name=hook),
+        **cfg,
     )
     sae = StandardSAE(sae_cfg)
     eye = torch.eye(D_MODEL)
@@ -106,8 +107,15 @@ def hand_batch(model: HookedTransformer, sae: StandardSAE, toks: torch.Tensor) -
         toks, fwd_hooks=[(HOOK, partial(_set, value=torch.zeros_like(a)))]
     )
     return dict(
-        tokens=toks, a=a, feats=feats, recon=recon, clean=clean, patched=patched,
-        logits_clean=logits_clean, logits_spliced=logits_spliced, logits_ablated=logits_ablated,
+        tokens=toks,
+        a=a,
+        feats=feats,
+        recon=recon,
+        clean=clean,
+        patched=patched,
+        logits_clean=logits_clean,
+        logits_spliced=logits_spliced,
+        logits_ablated=logits_ablated,
     )
 
 
@@ -121,8 +129,10 @@ def ce(logits: torch.Tensor, toks: torch.Tensor) -> float:
 
 def kl(orig: torch.Tensor, new: torch.Tensor) -> float:
     return F.kl_div(
-        F.log_softmax(new.reshape(-1, VOCAB), -1), F.log_softmax(orig.reshape(-1, VOCAB), -1),
-        log_target=True, reduction="batchmean",
+        F.log_softmax(new.reshape(-1, VOCAB), -1),
+        F.log_softmax(orig.reshape(-1, VOCAB), -1),
+        log_target=True,
+        reduction="batchmean",
     ).item()
 
 
@@ -154,20 +164,24 @@ def hand_metrics(parts: list[dict[str, Any]], alive_window: int | None = None) -
         l0=(feats > 0).float().sum(-1).mean().item(),
         alive_features=int((window > 0).any(0).sum()),
         alive_tokens=window.shape[0],
-        explained_variance=torch.cat(
-            [ev_per_token(p["recon"], p["a"]).flatten() for p in parts]
-        ).mean().item(),
+        explained_variance=torch.cat([ev_per_token(p["recon"], p["a"]).flatten() for p in parts])
+        .mean()
+        .item(),
         explained_variance_reference=torch.cat(
             [ev_per_token(p["a"], p["recon"]).flatten() for p in parts]
-        ).mean().item(),
+        )
+        .mean()
+        .item(),
     )
     for name in LATER:
         clean = torch.cat([p["clean"][name] for p in parts])
         patched = torch.cat([p["patched"][name] for p in parts])
         out[f"{name}/mse"] = F.mse_loss(patched, clean).item()
-        out[f"{name}/ev"] = torch.cat(
-            [ev_per_token(p["patched"][name], p["clean"][name]).flatten() for p in parts]
-        ).mean().item()
+        out[f"{name}/ev"] = (
+            torch.cat([ev_per_token(p["patched"][name], p["clean"][name]).flatten() for p in parts])
+            .mean()
+            .item()
+        )
     return out
 
 
@@ -209,8 +223,9 @@ def test_multi_batch_aggregate_equals_concatenated_hand_computation(
     sae = random_sae(seed=3)
     batches = [tokens(5, seed=2), tokens(8, seed=3), tokens(3, seed=4)]
     alive_window = 50  # cuts the second batch in the middle
-    result = evaluate_sae(sae, model, iter(batches), alive_window_tokens=alive_window,
-                          logits_chunk_size=7)
+    result = evaluate_sae(
+        sae, model, iter(batches), alive_window_tokens=alive_window, logits_chunk_size=7
+    )
     expected = hand_metrics([hand_batch(model, sae, b) for b in batches], alive_window)
     assert_matches(result, expected)
     assert result.alive_tokens == alive_window
@@ -249,8 +264,9 @@ def test_perfect_reconstruction(model: HookedTransformer) -> None:
 def test_scores_agree_with_saelens_get_recons_loss(model: HookedTransformer) -> None:
     sae, toks = random_sae(seed=7), tokens()
     ours = evaluate_sae(sae, model, toks)
-    theirs = get_recons_loss(sae, model, ActivationScaler(), toks, compute_kl=True,
-                             compute_ce_loss=True)
+    theirs = get_recons_loss(
+        sae, model, ActivationScaler(), toks, compute_kl=True, compute_ce_loss=True
+    )
     mean = {name: value.mean().item() for name, value in theirs.items()}
     assert ours.ce_loss_clean == pytest.approx(mean["ce_loss_without_sae"], rel=1e-4)
     assert ours.ce_loss_spliced == pytest.approx(mean["ce_loss_with_sae"], rel=1e-4)
@@ -269,15 +285,24 @@ def test_hook_z_sae_reads_heads_flattened(model: HookedTransformer) -> None:
     assert result.downstream == {}
 
     random = random_sae(seed=9, hook=hook)
-    training = StandardTrainingSAE(StandardTrainingSAEConfig(
-        d_in=D_MODEL, d_sae=D_SAE, apply_b_dec_to_input=False,
-        metadata=SAEMetadata(hook_name=hook),
-    ))  # hook_z reshaping is off in training SAEs: they read the flattened layout
+    training = StandardTrainingSAE(
+        StandardTrainingSAEConfig(
+            d_in=D_MODEL,
+            d_sae=D_SAE,
+            apply_b_dec_to_input=False,
+            metadata=SAEMetadata(hook_name=hook),
+        )
+    )  # hook_z reshaping is off in training SAEs: they read the flattened layout
     training.load_state_dict(random.state_dict())
-    hooked = StandardSAE(StandardSAEConfig(
-        d_in=D_MODEL, d_sae=D_SAE, apply_b_dec_to_input=False, reshape_activations="hook_z",
-        metadata=SAEMetadata(hook_name=hook),
-    ))
+    hooked = StandardSAE(
+        StandardSAEConfig(
+            d_in=D_MODEL,
+            d_sae=D_SAE,
+            apply_b_dec_to_input=False,
+            reshape_activations="hook_z",
+            metadata=SAEMetadata(hook_name=hook),
+        )
+    )
     hooked.load_state_dict(random.state_dict())
     flat, heads = evaluate_sae(training, model, toks), evaluate_sae(hooked, model, toks)
     assert flat.ce_loss_spliced == pytest.approx(heads.ce_loss_spliced, rel=1e-5)
@@ -288,8 +313,9 @@ def test_hook_z_sae_reads_heads_flattened(model: HookedTransformer) -> None:
     model.run_with_hooks(toks, fwd_hooks=[(hook, partial(_capture, store=clean))])
     z = clean[hook]
     with torch.no_grad():
-        recon = (torch.relu(z.flatten(2) @ random.W_enc + random.b_enc) @ random.W_dec
-                 + random.b_dec).reshape(z.shape)
+        recon = (
+            torch.relu(z.flatten(2) @ random.W_enc + random.b_enc) @ random.W_dec + random.b_dec
+        ).reshape(z.shape)
         logits = model.run_with_hooks(toks, fwd_hooks=[(hook, partial(_set, value=recon))])
     assert flat.ce_loss_spliced == pytest.approx(ce(logits, toks), rel=1e-4)
 
@@ -327,11 +353,25 @@ def test_to_dict_json_round_trip_and_save(model: HookedTransformer, tmp_path: An
 
 def test_to_dict_maps_non_finite_to_none() -> None:
     result = EvalResult(
-        hook_name=HOOK, n_tokens=8, n_sequences=1, ce_loss_clean=1.0, ce_loss_spliced=1.0,
-        ce_loss_increase=0.0, ce_loss_zero_ablation=1.0, ce_loss_score=math.nan,
-        kl_orig_patched=0.0, kl_orig_ablated=0.0, kl_score=math.nan, l0=1.0, d_sae=2,
-        alive_features=1, alive_fraction=0.5, alive_tokens=8, explained_variance=1.0,
-        explained_variance_reference=1.0, downstream={},
+        hook_name=HOOK,
+        n_tokens=8,
+        n_sequences=1,
+        ce_loss_clean=1.0,
+        ce_loss_spliced=1.0,
+        ce_loss_increase=0.0,
+        ce_loss_zero_ablation=1.0,
+        ce_loss_score=math.nan,
+        kl_orig_patched=0.0,
+        kl_orig_ablated=0.0,
+        kl_score=math.nan,
+        l0=1.0,
+        d_sae=2,
+        alive_features=1,
+        alive_fraction=0.5,
+        alive_tokens=8,
+        explained_variance=1.0,
+        explained_variance_reference=1.0,
+        downstream={},
     )
     flat = result.to_dict()
     assert flat["ce_loss_score"] is None and flat["kl_score"] is None
@@ -341,9 +381,15 @@ def test_to_dict_maps_non_finite_to_none() -> None:
 def test_format_table_contains_key_numbers(model: HookedTransformer) -> None:
     result = evaluate_sae(random_sae(), model, tokens())
     table = result.format_table()
-    for value in (result.ce_loss_increase, result.kl_orig_patched, result.l0,
-                  result.explained_variance, result.ce_loss_score, result.kl_score,
-                  result.downstream[LATER[1]].mse):
+    for value in (
+        result.ce_loss_increase,
+        result.kl_orig_patched,
+        result.l0,
+        result.explained_variance,
+        result.ce_loss_score,
+        result.kl_score,
+        result.downstream[LATER[1]].mse,
+    ):
         assert f"{value:.4f}" in table
     # The reference-formula EV is kept for JSON but not shown (it misleads at a glance).
     assert "reference" not in table
@@ -378,10 +424,14 @@ def test_errors_name_the_problem(model: HookedTransformer) -> None:
         evaluate_sae(no_hook, model, tokens())
     with pytest.raises(ValueError, match="not a hook point"):
         evaluate_sae(sae, model, tokens(), hook_name="blocks.1.hook_resid_prex")
-    scaled = StandardTrainingSAE(StandardTrainingSAEConfig(
-        d_in=D_MODEL, d_sae=D_SAE, normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(hook_name=HOOK),
-    ))
+    scaled = StandardTrainingSAE(
+        StandardTrainingSAEConfig(
+            d_in=D_MODEL,
+            d_sae=D_SAE,
+            normalize_activations="expected_average_only_in",
+            metadata=SAEMetadata(hook_name=HOOK),
+        )
+    )
     with pytest.raises(ValueError, match="activation_scaler"):
         evaluate_sae(scaled, model, tokens())
 

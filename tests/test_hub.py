@@ -15,14 +15,16 @@ from test_loading import _fake_hub_cache
 
 from sae_e2e_plugin import E2ESAETrainingRunner
 from sae_e2e_plugin.cli import main
-from sae_e2e_plugin.hub import upload_sae
+from sae_e2e_plugin.interop.hub import upload_sae
 
 HOOK = "blocks.1.hook_resid_pre"
 
 
 def exported_sae(tmp_path: Path, **sae_overrides: Any) -> Path:
     """A SAELens inference folder for the tiny model's hook (random weights)."""
-    fields: dict[str, Any] = dict(d_in=D_MODEL, d_sae=64, metadata=sae_lens.saes.sae.SAEMetadata(hook_name=HOOK))
+    fields: dict[str, Any] = dict(
+        d_in=D_MODEL, d_sae=64, metadata=sae_lens.saes.sae.SAEMetadata(hook_name=HOOK)
+    )
     fields.update(sae_overrides)
     sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(**fields))
     with torch.no_grad():
@@ -55,7 +57,9 @@ def test_fine_tunes_a_local_sae_lens_folder(tmp_path: Path) -> None:
     assert meta["pretrained_from"] == str(folder) and meta["e2e_objective"]["loss"] == "e2e"
 
 
-def test_fine_tunes_a_sae_lens_repo_from_an_offline_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fine_tunes_a_sae_lens_repo_from_an_offline_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = exported_sae(tmp_path)
     files = {f"layer1/{p.name}": p for p in folder.iterdir()}
     _fake_hub_cache(tmp_path / "hub", "someone/tiny-saes", files)
@@ -75,8 +79,11 @@ def test_fine_tunes_a_reference_format_run(tmp_path: Path) -> None:
     _write_reference_run(run)  # positions blocks.0.hook_resid_pre and blocks.1.hook_resid_post
     sae_cfg = sae_lens.StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=64, apply_b_dec_to_input=False)
     runner = runner_from(
-        tmp_path, sae_cfg=sae_cfg, hook_name="blocks.0.hook_resid_pre",
-        pretrained_sae=str(run), pretrained_sae_id="blocks.0.hook_resid_pre",
+        tmp_path,
+        sae_cfg=sae_cfg,
+        hook_name="blocks.0.hook_resid_pre",
+        pretrained_sae=str(run),
+        pretrained_sae_id="blocks.0.hook_resid_pre",
     )
     # The decoder rows arrive unit-normalised, as the reference's forward uses them.
     torch.testing.assert_close(runner.sae.W_dec.norm(dim=-1), torch.ones(64))
@@ -87,11 +94,21 @@ def test_fine_tunes_a_reference_format_run(tmp_path: Path) -> None:
     ("sae_overrides", "run_overrides", "message"),
     [
         ({"d_sae": 32}, {}, r"has sae.d_sae=32 but the run has 64: set sae.d_sae=32"),
-        ({"apply_b_dec_to_input": False}, {}, r"sae.apply_b_dec_to_input=False but the run has True"),
-        ({}, {"hook_name": "blocks.2.hook_resid_pre"}, r"hook_name='blocks.1.hook_resid_pre' but the run has 'blocks.2.hook_resid_pre'"),
+        (
+            {"apply_b_dec_to_input": False},
+            {},
+            r"sae.apply_b_dec_to_input=False but the run has True",
+        ),
+        (
+            {},
+            {"hook_name": "blocks.2.hook_resid_pre"},
+            r"hook_name='blocks.1.hook_resid_pre' but the run has 'blocks.2.hook_resid_pre'",
+        ),
     ],
 )
-def test_mismatched_pretrained_sae_is_refused(tmp_path: Path, sae_overrides: dict[str, Any], run_overrides: dict[str, Any], message: str) -> None:
+def test_mismatched_pretrained_sae_is_refused(
+    tmp_path: Path, sae_overrides: dict[str, Any], run_overrides: dict[str, Any], message: str
+) -> None:
     folder = exported_sae(tmp_path, **sae_overrides)
     with pytest.raises(ValueError, match=message):
         runner_from(tmp_path, pretrained_sae=str(folder), **run_overrides)
@@ -104,7 +121,9 @@ def test_a_release_needs_an_id(tmp_path: Path) -> None:
         make_cfg(tmp_path, pretrained_sae_id="x")
 
 
-def test_upload_dry_run_writes_exactly_what_would_be_uploaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_upload_dry_run_writes_exactly_what_would_be_uploaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     runner = runner_from(tmp_path)
     runner.run()
     out = Path(runner.cfg.output_path or "")
@@ -112,9 +131,20 @@ def test_upload_dry_run_writes_exactly_what_would_be_uploaded(tmp_path: Path, ca
     assert main(["upload", str(out), "me/tiny-e2e", "--sae-id", HOOK, "--dry-run", str(dry)]) == 0
     written = sorted(p.relative_to(dry).as_posix() for p in dry.rglob("*") if p.is_file())
     assert written == sorted(
-        ["README.md"] + [f"{HOOK}/{n}" for n in ("cfg.json", "runner_cfg.json", "sae_weights.safetensors", "sparsity.safetensors")]
+        ["README.md"]
+        + [
+            f"{HOOK}/{n}"
+            for n in (
+                "cfg.json",
+                "runner_cfg.json",
+                "sae_weights.safetensors",
+                "sparsity.safetensors",
+            )
+        ]
     )
-    assert (dry / HOOK / "sae_weights.safetensors").read_bytes() == (out / "sae_weights.safetensors").read_bytes()
+    assert (dry / HOOK / "sae_weights.safetensors").read_bytes() == (
+        out / "sae_weights.safetensors"
+    ).read_bytes()
     assert 'SAE.from_pretrained("me/tiny-e2e", "<sae_id>")' in (dry / "README.md").read_text()
     assert "would upload" in capsys.readouterr().out
     loaded = sae_lens.SAE.load_from_disk(str(dry / HOOK))

@@ -17,12 +17,12 @@ import yaml
 from sae_lens import SAE
 from torch import nn
 
-from sae_e2e_plugin.loading import (
+from sae_e2e_plugin.interop.reference import (
     REFERENCE_WEIGHT_PROCESSING,
     convert_reference_checkpoint,
     reference_format_disk_loader,
-    reference_format_loader,
 )
+from sae_e2e_plugin.interop.reference_hub import reference_format_loader
 
 # Every converted SAE carries model_from_pretrained_kwargs, about which SAELens warns on load.
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*model_from_pretrained_kwargs:UserWarning")
@@ -104,7 +104,7 @@ def test_convert_reproduces_reference_forward(run_dir, tmp_path):
     src, runs = run_dir
     folders = convert_reference_checkpoint(src, tmp_path / "out")
     assert folders == [tmp_path / "out" / pos for pos in POSITIONS]
-    for folder, pos in zip(folders, POSITIONS):
+    for folder, pos in zip(folders, POSITIONS, strict=True):
         sae = SAE.load_from_disk(folder)
         # largest N numerically: 10000, although "samples_900" sorts after it as text
         _assert_matches_reference(sae, runs[10000][pos.replace(".", "-")])

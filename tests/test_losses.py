@@ -7,7 +7,7 @@ import torch
 from beartype.roar import BeartypeCallHintParamViolation
 from jaxtyping import TypeCheckError
 
-from sae_e2e_plugin.losses import (
+from sae_e2e_plugin.core.losses import (
     chunked_kl_orig_to_patched,
     downstream_loss,
     kl_orig_to_patched,
@@ -97,7 +97,9 @@ def test_written_out_logit_gradient_equals_autograd_of_the_hand_formula(dtype: t
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # the gradient is rounded to bf16
     torch.testing.assert_close(grad.double(), leaf.grad, rtol=tolerance, atol=tolerance * 1e-2)
     # The inputs are left as they were (the float32 work is done in fresh buffers).
-    torch.testing.assert_close(orig, (torch.randn(9, 31, generator=gen.manual_seed(2)) * 4).to(dtype))
+    torch.testing.assert_close(
+        orig, (torch.randn(9, 31, generator=gen.manual_seed(2)) * 4).to(dtype)
+    )
 
 
 def test_written_out_logit_gradient_checks_its_shapes() -> None:
@@ -112,9 +114,12 @@ def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
     orig = torch.randn(23, 6, generator=gen)
     results = []
     for compiled in (False, True):
-        patched = torch.randn(23, 6, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
-        kl = chunked_kl_orig_to_patched(orig, patched, lambda r: r @ head_weight, chunk_size=10,
-                                        compile_kernel=compiled)
+        patched = torch.randn(23, 6, generator=torch.Generator().manual_seed(6)).requires_grad_(
+            True
+        )
+        kl = chunked_kl_orig_to_patched(
+            orig, patched, lambda r: r @ head_weight, chunk_size=10, compile_kernel=compiled
+        )
         kl.backward()
         results.append((kl.detach(), patched.grad))
     (eager_kl, eager_grad), (compiled_kl, compiled_grad) = results
@@ -124,19 +129,26 @@ def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
 
 
 def test_a_failed_compile_names_the_setting_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sae_e2e_plugin import losses
+    from sae_e2e_plugin.core import losses
 
     def fake_compile(fn: object, **kwargs: object) -> object:
         def fail(*args: object) -> None:
-            raise torch._dynamo.exc.BackendCompilerFailed(fake_compile, RuntimeError("no g++ found"), None)
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                fake_compile, RuntimeError("no g++ found"), None
+            )
+
         return fail
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     losses._compiled_kernel.cache_clear()
     try:
         x = torch.randn(4, 3, requires_grad=True)
-        with pytest.raises(RuntimeError, match=r"compile_kl=True.*C\+\+ compiler.*compile_kl=False"):
-            chunked_kl_orig_to_patched(x.detach(), x, lambda r: r, chunk_size=2, compile_kernel=True)
+        with pytest.raises(
+            RuntimeError, match=r"compile_kl=True.*C\+\+ compiler.*compile_kl=False"
+        ):
+            chunked_kl_orig_to_patched(
+                x.detach(), x, lambda r: r, chunk_size=2, compile_kernel=True
+            )
     finally:
         losses._compiled_kernel.cache_clear()
 

@@ -7,8 +7,8 @@ import torch
 from conftest import D_MODEL, VOCAB, tiny_model
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.losses import kl_orig_to_patched
-from sae_e2e_plugin.splice import (
+from sae_e2e_plugin.core.losses import kl_orig_to_patched
+from sae_e2e_plugin.core.splice import (
     logits_from_final_resid,
     plan_splice,
     run_clean,
@@ -110,7 +110,9 @@ def test_default_downstream_hooks_are_every_later_resid_post(model: HookedTransf
 
 
 def test_unknown_hook_suggests_close_names(model: HookedTransformer) -> None:
-    with pytest.raises(ValueError, match=r"hook_name='blocks\.1\.hook_resid_per'.*blocks\.1\.hook_resid_pre"):
+    with pytest.raises(
+        ValueError, match=r"hook_name='blocks\.1\.hook_resid_per'.*blocks\.1\.hook_resid_pre"
+    ):
         plan_splice(model, "blocks.1.hook_resid_per", None)
 
 
@@ -143,8 +145,14 @@ def test_rotary_model_with_shared_prefix_matches_full_rerun() -> None:
 
 @pytest.mark.parametrize(
     "hook_name",
-    ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid",
-     "blocks.1.attn.hook_z", "blocks.2.hook_resid_post", "hook_embed"],
+    [
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.attn.hook_z",
+        "blocks.2.hook_resid_post",
+        "hook_embed",
+    ],
 )
 @pytest.mark.parametrize("positional", ["standard", "rotary"])
 def test_checkpointed_blocks_give_the_same_outputs_and_gradient(
@@ -162,8 +170,10 @@ def test_checkpointed_blocks_give_the_same_outputs_and_gradient(
         patched = run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpointed)
         logits = logits_from_final_resid(model, patched.final_resid)
         loss = kl_orig_to_patched(logits_from_final_resid(model, clean.final_resid), logits)
-        loss = loss + sum(((patched.downstream[n] - clean.downstream[n]) ** 2).mean()
-                          for n in plan.downstream_hooks)
+        loss = loss + sum(
+            ((patched.downstream[n] - clean.downstream[n]) ** 2).mean()
+            for n in plan.downstream_hooks
+        )
         loss.backward()
         results.append((loss.detach(), patched.downstream, replacement.grad))
     (plain_loss, plain_down, plain_grad), (ckpt_loss, ckpt_down, ckpt_grad) = results
@@ -184,7 +194,7 @@ def test_checkpointing_keeps_fewer_tensors_for_backward() -> None:
     for checkpointed in (False, True):
         count = [0]
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, count: list[int] = count) -> torch.Tensor:
             count[0] += t.numel()
             return t
 

@@ -9,20 +9,28 @@ from typing import Any
 import pytest
 from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
 
-from sae_e2e_plugin.runner import E2ESAETrainingRunner
-from sae_e2e_plugin.sweep import (
+from sae_e2e_plugin.analysis.results import training_l0_summary
+from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+from sae_e2e_plugin.runs.sweep import (
     expand_grid,
     latest_checkpoint,
     load_sweep_file,
     run_sweep,
-    training_l0_summary,
 )
 
 BASE: dict[str, Any] = {
-    "model_name": "tiny", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "unused",
-    "context_size": CONTEXT, "prepend_bos": False, "train_batch_size_tokens": 4 * CONTEXT,
-    "training_tokens": 4 * 4 * CONTEXT, "store_batch_size_prompts": 4, "n_batches_in_buffer": 4,
-    "n_eval_batches": 2, "lr": 3e-3, "verbose": False,
+    "model_name": "tiny",
+    "hook_name": "blocks.1.hook_resid_pre",
+    "dataset_path": "unused",
+    "context_size": CONTEXT,
+    "prepend_bos": False,
+    "train_batch_size_tokens": 4 * CONTEXT,
+    "training_tokens": 4 * 4 * CONTEXT,
+    "store_batch_size_prompts": 4,
+    "n_batches_in_buffer": 4,
+    "n_eval_batches": 2,
+    "lr": 3e-3,
+    "verbose": False,
     "sae": {"architecture": "standard", "d_in": D_MODEL, "d_sae": 32},
     "logger": {"log_to_wandb": False},
 }
@@ -40,14 +48,18 @@ class Factory:
         self.calls.append(cfg)
         if len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt("simulated interruption")
-        return E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
+        return E2ESAETrainingRunner(
+            cfg, override_model=tiny_model(), override_dataset=token_dataset()
+        )
 
 
 def test_grid_expands_every_combination_with_readable_ids() -> None:
     runs = expand_grid(SPEC["grid"])
     assert [r.run_id for r in runs] == [
-        "loss=local__l1_coefficient=0.001", "loss=local__l1_coefficient=0.01",
-        "loss=e2e__l1_coefficient=0.001", "loss=e2e__l1_coefficient=0.01",
+        "loss=local__l1_coefficient=0.001",
+        "loss=local__l1_coefficient=0.01",
+        "loss=e2e__l1_coefficient=0.001",
+        "loss=e2e__l1_coefficient=0.01",
     ]
     assert runs[3].overrides == {"loss": "e2e", "sae.l1_coefficient": 0.01}
 
@@ -62,13 +74,19 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
     again = Factory()
     rows = run_sweep(SPEC, tmp_path, make_runner=again)
     assert [Path(c.output_path).name for c in again.calls] == [
-        "loss=e2e__l1_coefficient=0.001", "loss=e2e__l1_coefficient=0.01",
+        "loss=e2e__l1_coefficient=0.001",
+        "loss=e2e__l1_coefficient=0.01",
     ]
     assert len(rows) == 4 and {r["loss"] for r in rows} == {"local", "e2e"}
     assert all(r["l0"] is not None and r["ce_loss_increase"] is not None for r in rows)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == rows
-    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("run_id,loss,sae.l1_coefficient,l0")
+    assert (
+        (tmp_path / "results.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("run_id,loss,sae.l1_coefficient,l0")
+    )
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[0].startswith("| loss | l1_coefficient | L0 | alive | CE increase |")
     assert len(table) == 2 + 4
@@ -76,8 +94,13 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
     assert f"| e2e | {first_e2e['sae.l1_coefficient']} | {first_e2e['l0']:.1f} |" in table[2]
     for row in rows:  # 4 steps per run: too few tenths to judge settling
         assert row["l0_train_end"] is None and row["l0_train_drift"] is None
-    for name in ("pareto_l0.png", "pareto_alive.png", "cosine_within.png", "cosine_across.png",
-                 "training_l0.png"):
+    for name in (
+        "pareto_l0.png",
+        "pareto_alive.png",
+        "cosine_within.png",
+        "cosine_across.png",
+        "training_l0.png",
+    ):
         assert (tmp_path / name).stat().st_size > 1000, name
 
 
@@ -97,8 +120,8 @@ def test_an_unfinished_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> N
 
 
 def _cfg_for(spec: dict[str, Any], run_dir: Path, **extra: Any) -> Any:
-    from sae_e2e_plugin.cli import config_from_fields
-    from sae_e2e_plugin.sweep import _run_fields, expand_grid
+    from sae_e2e_plugin.runs.sweep import _run_fields, expand_grid
+    from sae_e2e_plugin.training.fields import config_from_fields
 
     fields = _run_fields(spec["base"], expand_grid(spec["grid"])[0], run_dir)
     return config_from_fields({**fields, **extra})
@@ -115,13 +138,17 @@ def test_bad_sweep_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_list_of_grids_joins_their_products_without_duplicates() -> None:
-    runs = expand_grid([
-        {"loss": ["local"], "sae.l1_coefficient": [1.0, 2.0]},
-        {"loss": ["e2e", "local"], "sae.l1_coefficient": [0.1, 1.0]},
-    ])
+    runs = expand_grid(
+        [
+            {"loss": ["local"], "sae.l1_coefficient": [1.0, 2.0]},
+            {"loss": ["e2e", "local"], "sae.l1_coefficient": [0.1, 1.0]},
+        ]
+    )
     assert [r.run_id for r in runs] == [
-        "loss=local__l1_coefficient=1.0", "loss=local__l1_coefficient=2.0",
-        "loss=e2e__l1_coefficient=0.1", "loss=e2e__l1_coefficient=1.0",
+        "loss=local__l1_coefficient=1.0",
+        "loss=local__l1_coefficient=2.0",
+        "loss=e2e__l1_coefficient=0.1",
+        "loss=e2e__l1_coefficient=1.0",
         "loss=local__l1_coefficient=0.1",
     ]
 
@@ -129,21 +156,34 @@ def test_a_list_of_grids_joins_their_products_without_duplicates() -> None:
 def test_training_l0_summary_compares_the_last_two_tenths(tmp_path: Path) -> None:
     log = tmp_path / "training_log.jsonl"
     l0 = [100.0 - k for k in range(20)] + [50.0, 52.0]  # 22 steps: tenths of 2 steps
-    log.write_text("".join(json.dumps({"step": k + 1, "tokens": 8 * (k + 1), "l0": v}) + "\n"
-                           for k, v in enumerate(l0)))
+    log.write_text(
+        "".join(
+            json.dumps({"step": k + 1, "tokens": 8 * (k + 1), "l0": v}) + "\n"
+            for k, v in enumerate(l0)
+        )
+    )
     summary = training_l0_summary(log)
     assert summary["l0_train_end"] == pytest.approx(51.0)
     assert summary["l0_train_drift"] == pytest.approx((51.0 - 81.5) / 81.5)
-    assert training_l0_summary(tmp_path / "missing.jsonl") == {"l0_train_end": None, "l0_train_drift": None}
+    assert training_l0_summary(tmp_path / "missing.jsonl") == {
+        "l0_train_end": None,
+        "l0_train_drift": None,
+    }
 
 
 def test_grids_setting_different_fields_share_one_table(tmp_path: Path) -> None:
-    spec = {"base": {**BASE, "loss": "e2e_downstream"},
-            "grid": [{"sae.l1_coefficient": [1e-3]},
-                     {"downstream_coefficient": [0.5], "sae.l1_coefficient": [1e-3]}]}
+    spec = {
+        "base": {**BASE, "loss": "e2e_downstream"},
+        "grid": [
+            {"sae.l1_coefficient": [1e-3]},
+            {"downstream_coefficient": [0.5], "sae.l1_coefficient": [1e-3]},
+        ],
+    }
     rows = run_sweep(spec, tmp_path, make_runner=Factory(), plots=False)
     assert [r["run_id"] for r in rows] == [
-        "l1_coefficient=0.001", "downstream_coefficient=0.5__l1_coefficient=0.001"]
+        "l1_coefficient=0.001",
+        "downstream_coefficient=0.5__l1_coefficient=0.001",
+    ]
     header, first, second = (tmp_path / "results.csv").read_text().splitlines()
     assert header.startswith("run_id,sae.l1_coefficient,") and ",downstream_coefficient" in header
     column = header.split(",").index("downstream_coefficient")
@@ -154,9 +194,15 @@ def test_grids_setting_different_fields_share_one_table(tmp_path: Path) -> None:
 
 
 def test_runs_with_other_grid_values_are_their_own_plot_series() -> None:
-    from sae_e2e_plugin.plots import series_label
+    from sae_e2e_plugin.analysis.plots import series_label
 
-    row = {"run_id": "x", "loss": "local", "sae.l1_coefficient": 30.0, "l0": 5.0,
-           "l0_train_end": 5.0, "l0_train_drift": 0.0}
+    row = {
+        "run_id": "x",
+        "loss": "local",
+        "sae.l1_coefficient": 30.0,
+        "l0": 5.0,
+        "l0_train_end": 5.0,
+        "l0_train_drift": 0.0,
+    }
     assert series_label(row) == "local"
     assert series_label({**row, "training_tokens": 409600}) == "local (training_tokens=409600)"

@@ -25,8 +25,8 @@ from sae_e2e_plugin import (
     ObjectiveOutput,
     register_objective,
 )
-from sae_e2e_plugin.losses import kl_orig_to_patched, mse_mean
-from sae_e2e_plugin.splice import (
+from sae_e2e_plugin.core.losses import kl_orig_to_patched, mse_mean
+from sae_e2e_plugin.core.splice import (
     logits_from_final_resid,
     plan_splice,
     run_clean,
@@ -35,7 +35,12 @@ from sae_e2e_plugin.splice import (
 )
 
 
-def runner_for(tmp_path: Path, dataset: Dataset | None = None, model: HookedTransformer | None = None, **overrides: Any) -> E2ESAETrainingRunner:
+def runner_for(
+    tmp_path: Path,
+    dataset: Dataset | None = None,
+    model: HookedTransformer | None = None,
+    **overrides: Any,
+) -> E2ESAETrainingRunner:
     cfg = make_cfg(tmp_path, **overrides)
     return E2ESAETrainingRunner(
         cfg, override_model=model or tiny_model(), override_dataset=dataset or token_dataset()
@@ -122,7 +127,9 @@ def test_local_loss_trains_through_the_same_trainer(tmp_path: Path) -> None:
 
 
 ARCHITECTURES: dict[str, Any] = {
-    "standard": lambda: sae_lens.StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=32, l1_coefficient=1e-3),
+    "standard": lambda: sae_lens.StandardTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=32, l1_coefficient=1e-3
+    ),
     "topk": lambda: sae_lens.TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=4),
     "batchtopk": lambda: sae_lens.BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=4),
     "jumprelu": lambda: sae_lens.JumpReLUTrainingSAEConfig(d_in=D_MODEL, d_sae=32),
@@ -134,8 +141,12 @@ ARCHITECTURES: dict[str, Any] = {
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
-def test_every_training_architecture_trains_e2e_and_exports(tmp_path: Path, architecture: str) -> None:
-    runner = runner_for(tmp_path, sae_cfg=ARCHITECTURES[architecture](), training_tokens=3 * 4 * CONTEXT)
+def test_every_training_architecture_trains_e2e_and_exports(
+    tmp_path: Path, architecture: str
+) -> None:
+    runner = runner_for(
+        tmp_path, sae_cfg=ARCHITECTURES[architecture](), training_tokens=3 * 4 * CONTEXT
+    )
     sae = runner.run()
     assert sae.cfg.architecture() == architecture
     out = Path(runner.cfg.output_path or "")
@@ -171,8 +182,17 @@ def test_plain_sae_lens_loads_the_export_and_reproduces_it(tmp_path: Path) -> No
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
     result = subprocess.run(
-        [sys.executable, str(script), runner.cfg.output_path, str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors")],
-        capture_output=True, text=True, cwd=tmp_path, check=False,
+        [
+            sys.executable,
+            str(script),
+            runner.cfg.output_path,
+            str(tmp_path / "x.safetensors"),
+            str(tmp_path / "y.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-3:] == ["StandardSAE", "standard", "e2e"]
@@ -189,15 +209,20 @@ def test_plain_sae_lens_loads_the_export_and_reproduces_it(tmp_path: Path) -> No
 def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path) -> None:
     dataset = token_dataset(n_rows=64, seed=5)
     common: dict[str, Any] = dict(
-        training_tokens=8 * 4 * CONTEXT, n_checkpoints=1, lr_scheduler_name="cosineannealing",
-        lr_decay_steps=8, loss="e2e_downstream",
+        training_tokens=8 * 4 * CONTEXT,
+        n_checkpoints=1,
+        lr_scheduler_name="cosineannealing",
+        lr_decay_steps=8,
+        loss="e2e_downstream",
     )
     full = runner_for(tmp_path / "a", dataset=dataset, **common)
     full.run()
     assert full.trainer is not None and full.cfg.checkpoint_path is not None
     (checkpoint,) = [p for p in Path(full.cfg.checkpoint_path).iterdir() if p.is_dir()]
 
-    resumed = runner_for(tmp_path / "b", dataset=dataset, resume_from_checkpoint=str(checkpoint), **common)
+    resumed = runner_for(
+        tmp_path / "b", dataset=dataset, resume_from_checkpoint=str(checkpoint), **common
+    )
     # The interrupted run's log went on past its checkpoint: those rows are redone, not doubled.
     log_a = Path(full.cfg.output_path or "") / "training_log.jsonl"
     log_b = Path(resumed.cfg.output_path or "") / "training_log.jsonl"
@@ -207,8 +232,12 @@ def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path
     seen: dict[str, Any] = {}
 
     def spy_fit(trainer: Any) -> Any:
-        seen.update(steps=trainer.n_training_steps, samples=trainer.n_training_samples,
-                    lr=trainer.optimizer.param_groups[0]["lr"], sequences=trainer.n_sequences_consumed)
+        seen.update(
+            steps=trainer.n_training_steps,
+            samples=trainer.n_training_samples,
+            lr=trainer.optimizer.param_groups[0]["lr"],
+            sequences=trainer.n_sequences_consumed,
+        )
         return original_fit(trainer)
 
     type(full.trainer).fit = spy_fit  # type: ignore[method-assign]
@@ -223,12 +252,14 @@ def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path
     assert 0 < seen["lr"] < full.cfg.lr
     assert resumed.trainer is not None
     assert resumed.trainer.n_training_steps == full.trainer.n_training_steps == 8
-    for (name, a), (_, b) in zip(full.sae.state_dict().items(), resumed.sae.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        full.sae.state_dict().items(), resumed.sae.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     rows_a = [json.loads(line) for line in log_a.read_text().splitlines()]
     rows_b = [json.loads(line) for line in log_b.read_text().splitlines()]
     assert [r["step"] for r in rows_b] == list(range(1, 9))
-    for a, b in zip(rows_a, rows_b):
+    for a, b in zip(rows_a, rows_b, strict=True):
         assert b.keys() == a.keys()
         assert b == pytest.approx(a, rel=1e-4)
 
@@ -242,12 +273,12 @@ def test_training_log_has_one_row_per_step_with_the_terms_and_batch_l0(tmp_path:
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["step"], r["tokens"]) for r in rows] == [(k, k * 4 * CONTEXT) for k in (1, 2, 3)]
     for row in rows:
-        terms = [v for k, v in row.items() if k not in ("step", "tokens", "loss", "l0")]
+        terms = [v for k, v in row.items() if k not in ("step", "tokens", "total_loss", "l0")]
         assert set(row) >= {"kl_loss", "l1_loss"}
-        assert row["loss"] == pytest.approx(sum(terms), rel=1e-5)
+        assert row["total_loss"] == pytest.approx(sum(terms), rel=1e-5)
         assert 0 < row["l0"] <= runner.sae.cfg.d_sae
     assert runner.trainer is not None
-    assert rows[-1]["loss"] == pytest.approx(runner.trainer.last_losses["loss"])
+    assert rows[-1]["total_loss"] == pytest.approx(runner.trainer.last_losses["total_loss"])
 
 
 _nan_calls = itertools.count()
@@ -276,17 +307,23 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path: Path) -
     assert [p.name for p in output.iterdir()] == ["training_log.jsonl"]
     rows = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(math.isfinite(r["total_loss"]) for r in rows)
 
 
 def test_expected_average_normalisation_is_undone_before_the_splice(tmp_path: Path) -> None:
     dataset = fixed_batch_dataset()
     tokens = torch.tensor(dataset["tokens"])
     sae_cfg = sae_lens.StandardTrainingSAEConfig(
-        d_in=D_MODEL, d_sae=64, l1_coefficient=1e-3, normalize_activations="expected_average_only_in"
+        d_in=D_MODEL,
+        d_sae=64,
+        l1_coefficient=1e-3,
+        normalize_activations="expected_average_only_in",
     )
     runner = runner_for(
-        tmp_path, dataset=dataset, sae_cfg=sae_cfg, training_tokens=30 * 4 * CONTEXT,
+        tmp_path,
+        dataset=dataset,
+        sae_cfg=sae_cfg,
+        training_tokens=30 * 4 * CONTEXT,
         n_batches_for_norm_estimate=2,
     )
     before = objective_terms(runner, tokens)
@@ -305,7 +342,9 @@ def test_expected_average_normalisation_is_undone_before_the_splice(tmp_path: Pa
 def test_bf16_model_trains_a_float32_sae(tmp_path: Path) -> None:
     dataset = fixed_batch_dataset()
     tokens = torch.tensor(dataset["tokens"])
-    runner = runner_for(tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, lm_dtype="bfloat16")
+    runner = runner_for(
+        tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, lm_dtype="bfloat16"
+    )
     assert runner.model.W_U.dtype == torch.bfloat16
     before = objective_terms(runner, tokens)
     runner.run()
@@ -316,17 +355,26 @@ def test_bf16_model_trains_a_float32_sae(tmp_path: Path) -> None:
 def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None:
     from sae_lens.saes.sae import TrainStepOutput
 
-    from sae_e2e_plugin.objectives import ObjectiveOutput
+    from sae_e2e_plugin.training.objectives import ObjectiveOutput
 
     runner = runner_for(tmp_path)
     trainer = E2ESAETrainer(
-        cfg=runner.cfg.to_sae_trainer_config(), sae=runner.sae, data_provider=iter(()),
-        model=runner.model, plan=runner.plan, e2e_cfg=runner.cfg,
+        cfg=runner.cfg.to_sae_trainer_config(),
+        sae=runner.sae,
+        data_provider=iter(()),
+        model=runner.model,
+        plan=runner.plan,
+        e2e_cfg=runner.cfg,
+        objective=runner.objective,
     )
     mse, l1, kl = torch.tensor(3.0e6), torch.tensor(0.1234), torch.tensor(0.5678)
     output = TrainStepOutput(
-        sae_in=torch.zeros(1), sae_out=torch.zeros(1), feature_acts=torch.zeros(1, 1),
-        hidden_pre=torch.zeros(1), loss=mse + l1, losses={"mse_loss": mse, "l1_loss": l1},
+        sae_in=torch.zeros(1),
+        sae_out=torch.zeros(1),
+        feature_acts=torch.zeros(1, 1),
+        hidden_pre=torch.zeros(1),
+        loss=mse + l1,
+        losses={"mse_loss": mse, "l1_loss": l1},
     )
     combined = trainer._combine(output, ObjectiveOutput(losses={"kl_loss": kl}, metrics={}))
     assert combined.loss.item() == pytest.approx(0.1234 + 0.5678, rel=1e-6)
@@ -350,22 +398,35 @@ register_objective("test_sigint_during_third_step", _sigint_during_third_step, n
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
-    from sae_e2e_plugin.trainer import TrainingInterrupted
+    from sae_e2e_plugin.training.trainer import TrainingInterrupted
 
     dataset = token_dataset(n_rows=64, seed=11)
     common: dict[str, Any] = dict(training_tokens=6 * 4 * CONTEXT, n_eval_batches=0)
-    interrupted = runner_for(tmp_path / "a", dataset=dataset, loss="test_sigint_during_third_step", **common)
+    interrupted = runner_for(
+        tmp_path / "a", dataset=dataset, loss="test_sigint_during_third_step", **common
+    )
     with pytest.raises(TrainingInterrupted):
         interrupted.run()
     assert interrupted.cfg.checkpoint_path is not None
     (checkpoint,) = [p for p in Path(interrupted.cfg.checkpoint_path).iterdir() if p.is_dir()]
-    assert int(checkpoint.name) == 3 * 4 * CONTEXT  # the third step completed, the fourth never began
+    assert (
+        int(checkpoint.name) == 3 * 4 * CONTEXT
+    )  # the third step completed, the fourth never began
 
-    resumed = runner_for(tmp_path / "b", dataset=dataset, loss="test_sigint_during_third_step",
-                         resume_from_checkpoint=str(checkpoint), **common)
+    resumed = runner_for(
+        tmp_path / "b",
+        dataset=dataset,
+        loss="test_sigint_during_third_step",
+        resume_from_checkpoint=str(checkpoint),
+        **common,
+    )
     resumed.run()
     # The call counter is past 2 now, so this run is not interrupted.
-    uninterrupted = runner_for(tmp_path / "c", dataset=dataset, loss="test_sigint_during_third_step", **common)
+    uninterrupted = runner_for(
+        tmp_path / "c", dataset=dataset, loss="test_sigint_during_third_step", **common
+    )
     uninterrupted.run()
-    for (name, a), (_, b) in zip(uninterrupted.sae.state_dict().items(), resumed.sae.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        uninterrupted.sae.state_dict().items(), resumed.sae.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

@@ -50,14 +50,16 @@ def load_pretrained_sae(
 def _load_inference_sae(source: str, sae_id: str | None, device: str) -> SAE[Any]:
     path = Path(source)
     if path.is_dir() and (path / "final_config.yaml").exists():
-        from sae_e2e_plugin.loading import reference_format_disk_loader
+        from sae_e2e_plugin.interop.reference import reference_format_disk_loader
 
         if sae_id is None:
             raise ValueError(
                 f"pretrained_sae={source!r} is a reference-format run; set pretrained_sae_id "
                 "to the SAE position, e.g. 'blocks.6.hook_resid_pre'."
             )
-        return SAE.load_from_disk(str(path / sae_id), device=device, converter=reference_format_disk_loader)
+        return SAE.load_from_disk(
+            str(path / sae_id), device=device, converter=reference_format_disk_loader
+        )
     if path.is_dir():
         return SAE.load_from_disk(str(path), device=device)
     if sae_id is None:
@@ -68,15 +70,25 @@ def _load_inference_sae(source: str, sae_id: str | None, device: str) -> SAE[Any
     return SAE.from_pretrained(source, sae_id, device=device)
 
 
-def _check_compatible(pretrained: SAE[Any], cfg: TrainingSAEConfig, hook_name: str, source: str) -> None:
+def _check_compatible(
+    pretrained: SAE[Any], cfg: TrainingSAEConfig, hook_name: str, source: str
+) -> None:
     expected_architecture = cfg.get_inference_config_class().architecture()
     checks = [
-        ("sae.architecture", pretrained.cfg.architecture(), expected_architecture,
-         f"set sae.architecture to the training architecture of a {pretrained.cfg.architecture()!r} SAE"),
+        (
+            "sae.architecture",
+            pretrained.cfg.architecture(),
+            expected_architecture,
+            f"set sae.architecture to the training architecture of a {pretrained.cfg.architecture()!r} SAE",
+        ),
         ("sae.d_in", pretrained.cfg.d_in, cfg.d_in, f"set sae.d_in={pretrained.cfg.d_in}"),
         ("sae.d_sae", pretrained.cfg.d_sae, cfg.d_sae, f"set sae.d_sae={pretrained.cfg.d_sae}"),
-        ("sae.apply_b_dec_to_input", pretrained.cfg.apply_b_dec_to_input, cfg.apply_b_dec_to_input,
-         f"set sae.apply_b_dec_to_input={pretrained.cfg.apply_b_dec_to_input} (it changes the encoder)"),
+        (
+            "sae.apply_b_dec_to_input",
+            pretrained.cfg.apply_b_dec_to_input,
+            cfg.apply_b_dec_to_input,
+            f"set sae.apply_b_dec_to_input={pretrained.cfg.apply_b_dec_to_input} (it changes the encoder)",
+        ),
     ]
     recorded_hook = pretrained.cfg.metadata.hook_name
     if recorded_hook is not None:

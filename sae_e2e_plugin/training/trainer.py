@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer, SaveCheckpointFn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.config import E2ERunnerConfig
-from sae_e2e_plugin.objectives import ObjectiveInputs, ObjectiveOutput, get_objective
-from sae_e2e_plugin.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
-
-E2E_TRAINER_STATE_FILENAME = "e2e_trainer_state.json"
-TRAINING_LOG_FILENAME = "training_log.jsonl"
+from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
+from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME
+from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.objectives import ObjectiveOutput, ResolvedObjective
+from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,9 +52,11 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         model: HookedTransformer,
         plan: SplicePlan,
         e2e_cfg: E2ERunnerConfig[Any],
+        objective: ResolvedObjective,
         save_checkpoint_fn: SaveCheckpointFn | None = None,
         periodic_eval: Callable[[E2ESAETrainer], None] | None = None,
         training_log_path: Path | None = None,
+        timer: PhaseTimer = NO_TIMING,
     ) -> None:
         super().__init__(
             cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
@@ -62,7 +64,10 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.model = freeze(model)
         self.plan = plan
         self.e2e_cfg = e2e_cfg
-        self.objective = get_objective(e2e_cfg.loss)
+        self.objective = objective
+        """The run's objective, resolved once from ``e2e_cfg`` by the runner."""
+        self.timer = timer
+        """Times each phase of a step (``training.timing``); a no-op unless a benchmark sets one."""
         self.periodic_eval = periodic_eval
         """Called every ``eval_every_n_steps`` completed steps (evaluation on held-out tokens)."""
         self.n_sequences_consumed = 0
@@ -104,14 +109,15 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
                 "get_batch_tokens(...), not the activation buffer."
             )
         if self.stop_requested:
-            raise TrainingInterrupted("training stopped on request before step "
-                                      f"{self.n_training_steps}")
+            raise TrainingInterrupted(
+                f"training stopped on request before step {self.n_training_steps}"
+            )
         tokens = batch.to(self.model.cfg.device)
         self.n_training_samples += tokens.numel()
         self.n_sequences_consumed += tokens.shape[0]
         output = self._e2e_train_step(tokens)
         self.n_steps_taken += 1
-        self.last_losses = {"loss": float(output.loss.detach())}
+        self.last_losses = {"total_loss": float(output.loss.detach())}
         self.last_losses |= {name: float(v.detach()) for name, v in output.losses.items()}
         self.first_losses = self.first_losses or dict(self.last_losses)
         if self.training_log_path is not None:
@@ -124,15 +130,20 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         self.sae.train()
         prefix, clean = self._clean_pass(tokens)
-        batch, pos, d_in = clean.acts.shape
-        sae_in = self.activation_scaler(clean.acts.reshape(batch * pos, d_in).to(self.sae.device))
+        batch = clean.acts.shape[0]
+        flat = rearrange(clean.acts, "batch pos d_in -> (batch pos) d_in")
+        sae_in = self.activation_scaler(flat.to(self.sae.device))
         with self.autocast_if_enabled:
-            output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
+            with self.timer.phase("SAE training forward"):
+                output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
             # The SAE trains on scaled inputs; the model needs its own scale back.
-            reconstruction = self.activation_scaler.unscale(output.sae_out)
-            reconstruction = reconstruction.reshape(batch, pos, d_in).to(self.model.cfg.device)
-            terms = self.objective.fn(
-                ObjectiveInputs(self.model, prefix, self.plan, clean, reconstruction, self.e2e_cfg)
+            reconstruction = rearrange(
+                self.activation_scaler.unscale(output.sae_out),
+                "(batch pos) d_in -> batch pos d_in",
+                batch=batch,
+            ).to(self.model.cfg.device)
+            terms = self.objective(
+                self.model, prefix, self.plan, clean, reconstruction, timer=self.timer
             )
         output = self._combine(output, terms)
         self._check_finite(output)
@@ -160,8 +171,10 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
 
     @torch.no_grad()
     def _clean_pass(self, tokens: torch.Tensor) -> tuple[Prefix, CleanRun]:
-        prefix = run_prefix(self.model, tokens, self.plan.start_layer)
-        clean = run_clean(self.model, prefix, self.plan, full=self.objective.needs_full_run)
+        with self.timer.phase("shared prefix"):
+            prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+        with self.timer.phase("clean continuation"):
+            clean = run_clean(self.model, prefix, self.plan, full=self.objective.needs_full_run)
         return prefix, clean
 
     def _step_input(self, sae_in: torch.Tensor) -> TrainStepInput:
@@ -179,7 +192,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         Sparsity and auxiliary terms (including e.g. matryoshka's inner
         reconstruction losses) stay as the architecture defines them.
         """
-        weight = self.objective.local_mse_weight(self.e2e_cfg)
+        weight = self.objective.local_mse_weight
         mse = output.losses.get("mse_loss")
         loss = output.loss
         if mse is not None and weight != 1.0:
@@ -234,11 +247,13 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.n_frac_active_samples += self.cfg.train_batch_size_samples
 
     def _apply_gradients(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        if self.e2e_cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.e2e_cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        with self.timer.phase("backward"):
+            loss.backward()
+        with self.timer.phase("optimizer step"):
+            if self.e2e_cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.e2e_cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()
@@ -251,28 +266,36 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             with torch.no_grad():
                 prefix = run_prefix(self.model, tokens, self.plan.start_layer)
                 acts = run_clean(self.model, prefix, self.plan, full=False).acts
-            yield acts.reshape(-1, acts.shape[-1])
+            yield rearrange(acts, "batch pos d_in -> (batch pos) d_in")
 
     def save_trainer_state(self, checkpoint_path: Path) -> None:
-        """SAETrainer's state plus how many token sequences were consumed."""
+        """SAETrainer's state plus how many token sequences were consumed and the objective."""
         super().save_trainer_state(checkpoint_path)
         state = {
             "n_sequences_consumed": self.n_sequences_consumed,
             "n_steps_taken": self.n_steps_taken,
-            "loss": self.e2e_cfg.loss,
+            "objective": self.objective.name,
         }
-        (Path(checkpoint_path) / E2E_TRAINER_STATE_FILENAME).write_text(json.dumps(state))
+        (Path(checkpoint_path) / TRAINER_STATE_FILENAME).write_text(json.dumps(state))
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         """Restore SAETrainer's state and the token-stream position."""
         super().load_trainer_state(checkpoint_path)
-        state_file = Path(checkpoint_path) / E2E_TRAINER_STATE_FILENAME
+        state_file = Path(checkpoint_path) / TRAINER_STATE_FILENAME
         if not state_file.exists():
             raise ValueError(
-                f"resume_from_checkpoint={str(checkpoint_path)!r} has no {E2E_TRAINER_STATE_FILENAME}: "
+                f"resume_from_checkpoint={str(checkpoint_path)!r} has no {TRAINER_STATE_FILENAME}: "
                 "it was not written by E2ESAETrainer. Resume from a checkpoint of an e2e run."
             )
         state = json.loads(state_file.read_text())
+        # Written as "loss" by 0.1.0 checkpoints.
+        saved_objective = state.get("objective", state.get("loss"))
+        if saved_objective is not None and saved_objective != self.objective.name:
+            raise ValueError(
+                f"resume_from_checkpoint={str(checkpoint_path)!r} was written by a run with "
+                f"loss={saved_objective!r}, but this run has loss={self.objective.name!r}. Resume "
+                f"with loss={saved_objective!r}, or start a new run without resume_from_checkpoint."
+            )
         self.n_sequences_consumed = int(state["n_sequences_consumed"])
         self.n_steps_taken = self.n_training_steps = int(state["n_steps_taken"])
         self._truncate_log()
@@ -300,7 +323,7 @@ def freeze(model: HookedTransformer) -> HookedTransformer:
 
 
 def _summary(output: TrainStepOutput) -> str:
-    shown: dict[str, float] = {"loss": float(output.loss.detach())}
+    shown: dict[str, float] = {"total_loss": float(output.loss.detach())}
     downstream = 0.0
     for name, value in output.losses.items():
         if name.startswith("downstream_mse_loss/"):

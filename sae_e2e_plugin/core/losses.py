@@ -31,7 +31,8 @@ def kl_orig_to_patched(
 
     Both inputs are raw logits; the log-softmax is taken in float32 whatever
     their dtype, since bf16 log-probabilities lose the small differences that
-    the KL is made of.
+    the KL is made of. The gradient flows into ``logits_patched`` only (``logits_orig``
+    are the frozen model's clean logits).
     """
     return kl_orig_to_patched_sum(logits_orig, logits_patched) / _n_tokens(logits_orig)
 
@@ -41,10 +42,29 @@ def kl_orig_to_patched_sum(
     logits_orig: Float[torch.Tensor, "*tokens vocab"],
     logits_patched: Float[torch.Tensor, "*tokens vocab"],
 ) -> Float[torch.Tensor, ""]:
-    """KL(p_orig ‖ p_patched) summed over the vocabulary *and* the tokens."""
-    logp_orig = F.log_softmax(logits_orig.float(), dim=-1)
-    logp_patched = F.log_softmax(logits_patched.float(), dim=-1)
-    return (logp_orig.exp() * (logp_orig - logp_patched)).sum()
+    """KL(p_orig ‖ p_patched) summed over the vocabulary *and* the tokens.
+
+    Differentiable in ``logits_patched``, with the gradient written out
+    (``kl_sum_and_logit_grad``) rather than taken through the log-softmax.
+    """
+    if logits_patched.requires_grad and torch.is_grad_enabled():
+        return _KLSum.apply(logits_orig, logits_patched)
+    return _kl_kernel(logits_orig, logits_patched, want_grad=False)[0]
+
+
+class _KLSum(torch.autograd.Function):
+    """Σ KL(p_orig ‖ p_patched) whose gradient is computed with the value (one kernel call)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits_orig: torch.Tensor, logits_patched: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        kl_sum, logit_grad = _kl_kernel(logits_orig, logits_patched, want_grad=True)
+        ctx.save_for_backward(logit_grad)
+        return kl_sum
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (logit_grad,) = ctx.saved_tensors
+        return None, grad_output * logit_grad
 
 
 @jaxtyped(typechecker=beartype)
@@ -75,16 +95,15 @@ def chunked_kl_orig_to_patched(
     """
     if chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
+    kernel = _compiled_kernel() if compile_kernel else _kl_kernel
     if resid_patched.requires_grad and torch.is_grad_enabled():
         # The inputs' shapes were checked on entry; the per-chunk kernel runs unchecked (the
         # autograd Function's forward runs without grad).
-        kernel = _compiled_kernel() if compile_kernel else _kl_sum_and_logit_grad
         return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size, kernel)
+    total = torch.zeros((), dtype=torch.float32, device=resid_orig.device)
     with torch.no_grad():
-        total = sum(
-            (_chunk_kl_sum(o, p, resid_to_logits) for o, p in _chunks(resid_orig, resid_patched, chunk_size)),
-            torch.zeros((), dtype=torch.float32, device=resid_orig.device),
-        )
+        for orig, patched in chunk_rows(chunk_size, resid_orig, resid_patched):
+            total += kernel(resid_to_logits(orig), resid_to_logits(patched), want_grad=False)[0]
     return total / resid_orig.shape[0]
 
 
@@ -98,17 +117,17 @@ class _ChunkedKL(torch.autograd.Function):
         resid_patched: torch.Tensor,
         resid_to_logits: ResidToLogits,
         chunk_size: int,
-        kernel: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        kernel: KLKernel,
     ) -> torch.Tensor:
         n_tokens = resid_orig.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=resid_orig.device)
         grads = []
-        for orig, patched in _chunks(resid_orig, resid_patched, chunk_size):
+        for orig, patched in chunk_rows(chunk_size, resid_orig, resid_patched):
             logits_orig = resid_to_logits(orig)
             with torch.enable_grad():
                 leaf = patched.detach().requires_grad_(True)
                 logits_patched = resid_to_logits(leaf)
-            chunk_sum, logit_grad = kernel(logits_orig, logits_patched.detach())
+            chunk_sum, logit_grad = kernel(logits_orig, logits_patched.detach(), want_grad=True)
             del logits_orig
             # Backward through the head only; the KL's own backward is written out above.
             (grad,) = torch.autograd.grad(logits_patched, leaf, grad_outputs=logit_grad)
@@ -135,32 +154,44 @@ def kl_sum_and_logit_grad(
     ``logits_patched``'s dtype. Everything is computed in float32 without autograd, in place
     where possible, so a chunk needs two float32 [tokens, vocab] buffers beyond its inputs.
     """
+    kl_sum, logit_grad = _kl_kernel(logits_orig, logits_patched, want_grad=True)
+    assert logit_grad is not None
+    return kl_sum, logit_grad
+
+
+def _kl_kernel(
+    logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # The one place the KL arithmetic is written: every KL function above calls it.
     with torch.no_grad():
-        return _kl_sum_and_logit_grad(logits_orig, logits_patched)
+        logp_orig = F.log_softmax(logits_orig.float(), dim=-1)
+        logp_patched = F.log_softmax(logits_patched.float(), dim=-1)
+        p_orig = logp_orig.exp()
+        kl_sum = logp_orig.sub_(logp_patched).mul_(p_orig).sum()
+        if not want_grad:
+            return kl_sum, None
+        del logp_orig
+        logit_grad = logp_patched.exp_().sub_(p_orig)
+        return kl_sum, logit_grad.to(logits_patched.dtype)
 
 
-def _kl_sum_and_logit_grad(
-    logits_orig: torch.Tensor, logits_patched: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logp_orig = F.log_softmax(logits_orig.float(), dim=-1)
-    logp_patched = F.log_softmax(logits_patched.float(), dim=-1)
-    p_orig = logp_orig.exp()
-    kl_sum = logp_orig.sub_(logp_patched).mul_(p_orig).sum()
-    del logp_orig
-    logit_grad = logp_patched.exp_().sub_(p_orig)
-    return kl_sum, logit_grad.to(logits_patched.dtype)
+KLKernel = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad)."""
 
 
 @functools.cache
-def _compiled_kernel() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _compiled_kernel() -> KLKernel:
     # dynamic=True: the last chunk is usually shorter; one compiled kernel serves every length.
-    compiled = torch.compile(_kl_sum_and_logit_grad, dynamic=True)
+    compiled = torch.compile(_kl_kernel, dynamic=True)
 
-    def run(logits_orig: torch.Tensor, logits_patched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def run(
+        logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
-            with torch.no_grad():
-                return compiled(logits_orig, logits_patched)
-        except torch._dynamo.exc.BackendCompilerFailed as error:
+            return compiled(logits_orig, logits_patched, want_grad)
+        except BackendCompilerFailed as error:
             reason = str(error).strip().splitlines()[0][:300]
             raise RuntimeError(
                 f"compile_kl=True, but torch.compile could not build the KL kernel ({reason}). "
@@ -171,21 +202,14 @@ def _compiled_kernel() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Ten
     return run
 
 
-def _chunks(
-    a: torch.Tensor, b: torch.Tensor, chunk_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, a.shape[0], chunk_size):
-        yield a[start : start + chunk_size], b[start : start + chunk_size]
+def chunk_rows(chunk_size: int, *tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The same rows of each tensor, ``chunk_size`` rows at a time (the last chunk may be shorter).
 
-
-def _chunk_kl_sum(
-    resid_orig: torch.Tensor,
-    resid_patched: torch.Tensor,
-    resid_to_logits: ResidToLogits,
-) -> torch.Tensor:
-    logp_orig = F.log_softmax(resid_to_logits(resid_orig).float(), dim=-1)
-    logp_patched = F.log_softmax(resid_to_logits(resid_patched).float(), dim=-1)
-    return logp_orig.exp().mul_(logp_orig.sub_(logp_patched)).sum()
+    The one chunk loop of the package: the training KL and the evaluation's logits use it,
+    so no [tokens, vocab] tensor of a whole batch is made.
+    """
+    for start in range(0, tensors[0].shape[0], chunk_size):
+        yield tuple(t[start : start + chunk_size] for t in tensors)
 
 
 @jaxtyped(typechecker=beartype)

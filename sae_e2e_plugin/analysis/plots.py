@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from sae_e2e_plugin.geometry import max_cosine_across, max_cosine_within
-from sae_e2e_plugin.sweep import RESULT_METRICS, read_training_log
-from sae_e2e_plugin.trainer import TRAINING_LOG_FILENAME
+from sae_e2e_plugin.analysis.geometry import max_cosine_across, max_cosine_within
+from sae_e2e_plugin.analysis.results import RESULT_METRICS, read_training_log
+from sae_e2e_plugin.run_files import TRAINING_LOG_FILENAME
 
 
 def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -26,8 +26,12 @@ def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     written = []
     for y_key, name in (("l0", "pareto_l0.png"), ("alive_features", "pareto_alive.png")):
         written.append(plot_pareto(rows, x=y_key, y="ce_loss_increase", path=output_dir / name))
-    logs = {row["run_id"]: read_training_log(output_dir / "runs" / row["run_id"] / TRAINING_LOG_FILENAME)
-            for row in rows}
+    logs = {
+        row["run_id"]: read_training_log(
+            output_dir / "runs" / row["run_id"] / TRAINING_LOG_FILENAME
+        )
+        for row in rows
+    }
     if any(logs.values()):
         written.append(plot_training_l0(rows, logs, output_dir / "training_l0.png"))
     chosen = runs_closest_in_l0(rows)
@@ -35,12 +39,26 @@ def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
         decoders = {loss: _decoder(output_dir, row["run_id"]) for loss, row in chosen.items()}
         labels = {loss: f"{loss} (L0 {row['l0']:.1f})" for loss, row in chosen.items()}
         within = {labels[k]: max_cosine_within(w) for k, w in decoders.items()}
-        written.append(plot_histograms(within, output_dir / "cosine_within.png",
-                                       "max cosine similarity with another feature of the same dictionary"))
+        written.append(
+            plot_histograms(
+                within,
+                output_dir / "cosine_within.png",
+                "max cosine similarity with another feature of the same dictionary",
+            )
+        )
         if "local" in decoders and len(decoders) > 1:
-            across = {labels[k]: max_cosine_across(w, decoders["local"]) for k, w in decoders.items() if k != "local"}
-            written.append(plot_histograms(across, output_dir / "cosine_across.png",
-                                           "max cosine similarity with a feature of the local dictionary"))
+            across = {
+                labels[k]: max_cosine_across(w, decoders["local"])
+                for k, w in decoders.items()
+                if k != "local"
+            }
+            written.append(
+                plot_histograms(
+                    across,
+                    output_dir / "cosine_across.png",
+                    "max cosine similarity with a feature of the local dictionary",
+                )
+            )
     return written
 
 
@@ -63,10 +81,13 @@ def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label in sorted({series_label(r) for r in rows}):
-        points = sorted((r[x], r[y]) for r in rows if series_label(r) == label
-                        and r.get(x) is not None and r.get(y) is not None)
+        points = sorted(
+            (r[x], r[y])
+            for r in rows
+            if series_label(r) == label and r.get(x) is not None and r.get(y) is not None
+        )
         if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
     ax.grid(alpha=0.3)
@@ -90,8 +111,14 @@ def plot_training_l0(
         if not log:
             continue
         loss = str(row.get("loss"))
-        ax.plot([e["tokens"] for e in log], [e["l0"] for e in log], color=colours[loss],
-                alpha=0.8, linewidth=1, label=None if loss in labelled else loss)
+        ax.plot(
+            [e["tokens"] for e in log],
+            [e["l0"] for e in log],
+            color=colours[loss],
+            alpha=0.8,
+            linewidth=1,
+            label=None if loss in labelled else loss,
+        )
         labelled.add(loss)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
@@ -107,9 +134,13 @@ def plot_training_l0(
 def series_label(row: dict[str, Any]) -> str:
     """The line a run belongs to: its objective, plus any grid value other than the sparsity
     coefficient (e.g. ``local (training_tokens=409600)``)."""
-    others = [f"{key.split('.')[-1]}={value}" for key, value in row.items()
-              if key not in ("run_id", "loss", "sae.l1_coefficient") and key not in RESULT_METRICS
-              and not key.startswith("l0_train_")]
+    others = [
+        f"{key.split('.')[-1]}={value}"
+        for key, value in row.items()
+        if key not in ("run_id", "loss", "sae.l1_coefficient")
+        and key not in RESULT_METRICS
+        and not key.startswith("l0_train_")
+    ]
     loss = str(row.get("loss", "run"))
     return f"{loss} ({', '.join(others)})" if others else loss
 

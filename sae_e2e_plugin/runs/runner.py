@@ -9,6 +9,7 @@ SAELens' inference format with the objective recorded in its metadata.
 from __future__ import annotations
 
 import copy
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,30 +19,28 @@ from typing import Any
 
 import torch
 import wandb
-from sae_lens import LanguageModelSAETrainingRunner, logger
-from sae_lens.load_model import load_model
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin import __version__
-from sae_e2e_plugin.config import E2ERunnerConfig
-from sae_e2e_plugin.evals import EvalResult, evaluate_sae
-from sae_e2e_plugin.hub import load_pretrained_sae
-from sae_e2e_plugin.objectives import get_objective
-from sae_e2e_plugin.splice import plan_splice
-from sae_e2e_plugin.trainer import (
-    TRAINING_LOG_FILENAME,
-    E2ESAETrainer,
-    TrainingInterrupted,
-    freeze,
-)
+from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
+from sae_e2e_plugin.assets.language_model import load_language_model
+from sae_e2e_plugin.assets.model import is_builtin_model
+from sae_e2e_plugin.core.splice import plan_splice
+from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
+from sae_e2e_plugin.evaluation.metrics import EvalResult
+from sae_e2e_plugin.interop.hub import load_pretrained_sae
+from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
+from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.objectives import resolve_objective
+from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
+from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
+from sae_e2e_plugin.version import __version__
 
-
-EVAL_FILENAME = "eval.json"
+logger = logging.getLogger(__name__)
 
 
 class TokenBatches(Iterator[torch.Tensor]):
@@ -80,7 +79,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
             )
-        self._builtin_dataset = override_dataset is None and _is_builtin_dataset(cfg.dataset_path)
+        self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
         override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
         if override_sae is None and cfg.pretrained_sae is not None:
             override_sae = load_pretrained_sae(
@@ -100,14 +99,15 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         if cfg.lm_dtype is not None:
             self.model.to(getattr(torch, cfg.lm_dtype))
         freeze(self.model)
-        objective = get_objective(cfg.loss)
+        self.objective = resolve_objective(cfg)
+        """The run's objective, resolved once here and handed to the trainer."""
         self.plan = plan_splice(
             self.model,
             cfg.hook_name,
-            cfg.downstream_hooks if objective.uses_downstream_hooks else (),
+            cfg.downstream_hooks if self.objective.uses_downstream_hooks else (),
             d_in=self.sae.cfg.d_in,
         )
-        if objective.uses_downstream_hooks and not self.plan.downstream_hooks:
+        if self.objective.uses_downstream_hooks and not self.plan.downstream_hooks:
             raise ValueError(
                 f"hook_name={cfg.hook_name!r} has no residual-stream hook after it, so "
                 "loss='e2e_downstream' has nothing to compare. Use loss='e2e' or an earlier hook."
@@ -117,6 +117,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         """(step, result) of each evaluation during training, and the final one."""
         self.eval_tokens = self._held_out_tokens()
         """[n_eval_sequences, context_size] held-out tokens (None when n_eval_batches=0)."""
+        self.timer: PhaseTimer = NO_TIMING
+        """Passed to the trainer: set a ``PhaseTimer`` before ``run()`` to time a step's phases."""
 
     def run(self) -> TrainingSAE[Any]:
         """Train, write the final SAE to ``cfg.output_path`` (if set) and return it."""
@@ -138,12 +140,15 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             model=self.model,
             plan=self.plan,
             e2e_cfg=self.cfg,
+            objective=self.objective,
             save_checkpoint_fn=self.save_checkpoint,
             periodic_eval=self._evaluate_during_training,
             training_log_path=(
-                None if self.cfg.output_path is None
+                None
+                if self.cfg.output_path is None
                 else Path(self.cfg.output_path) / TRAINING_LOG_FILENAME
             ),
+            timer=self.timer,
         )
         if self.cfg.resume_from_checkpoint is not None:
             self._resume(trainer, tokens, self.cfg.resume_from_checkpoint)
@@ -158,7 +163,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 output_path=self.cfg.output_path,
                 log_feature_sparsity=trainer.log_feature_sparsity,
             )
-        print(_first_to_last(trainer))
+        logger.info(first_to_last(trainer))
         if self.cfg.eval_at_end and self.eval_tokens is not None:
             self._final_evaluation(trainer)
         if self.cfg.logger.log_to_wandb:
@@ -184,7 +189,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             return
         result = self.evaluate(trainer.activation_scaler)
         self.eval_history.append((trainer.n_steps_taken, result))
-        tqdm.write(f"evaluation after step {trainer.n_steps_taken}:\n{result.format_table()}")
+        logger.info(f"evaluation after step {trainer.n_steps_taken}:\n{result.format_table()}")
         if self.cfg.logger.log_to_wandb:
             wandb.log(_wandb_eval_dict(result), step=trainer.n_training_steps)
 
@@ -192,10 +197,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         # After fit() any activation scaling is folded into the SAE's weights.
         result = self.evaluate()
         self.eval_history.append((trainer.n_steps_taken, result))
-        print(f"final evaluation on held-out tokens:\n{result.format_table()}")
+        logger.info(f"final evaluation on held-out tokens:\n{result.format_table()}")
         if self.cfg.output_path is not None:
             path = result.save_json(Path(self.cfg.output_path) / EVAL_FILENAME)
-            print(f"saved the evaluation to {path}")
+            logger.info(f"saved the evaluation to {path}")
         if self.cfg.logger.log_to_wandb:
             wandb.log(_wandb_eval_dict(result), step=trainer.n_training_steps)
 
@@ -208,12 +213,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             # The first n sequences of the training stream: training starts after them.
             return self.activations_store.get_batch_tokens(n, move_to_model_device=False)
         name = cfg.eval_dataset_path or cfg.dataset_path
-        if _is_builtin_dataset(name):
-            from sae_e2e_plugin import builtin
-
-            rows = builtin.load_builtin_dataset(
-                name, self.model.tokenizer, cfg.context_size, split="eval"
-            )
+        if is_builtin_dataset(name):
+            rows = load_builtin_dataset(name, self.model.tokenizer, cfg.context_size, split="eval")
             if len(rows) < n:
                 raise ValueError(
                     f"the eval split of {name!r} has {len(rows)} sequences of {cfg.context_size} "
@@ -259,13 +260,12 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
 
     def _set_objective_metadata(self) -> None:
         cfg = self.cfg
-        objective = get_objective(cfg.loss)
         self.sae.cfg.metadata.e2e_objective = {
-            "loss": cfg.loss,
+            "loss": self.objective.name,
             "kl_coefficient": cfg.kl_coefficient,
             "downstream_coefficient": cfg.downstream_coefficient,
             "downstream_hooks": list(self.plan.downstream_hooks),
-            "local_mse_coefficient": objective.local_mse_weight(cfg),
+            "local_mse_coefficient": self.objective.local_mse_weight,
             "trained_with": f"sae-e2e-plugin {__version__}",
         }
 
@@ -275,26 +275,27 @@ def _resolve_builtins(
     model: HookedTransformer | None,
     dataset: HfDataset | None,
 ) -> tuple[HookedTransformer | None, HfDataset | None]:
-    """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one."""
-    from sae_e2e_plugin import builtin
+    """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one.
 
-    if model is None and builtin.is_builtin_model(cfg.model_name):
-        model = builtin.load_builtin_model(cfg.model_name, device=cfg.llm_device or cfg.device)
-    if dataset is None and builtin.is_builtin_dataset(cfg.dataset_path):
-        if model is None:
-            model = load_model(
-                cfg.model_class_name,
-                cfg.model_name,
-                device=cfg.llm_device,
-                model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
-            )
-        dataset = builtin.load_builtin_dataset(
+    SAELens loads any other model itself; a built-in corpus needs the model's tokenizer, so
+    then the model is loaded here too.
+    """
+    if model is None and (is_builtin_model(cfg.model_name) or is_builtin_dataset(cfg.dataset_path)):
+        model = load_language_model(
+            cfg.model_name,
+            model_class_name=cfg.model_class_name,
+            device=cfg.llm_device or cfg.device,
+            model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+        )
+    if dataset is None and is_builtin_dataset(cfg.dataset_path):
+        assert model is not None
+        dataset = load_builtin_dataset(
             cfg.dataset_path, model.tokenizer, cfg.context_size, split="train"
         ).shuffle(seed=cfg.seed)
     return model, dataset
 
 
-def _first_to_last(trainer: E2ESAETrainer) -> str:
+def first_to_last(trainer: E2ESAETrainer) -> str:
     """One line: each loss term on the first and on the last training batch."""
     terms = [
         f"{name} {trainer.first_losses[name]:.4g} -> {value:.4g}"
@@ -302,12 +303,6 @@ def _first_to_last(trainer: E2ESAETrainer) -> str:
         if name in trainer.first_losses and not name.startswith("downstream_mse_loss/")
     ]
     return f"training batches, first step -> last step: {', '.join(terms)}"
-
-
-def _is_builtin_dataset(name: str) -> bool:
-    from sae_e2e_plugin import builtin
-
-    return builtin.is_builtin_dataset(name)
 
 
 def _with_dataset(cfg: E2ERunnerConfig[Any], dataset_path: str) -> E2ERunnerConfig[Any]:

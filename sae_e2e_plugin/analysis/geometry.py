@@ -38,10 +38,14 @@ def max_cosine_across(
     chunk_size: int = 4096,
 ) -> Float[torch.Tensor, " d_sae"]:
     """For each feature of ``w_dec``, the largest cosine similarity with any feature of ``other_w_dec``."""
-    return _max_cosine(unit_directions(w_dec), unit_directions(other_w_dec), chunk_size, exclude_self=False)
+    return _max_cosine(
+        unit_directions(w_dec), unit_directions(other_w_dec), chunk_size, exclude_self=False
+    )
 
 
-def _max_cosine(a: torch.Tensor, b: torch.Tensor, chunk_size: int, exclude_self: bool) -> torch.Tensor:
+def _max_cosine(
+    a: torch.Tensor, b: torch.Tensor, chunk_size: int, exclude_self: bool
+) -> torch.Tensor:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if exclude_self and a.shape[0] < 2:

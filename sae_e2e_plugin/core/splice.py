@@ -26,10 +26,14 @@ from typing import Any
 
 import torch
 from beartype import beartype
+from einops import rearrange
 from jaxtyping import Float, Int, jaxtyped
 from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+
+FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
+"""(hook name, hook function) pairs for ``model.hooks(fwd_hooks=...)``."""
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _RESID_POST_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
@@ -100,12 +104,13 @@ def probe_hooks(model: HookedTransformer) -> HookProbe:
     widths: dict[str, int] = {}
 
     def record(act: torch.Tensor, hook: HookPoint) -> None:
-        if hook.name not in widths:
-            order.append(hook.name)
-            widths[hook.name] = _flat_width(act)
+        name = _hook_name(hook)
+        if name not in widths:
+            order.append(name)
+            widths[name] = _flat_width(act)
 
     tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
-    hooks = [(name, record) for name in model.hook_dict]
+    hooks: FwdHooks = [(name, record) for name in model.hook_dict]
     with model.hooks(fwd_hooks=hooks):
         model(tokens, return_type=None)
     return HookProbe(order=tuple(order), widths=widths)
@@ -187,7 +192,7 @@ def run_clean(
     after the SAE's block and records no downstream activations.
     """
     captured: dict[str, torch.Tensor] = {}
-    hooks = [(plan.hook_name, partial(_capture, store=captured, flatten=True))]
+    hooks: FwdHooks = [(plan.hook_name, partial(_capture, store=captured, flatten=True))]
     if full:
         hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
@@ -224,9 +229,7 @@ def run_patched(
     if checkpoint_blocks and _can_checkpoint(prefix, plan):
         return _run_patched_checkpointed(model, prefix, plan, replacement)
     captured: dict[str, torch.Tensor] = {}
-    hooks: list[tuple[str, Callable[..., Any]]] = [
-        (plan.hook_name, partial(_replace, replacement=replacement))
-    ]
+    hooks: FwdHooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
     hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
         final_resid = _run_to_final_resid(model, prefix)
@@ -253,7 +256,7 @@ def _run_patched_checkpointed(
         resid = replacement.to(prefix.residual.dtype)
     else:
         # The hook is inside the block: run that block with the splice hook, not checkpointed.
-        hooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
+        hooks: FwdHooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
         with model.hooks(fwd_hooks=hooks):
             resid = _one_block(model, prefix, layer, prefix.residual)
         if layer in by_layer:
@@ -333,9 +336,21 @@ def _run_through_block(model: HookedTransformer, prefix: Prefix) -> None:
 def _capture(
     act: torch.Tensor, hook: HookPoint, *, store: dict[str, torch.Tensor], flatten: bool = False
 ) -> None:
-    # 4-D activations (e.g. hook_z: batch pos head d_head) are read as batch pos (head·d_head),
-    # the layout SAELens' activation store gives SAEs on such hooks.
-    store[hook.name] = act.flatten(2) if flatten and act.ndim == 4 else act
+    store[_hook_name(hook)] = flatten_heads(act) if flatten else act
+
+
+def _hook_name(hook: HookPoint) -> str:
+    # TransformerLens names every hook point of a model when it builds the model.
+    assert hook.name is not None
+    return hook.name
+
+
+def flatten_heads(act: torch.Tensor) -> torch.Tensor:
+    """A hook's activation as [batch, pos, width]: 4-D ones (e.g. ``hook_z``) with their heads
+    side by side, the layout SAELens' activation store gives SAEs on such hooks."""
+    if act.ndim == 4:
+        return rearrange(act, "batch pos head d_head -> batch pos (head d_head)")
+    return act
 
 
 def _replace(act: torch.Tensor, hook: HookPoint, *, replacement: torch.Tensor) -> torch.Tensor:

@@ -1,235 +1,54 @@
-"""The paper's evaluation metrics for an SAE on held-out tokens, independent of wandb.
+"""Measuring an SAE spliced into its model on held-out tokens, independent of wandb.
 
 ``evaluate_sae`` runs the frozen model three ways on each token batch: clean,
 with the SAE's reconstruction spliced in at its hook, and with that hook's
 activation replaced by zeros. The three runs share the prefix before the SAE's
-block (``splice.run_prefix``), and the logits are made a chunk of tokens at a
-time, so no [tokens, vocab] tensor outlives its chunk. Each batch adds sums to
-running totals; ``EvalResult`` holds the averages over every token seen.
-
-Definitions follow Braun et al. 2024 (arXiv 2405.12241) and the reference
-implementation's ``calc_explained_variance`` / ``calc_output_metrics`` /
-``ActFrequencyMetrics``; the CE- and KL-recovered scores follow SAELens'
-``evals.get_downstream_reconstruction_metrics``. ``docs/evaluation.md`` gives
-every formula.
+block (``core.splice.run_prefix``), and the logits are made a chunk of tokens at a
+time (``core.losses.chunk_rows``), so no [tokens, vocab] tensor outlives its chunk.
+Each batch adds sums to running totals; ``EvalResult`` (``metrics``) holds the
+averages over every token seen.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from beartype import beartype
-from jaxtyping import Float, Int, jaxtyped
+from einops import rearrange
 from sae_lens import SAE
 from sae_lens.saes.transcoder import Transcoder
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.losses import kl_orig_to_patched_sum
-from sae_e2e_plugin.splice import (
+from sae_e2e_plugin.core.losses import chunk_rows, kl_orig_to_patched_sum
+from sae_e2e_plugin.core.splice import (
     Prefix,
     SplicePlan,
+    flatten_heads,
     model_head,
     plan_splice,
     run_clean,
     run_patched,
     run_prefix,
 )
+from sae_e2e_plugin.evaluation.metrics import (
+    DEFAULT_ALIVE_WINDOW_TOKENS,
+    IGNORE_TARGET,
+    DownstreamMetrics,
+    EvalResult,
+    active_features_per_token,
+    explained_variance_per_token,
+    next_token_targets,
+    ratio,
+)
 
-DEFAULT_ALIVE_WINDOW_TOKENS = 500_000
-"""Tokens over which a feature must fire once to count as alive: the paper's window.
-
-The alive count grows with the window (a feature firing once in 10⁶ tokens is
-dead over 10⁵), so numbers are comparable with the paper's only over the same
-window. On a smaller evaluation set every token is used and ``alive_tokens``
-says how many.
-"""
-
-_IGNORE = -100  # target id of positions with no next token (F.cross_entropy's ignore_index)
 _SCALED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
-
-
-@dataclass(frozen=True)
-class DownstreamMetrics:
-    """How far the patched run's activation at one later hook is from the clean run's."""
-
-    mse: float
-    """Squared error averaged over every element (batch, position, width), as the
-    reference's ``F.mse_loss(patched, clean)``."""
-    explained_variance: float
-    """Per token 1 − ‖patched − clean‖² / ‖clean − mean(clean)‖², averaged over tokens;
-    mean(clean) is the mean over the tokens of the token's own evaluation batch."""
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """The paper's metrics for one SAE, averaged over every evaluated token."""
-
-    hook_name: str
-    """The hook the SAE reads and whose activation its reconstruction replaces."""
-    n_tokens: int
-    """Tokens evaluated (batch × pos summed over batches)."""
-    n_sequences: int
-    """Sequences evaluated; the CE losses average over n_tokens − n_sequences predictions."""
-    ce_loss_clean: float
-    """Next-token cross-entropy of the unmodified model (nats, float32)."""
-    ce_loss_spliced: float
-    """Next-token cross-entropy with the SAE's reconstruction spliced in at the hook."""
-    ce_loss_increase: float
-    """ce_loss_spliced − ce_loss_clean: the paper's headline "CE loss increase"."""
-    ce_loss_zero_ablation: float
-    """Next-token cross-entropy with the hook's activation replaced by zeros."""
-    ce_loss_score: float
-    """(ce_loss_zero_ablation − ce_loss_spliced) / (ce_loss_zero_ablation − ce_loss_clean):
-    the fraction of the ablation's damage the SAE recovers (SAELens' ``ce_loss_score``)."""
-    kl_orig_patched: float
-    """KL(p_orig ‖ p_spliced) summed over the vocabulary, averaged over all tokens."""
-    kl_orig_ablated: float
-    """KL(p_orig ‖ p_ablated) summed over the vocabulary, averaged over all tokens."""
-    kl_score: float
-    """1 − kl_orig_patched / kl_orig_ablated (SAELens' ``kl_div_score``)."""
-    l0: float
-    """Mean number of non-zero feature activations per token."""
-    d_sae: int
-    """Number of features in the dictionary."""
-    alive_features: int
-    """Features that are non-zero on at least one of the first ``alive_tokens`` tokens."""
-    alive_fraction: float
-    """alive_features / d_sae."""
-    alive_tokens: int
-    """Tokens the alive count used: min(alive_window_tokens, n_tokens)."""
-    explained_variance: float
-    """At the SAE's hook, per token 1 − ‖â − a‖² / ‖a − mean(a)‖², averaged over tokens;
-    mean(a) is the mean over the tokens of the token's own evaluation batch."""
-    explained_variance_reference: float
-    """The reference's logged SAE-position value (``out_to_in/explained_variance``): the same
-    with the reconstruction's spread as denominator, 1 − ‖a − â‖² / ‖â − mean(â)‖², because
-    its code passes the SAE output as the target. Use it to compare with the paper's runs."""
-    downstream: dict[str, DownstreamMetrics] = field(hash=False)
-    """Patched-vs-clean comparison at each later hook, by hook name, in firing order."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat, JSON-safe dict: scalar fields by name, ``downstream/<hook>/<metric>``;
-        NaN and infinities become None."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name != "downstream":
-                out[f.name] = _json_number(getattr(self, f.name))
-        for hook, metrics in self.downstream.items():
-            out[f"downstream/{hook}/mse"] = _json_number(metrics.mse)
-            out[f"downstream/{hook}/explained_variance"] = _json_number(
-                metrics.explained_variance
-            )
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
-        """Inverse of ``to_dict`` (None reads back as NaN)."""
-        scalars: dict[str, Any] = {}
-        downstream: dict[str, dict[str, float]] = {}
-        for key, value in data.items():
-            if key.startswith("downstream/"):
-                hook, metric = key[len("downstream/") :].rsplit("/", 1)
-                downstream.setdefault(hook, {})[metric] = _from_json_number(value)
-            else:
-                scalars[key] = value
-        for f in dataclasses.fields(cls):
-            if f.type == "float" and f.name in scalars:
-                scalars[f.name] = _from_json_number(scalars[f.name])
-        return cls(
-            **scalars,
-            downstream={hook: DownstreamMetrics(**m) for hook, m in downstream.items()},
-        )
-
-    def format_table(self) -> str:
-        """A plain-text table of every metric."""
-        rows = [
-            ("CE loss, clean", self.ce_loss_clean),
-            ("CE loss, SAE spliced in", self.ce_loss_spliced),
-            ("CE loss increase", self.ce_loss_increase),
-            ("CE loss, zero ablation", self.ce_loss_zero_ablation),
-            ("CE loss score", self.ce_loss_score),
-            ("KL(orig || spliced)", self.kl_orig_patched),
-            ("KL(orig || ablated)", self.kl_orig_ablated),
-            ("KL score", self.kl_score),
-            ("L0", self.l0),
-            (f"alive features (first {self.alive_tokens:,} tokens)", self.alive_features),
-            ("alive fraction", self.alive_fraction),
-            ("explained variance", self.explained_variance),
-        ]
-        # explained_variance_reference (the reference's SAE-position formula, whose denominator
-        # is the reconstruction's spread) stays in to_dict()/JSON: on e2e SAEs it is often
-        # hugely negative and would mislead in a table read at a glance.
-        width = max(len(name) for name, _ in rows)
-        lines = [
-            f"SAE at {self.hook_name}: {self.n_tokens:,} tokens, {self.n_sequences:,} "
-            f"sequences, d_sae={self.d_sae:,}",
-            f"{'metric':<{width}}  value",
-            f"{'-' * width}  ----------",
-        ]
-        lines += [f"{name:<{width}}  {_format_number(value)}" for name, value in rows]
-        if self.downstream:
-            hook_width = max(len("downstream hook"), *(len(h) for h in self.downstream))
-            lines += [
-                "",
-                f"{'downstream hook':<{hook_width}}  {'MSE':<10}  explained variance",
-                f"{'-' * hook_width}  ----------  ------------------",
-            ]
-            lines += [
-                f"{hook:<{hook_width}}  {_format_number(m.mse):<10}  "
-                f"{_format_number(m.explained_variance)}"
-                for hook, m in self.downstream.items()
-            ]
-        return "\n".join(lines)
-
-    def save_json(self, path: str | Path) -> Path:
-        """Write ``to_dict()`` as JSON to ``path`` (parent folders created); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
-
-
-@jaxtyped(typechecker=beartype)
-def explained_variance_per_token(
-    reconstruction: Float[torch.Tensor, "batch pos d_in"],
-    target: Float[torch.Tensor, "batch pos d_in"],
-) -> Float[torch.Tensor, "batch pos"]:
-    """Per token 1 − ‖reconstruction − target‖² / ‖target − mean(target)‖², in float32.
-
-    mean(target) is taken over every token of this batch (batch and pos), as the
-    reference's ``calc_explained_variance`` does for its evaluation batch.
-    """
-    target = target.float()
-    residual = (reconstruction.float() - target).pow(2).sum(-1)
-    spread = (target - target.mean(dim=(0, 1))).pow(2).sum(-1)
-    return 1.0 - residual / spread
-
-
-@jaxtyped(typechecker=beartype)
-def next_token_targets(tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
-    """The token each position predicts; the last position of a sequence predicts nothing (-100)."""
-    targets = torch.full_like(tokens, _IGNORE)
-    targets[:, :-1] = tokens[:, 1:]
-    return targets
-
-
-@jaxtyped(typechecker=beartype)
-def active_features_per_token(
-    feature_acts: Float[torch.Tensor, "batch pos d_sae"],
-) -> Float[torch.Tensor, "batch pos"]:
-    """Number of non-zero features at each token (the per-token L0)."""
-    return (feature_acts != 0).sum(-1).float()
 
 
 @torch.no_grad()
@@ -280,8 +99,13 @@ def evaluate_sae(
     with _eval_mode(sae, model):
         for tokens in _token_batches(token_batches, max_batches):
             _evaluate_batch(
-                sae, model, plan, tokens.to(model.cfg.device), totals,
-                activation_scaler, logits_chunk_size,
+                sae,
+                model,
+                plan,
+                tokens.to(model.cfg.device),
+                totals,
+                activation_scaler,
+                logits_chunk_size,
             )
     return totals.result(hook_name)
 
@@ -313,7 +137,7 @@ class _Totals:
     def add_features(self, feature_acts: torch.Tensor) -> None:
         """Sparsity statistics of one batch's [batch, pos, d_sae] feature activations."""
         self.active += float(active_features_per_token(feature_acts).sum())
-        flat = feature_acts.reshape(-1, feature_acts.shape[-1])
+        flat = rearrange(feature_acts, "batch pos d_sae -> (batch pos) d_sae")
         room = flat.shape[0] if self.alive_window is None else self.alive_window - self.alive_tokens
         window = flat[: max(room, 0)]
         fired = (window != 0).any(0).cpu()
@@ -322,7 +146,7 @@ class _Totals:
 
     def add_downstream(self, name: str, patched: torch.Tensor, clean: torch.Tensor) -> None:
         """One batch's patched-vs-clean comparison at a downstream hook."""
-        patched, clean = _flat_heads(patched), _flat_heads(clean)
+        patched, clean = flatten_heads(patched), flatten_heads(clean)
         sq_error = (patched.float() - clean.float()).pow(2).sum()
         self.downstream_sq_error[name] = self.downstream_sq_error.get(name, 0.0) + float(sq_error)
         self.downstream_elements[name] = self.downstream_elements.get(name, 0) + clean.numel()
@@ -348,10 +172,10 @@ class _Totals:
             ce_loss_spliced=ce_spliced,
             ce_loss_increase=ce_spliced - ce_clean,
             ce_loss_zero_ablation=ce_ablated,
-            ce_loss_score=_ratio(ce_ablated - ce_spliced, ce_ablated - ce_clean),
+            ce_loss_score=ratio(ce_ablated - ce_spliced, ce_ablated - ce_clean),
             kl_orig_patched=kl_spliced,
             kl_orig_ablated=kl_ablated,
-            kl_score=1.0 - _ratio(kl_spliced, kl_ablated),
+            kl_score=1.0 - ratio(kl_spliced, kl_ablated),
             l0=self.active / self.n_tokens,
             d_sae=self.d_sae,
             alive_features=alive,
@@ -391,7 +215,9 @@ def _evaluate_batch(
     totals.n_sequences += batch
     totals.n_predicted += batch * (pos - 1)
     totals.add_features(feature_acts)
-    totals.explained_variance += float(explained_variance_per_token(reconstruction, clean.acts).sum())
+    totals.explained_variance += float(
+        explained_variance_per_token(reconstruction, clean.acts).sum()
+    )
     # The reference's argument order: the reconstruction is the "target" whose spread divides.
     totals.explained_variance_reference += float(
         explained_variance_per_token(clean.acts, reconstruction).sum()
@@ -414,21 +240,22 @@ def _encode_decode(
     ``acts`` is [batch, pos, d_in] with heads flattened for 4-D hooks. An inference
     SAE with hook_z reshaping on expects the heads unflattened and returns them so.
     """
-    batch, pos, d_in = acts.shape
-    sae_in = acts.reshape(batch * pos, d_in).to(sae.device)
+    batch, pos, _ = acts.shape
+    sae_in = rearrange(acts, "batch pos d_in -> (batch pos) d_in").to(sae.device)
     if scaler is not None:
         sae_in = scaler.scale(sae_in)
     if getattr(sae, "hook_z_reshaping_mode", False):
         sae_in = sae_in.unflatten(-1, (-1, model.cfg.d_head))
     feature_acts = sae.encode(sae_in)
-    reconstruction = sae.decode(feature_acts).reshape(batch * pos, d_in)
+    reconstruction = sae.decode(feature_acts).reshape(sae_in.shape[0], -1)
     if scaler is not None:
         reconstruction = scaler.unscale(reconstruction)
     if feature_acts.is_sparse:  # e.g. TopKSAE(use_sparse_activations=True)
         feature_acts = feature_acts.to_dense()
     # Kept in the SAE's dtype: the splice casts to the model's, the EV is taken in float32.
-    reconstruction = reconstruction.reshape(batch, pos, d_in).to(acts.device)
-    return feature_acts.reshape(batch, pos, -1), reconstruction
+    unflatten = "(batch pos) width -> batch pos width"
+    reconstruction = rearrange(reconstruction, unflatten, batch=batch).to(acts.device)
+    return rearrange(feature_acts, unflatten, batch=batch), reconstruction
 
 
 def _run_ablated(
@@ -450,15 +277,13 @@ def _add_output_metrics(
 ) -> None:
     """CE and KL sums over the batch, a chunk of tokens' logits at a time."""
     head = model_head(model)
-    targets = next_token_targets(tokens).flatten()
-    d_model = clean.shape[-1]
-    clean, spliced, ablated = (r.reshape(-1, d_model) for r in (clean, spliced, ablated))
-    for start in range(0, targets.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        target = targets[rows]
-        logits_clean = head(clean[rows]).float()  # [chunk, vocab]
-        logits_spliced = head(spliced[rows]).float()
-        logits_ablated = head(ablated[rows]).float()
+    targets = rearrange(next_token_targets(tokens), "batch pos -> (batch pos)")
+    flat = (
+        rearrange(r, "batch pos d_model -> (batch pos) d_model") for r in (clean, spliced, ablated)
+    )
+    for target, *resids in chunk_rows(chunk_size, targets, *flat):
+        # [chunk, vocab] float32 logits of the three runs; dropped at the end of the chunk.
+        logits_clean, logits_spliced, logits_ablated = (head(r).float() for r in resids)
         totals.ce_clean += _ce_sum(logits_clean, target)
         totals.ce_spliced += _ce_sum(logits_spliced, target)
         totals.ce_ablated += _ce_sum(logits_ablated, target)
@@ -467,7 +292,7 @@ def _add_output_metrics(
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits, targets, ignore_index=_IGNORE, reduction="sum"))
+    return float(F.cross_entropy(logits, targets, ignore_index=IGNORE_TARGET, reduction="sum"))
 
 
 def _token_batches(
@@ -554,32 +379,5 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, mode in zip(modules, modes):
+        for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
-
-
-def _flat_heads(act: torch.Tensor) -> torch.Tensor:
-    # [batch, pos, head, d_head] hooks are compared as [batch, pos, head·d_head].
-    return act.flatten(2) if act.ndim == 4 else act
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator != 0 else math.nan
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _from_json_number(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _format_number(value: float | int) -> str:
-    if isinstance(value, int):
-        return f"{value:,}"
-    if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
-        return f"{value:.3e}"
-    return f"{value:.4f}"

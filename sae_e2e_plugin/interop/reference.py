@@ -16,16 +16,15 @@ which is SAELens' ``"standard"`` architecture with ``W_enc = W_e.T``,
 
 Three entry points share one conversion:
 - ``convert_reference_checkpoint`` writes SAELens folders that plain SAELens loads;
-- ``reference_format_loader`` is a converter for ``SAE.from_pretrained`` (Hugging Face repos);
+- ``reference_format_loader`` (``reference_hub``) is a converter for ``SAE.from_pretrained``
+  (Hugging Face repos);
 - ``reference_format_disk_loader`` is a converter for ``SAE.load_from_disk``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from beartype import beartype
-from huggingface_hub import HfApi, constants, hf_hub_download
 from jaxtyping import Float, jaxtyped
-from safetensors.torch import save_file
 from sae_lens import StandardSAEConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import dtype_to_str, str_to_dtype
+from safetensors.torch import save_file
 
 CONFIG_FILENAME = "final_config.yaml"
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.pt$")
@@ -87,15 +85,15 @@ def reference_to_saelens_weights(
 # ----------------------------------------------------------------------------- files
 
 
-def _samples_n(path: Path) -> int | None:
+def samples_n(path: Path) -> int | None:
     """N of a ``samples_<N>.pt`` file name, or None for other names."""
     match = _SAMPLES_RE.match(path.name)
     return int(match.group(1)) if match else None
 
 
-def _latest_samples_file(names: list[str], where: str) -> str:
+def latest_samples_file(names: list[str], where: str) -> str:
     """The ``samples_<N>.pt`` name with the largest N (numerically, not lexically)."""
-    numbered = [(n, name) for name in names if (n := _samples_n(Path(name))) is not None]
+    numbered = [(n, name) for name in names if (n := samples_n(Path(name))) is not None]
     if not numbered:
         raise ValueError(
             f"No checkpoint file matching samples_<N>.pt in {where}. A reference run folder "
@@ -115,7 +113,7 @@ def _resolve_local_files(src: Path) -> tuple[Path, Path]:
     elif src.is_dir():
         config = src / CONFIG_FILENAME
         names = [p.name for p in src.glob("samples_*.pt")]
-        checkpoint = src / _latest_samples_file(names, str(src))
+        checkpoint = src / latest_samples_file(names, str(src))
     else:
         raise ValueError(f"Reference checkpoint path {src} does not exist.")
     if not config.is_file():
@@ -220,7 +218,7 @@ def _check_shapes(params: tuple[torch.Tensor, ...], ratio: float, hook_name: str
         raise ValueError(f"{hook_name}: encoder.0.weight has shape {tuple(enc_w.shape)}, not 2-D.")
     d_sae, d_in = enc_w.shape
     expected = {"encoder bias": (d_sae,), "decoder weight": (d_in, d_sae), "decoder bias": (d_in,)}
-    for (what, shape), t in zip(expected.items(), (enc_b, dec_w, dec_b)):
+    for (what, shape), t in zip(expected.items(), (enc_b, dec_w, dec_b), strict=True):
         if tuple(t.shape) != shape:
             raise ValueError(
                 f"{hook_name}: {what} has shape {tuple(t.shape)}, expected {shape} from the "
@@ -253,7 +251,7 @@ def _metadata(cfg: dict[str, Any], hook_name: str, checkpoint: Path | str) -> SA
         dataset_path=train_data.get("dataset_name"),
         sae_lens_training_version=None,  # trained by e2e_sae, not SAELens
         reference_checkpoint=str(checkpoint),
-        reference_samples=_samples_n(Path(str(checkpoint))),
+        reference_samples=samples_n(Path(str(checkpoint))),
         reference_model_loader=(
             "HookedTransformer.from_pretrained" if by_name else "HookedTransformer(cfg), raw"
         ),
@@ -261,7 +259,7 @@ def _metadata(cfg: dict[str, Any], hook_name: str, checkpoint: Path | str) -> SA
     )
 
 
-def _convert_all(
+def convert_all(
     config_path: Path, checkpoint: Path, device: str | torch.device, source_name: str | None = None
 ) -> dict[str, ConvertedSAE]:
     """Every SAE in one reference checkpoint, as SAELens (cfg dict, state dict) by hook name."""
@@ -305,7 +303,7 @@ def convert_reference_checkpoint(
     """
     config_path, checkpoint = _resolve_local_files(Path(src))
     written = []
-    for hook_name, (cfg_dict, weights) in _convert_all(config_path, checkpoint, device).items():
+    for hook_name, (cfg_dict, weights) in convert_all(config_path, checkpoint, device).items():
         folder = Path(out) / hook_name
         folder.mkdir(parents=True, exist_ok=True)
         save_file(weights, str(folder / SAE_WEIGHTS_FILENAME))
@@ -315,7 +313,9 @@ def convert_reference_checkpoint(
     return written
 
 
-def _pick(converted: dict[str, ConvertedSAE], hook_name: str | None, where: str) -> ConvertedSAE:
+def pick_position(
+    converted: dict[str, ConvertedSAE], hook_name: str | None, where: str
+) -> ConvertedSAE:
     """The converted SAE at ``hook_name`` (either spelling), or the only one if None."""
     if hook_name is None:
         if len(converted) != 1:
@@ -327,7 +327,7 @@ def _pick(converted: dict[str, ConvertedSAE], hook_name: str | None, where: str)
     return converted[hook_name]
 
 
-def _apply_overrides(
+def apply_overrides(
     converted: ConvertedSAE, device: str, cfg_overrides: dict[str, Any] | None
 ) -> ConvertedSAE:
     """Apply SAELens' config overrides (device, dtype, neuronpedia_id, ...) like its own loaders."""
@@ -352,83 +352,5 @@ def reference_format_disk_loader(
     path = Path(path)
     src, hook_name = (path, None) if path.exists() else (path.parent, path.name)
     config_path, checkpoint = _resolve_local_files(src)
-    converted = _convert_all(config_path, checkpoint, device)
-    return _apply_overrides(_pick(converted, hook_name, str(src)), device, cfg_overrides)
-
-
-def _hub_cache_and_offline() -> tuple[str, bool]:
-    """The hub cache folder and offline flag, read from the environment now.
-
-    ``huggingface_hub`` reads HF_HUB_CACHE / HF_HUB_OFFLINE once, at import; reading them
-    again here means a setting made after import (a notebook cell, a test) is still honoured.
-    """
-    env = os.environ
-    hf_home = env.get("HF_HOME")
-    cache = (
-        env.get("HF_HUB_CACHE")
-        or env.get("HUGGINGFACE_HUB_CACHE")
-        or (os.path.join(hf_home, "hub") if hf_home else constants.HF_HUB_CACHE)
-    )
-    flag = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
-    offline = flag.upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
-    return os.path.expanduser(os.path.expandvars(cache)), offline
-
-
-def _hub_samples_file(repo_id: str, subfolder: str, local_dir: Path, offline: bool) -> str:
-    """Name of the latest ``samples_<N>.pt`` in ``subfolder`` of a hub repo.
-
-    Online, the repo's file list is authoritative; offline (or if listing fails), the files
-    already in the local snapshot are all there is.
-    """
-    if not offline:
-        try:
-            files = HfApi().list_repo_files(repo_id)
-        except Exception as err:  # network / auth trouble: the cached snapshot is all we have
-            warnings.warn(f"Listing {repo_id} failed ({err!r}); using cached files.", stacklevel=3)
-        else:
-            prefix = f"{subfolder}/" if subfolder else ""
-            names = [f[len(prefix) :] for f in files if f.startswith(prefix)]
-            where = f"{repo_id}/{subfolder}"
-            return _latest_samples_file([n for n in names if "/" not in n], where)
-    names = [p.name for p in local_dir.glob("samples_*.pt")]
-    return _latest_samples_file(names, f"{repo_id}/{subfolder} (local cache {local_dir})")
-
-
-def reference_format_loader(
-    repo_id: str,
-    folder_name: str,
-    device: str = "cpu",
-    force_download: bool = False,
-    cfg_overrides: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
-    """SAELens ``converter`` for reference-format checkpoints on the Hugging Face hub.
-
-    Use as ``SAE.from_pretrained(repo_id, sae_id, converter=reference_format_loader)``.
-    ``sae_id`` is ``[<subfolder>/[samples_<N>.pt/]]<hook name>``: the repo folder holding
-    ``final_config.yaml`` and ``samples_<N>.pt`` (the largest N unless one is named), then the
-    SAE position. Works offline against a populated hub cache (``HF_HUB_OFFLINE=1``).
-    Returns no log-sparsity (the reference does not store one).
-    """
-    subfolder, _, hook_name = folder_name.strip("/").rpartition("/")
-    samples_name = None
-    if _samples_n(Path(subfolder)) is not None:
-        subfolder, _, samples_name = subfolder.rpartition("/")
-    cache_dir, offline = _hub_cache_and_offline()
-    fetch = dict(
-        repo_id=repo_id,
-        subfolder=subfolder or None,
-        cache_dir=cache_dir,
-        local_files_only=offline,
-        force_download=force_download and not offline,
-    )
-    config_path = Path(hf_hub_download(filename=CONFIG_FILENAME, **fetch))
-    samples_name = samples_name or _hub_samples_file(
-        repo_id, subfolder, config_path.parent, offline
-    )
-    checkpoint = Path(hf_hub_download(filename=samples_name, **fetch))
-    source = f"hf://{repo_id}/{subfolder + '/' if subfolder else ''}{samples_name}"
-    converted = _convert_all(config_path, checkpoint, device, source_name=source)
-    cfg_dict, weights = _apply_overrides(
-        _pick(converted, hook_name, source), device, cfg_overrides
-    )
-    return cfg_dict, weights, None
+    converted = convert_all(config_path, checkpoint, device)
+    return apply_overrides(pick_position(converted, hook_name, str(src)), device, cfg_overrides)

@@ -3,7 +3,7 @@
 Every SAELens flag keeps its meaning. All validation that needs no model lives
 in ``validate_e2e_config``; checks against the model (hook names, widths, the
 order of the downstream hooks) happen when the runner has the model
-(``sae_e2e_plugin.splice.plan_splice``).
+(``sae_e2e_plugin.core.splice.plan_splice``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
-from sae_e2e_plugin.objectives import get_objective
+from sae_e2e_plugin.training.objectives import resolve_objective
 
 LossName = Literal["local", "e2e", "e2e_downstream"]
 
@@ -141,7 +141,8 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
 def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
     """Refuse every setting the e2e splice cannot honour, naming the field and the fix."""
-    objective = get_objective(cfg.loss)
+    # Checks the name and the fields the objective reads; the runner resolves it for the run.
+    objective = resolve_objective(cfg)
     for name in ("kl_coefficient", "downstream_coefficient", "local_mse_coefficient"):
         _check_coefficient(name, getattr(cfg, name))
     if cfg.train_batch_size_tokens % cfg.context_size != 0:

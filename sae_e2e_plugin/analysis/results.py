@@ -1,0 +1,120 @@
+"""Results of finished runs: one row per run folder (its grid values, ``eval.json`` metrics and
+L0 settling from ``training_log.jsonl``), written as CSV, JSON and a markdown table.
+
+Sweeps write these files and the plots read them; both take the file names from here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+# Metrics copied from eval.json into the results table.
+RESULT_METRICS = (
+    "l0",
+    "alive_features",
+    "alive_fraction",
+    "ce_loss_clean",
+    "ce_loss_spliced",
+    "ce_loss_increase",
+    "ce_loss_score",
+    "kl_orig_patched",
+    "kl_score",
+    "explained_variance",
+    "n_tokens",
+)
+
+
+def run_row(run_dir: Path, run_id: str, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """The results row of one run folder (None while it has no ``eval.json``)."""
+    eval_file = run_dir / EVAL_FILENAME
+    if not eval_file.exists():
+        return None
+    metrics = json.loads(eval_file.read_text())
+    row: dict[str, Any] = {"run_id": run_id, **overrides}
+    row.update({name: metrics.get(name) for name in RESULT_METRICS})
+    row.update(training_l0_summary(run_dir / TRAINING_LOG_FILENAME))
+    return row
+
+
+def write_results(output_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``results.json`` always; ``results.csv`` and ``results.md`` when there are rows."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
+    if rows:
+        with open(output_dir / RESULTS_CSV, "w", newline="") as handle:
+            # Grids of a list may set different fields: every column, blank where unset.
+            writer = csv.DictWriter(handle, fieldnames=_all_keys(rows), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        (output_dir / RESULTS_MD).write_text(results_markdown(rows))
+
+
+# (column title, results key, format) of the markdown table.
+_TABLE_COLUMNS = (
+    ("L0", "l0", "{:.1f}"),
+    ("alive", "alive_features", "{:.0f}"),
+    ("CE increase", "ce_loss_increase", "{:.3f}"),
+    ("CE score", "ce_loss_score", "{:.3f}"),
+    ("KL", "kl_orig_patched", "{:.3f}"),
+    ("expl. var.", "explained_variance", "{:.3f}"),
+    ("L0 drift, last tenth", "l0_train_drift", "{:+.1%}"),
+)
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """The results as a markdown table: grid values, then metrics; by objective, then L0."""
+    grid_keys = [
+        k
+        for k in _all_keys(rows)
+        if k != "run_id" and k not in RESULT_METRICS and not k.startswith("l0_train_")
+    ]
+    titles = [short_key(k) for k in grid_keys] + [title for title, _, _ in _TABLE_COLUMNS]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    ordered = sorted(rows, key=lambda r: (str(r.get("loss")), -(r.get("l0") or 0.0)))
+    for row in ordered:
+        cells = [str(row[k]) if k in row else "–" for k in grid_keys]
+        for _, key, fmt in _TABLE_COLUMNS:
+            value = row.get(key)
+            cells.append("–" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _all_keys(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def read_training_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``training_log.jsonl`` (empty if it has none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_l0_summary(path: Path) -> dict[str, float | None]:
+    """Whether L0 had settled by the end of training, from the run's training log.
+
+    ``l0_train_end``: the mean batch L0 over the last tenth of the steps;
+    ``l0_train_drift``: its relative change from the tenth before (0 = flat;
+    -0.1 = still falling by 10% per tenth of the run).
+    """
+    l0 = [row["l0"] for row in read_training_log(path) if "l0" in row]
+    tenth = len(l0) // 10
+    if tenth == 0:
+        return {"l0_train_end": None, "l0_train_drift": None}
+    last = sum(l0[-tenth:]) / tenth
+    before = sum(l0[-2 * tenth : -tenth]) / tenth
+    return {"l0_train_end": last, "l0_train_drift": (last - before) / before if before else None}
+
+
+def short_key(key: str) -> str:
+    """The last part of a dotted field name (``sae.l1_coefficient`` → ``l1_coefficient``)."""
+    return key.split(".")[-1]

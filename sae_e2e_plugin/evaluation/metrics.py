@@ -1,0 +1,227 @@
+"""The paper's evaluation metrics: the result record and the per-token formulas.
+
+Definitions follow Braun et al. 2024 (arXiv 2405.12241) and the reference
+implementation's ``calc_explained_variance`` / ``calc_output_metrics`` /
+``ActFrequencyMetrics``; the CE- and KL-recovered scores follow SAELens'
+``evals.get_downstream_reconstruction_metrics``. ``docs/evaluation.md`` gives
+every formula. ``evaluate`` measures an SAE and fills an ``EvalResult``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+
+DEFAULT_ALIVE_WINDOW_TOKENS = 500_000
+"""Tokens over which a feature must fire once to count as alive: the paper's window.
+
+The alive count grows with the window (a feature firing once in 10⁶ tokens is
+dead over 10⁵), so numbers are comparable with the paper's only over the same
+window. On a smaller evaluation set every token is used and ``alive_tokens``
+says how many.
+"""
+
+IGNORE_TARGET = -100
+"""Target id of positions with no next token (``F.cross_entropy``'s ``ignore_index``)."""
+
+
+@dataclass(frozen=True)
+class DownstreamMetrics:
+    """How far the patched run's activation at one later hook is from the clean run's."""
+
+    mse: float
+    """Squared error averaged over every element (batch, position, width), as the
+    reference's ``F.mse_loss(patched, clean)``."""
+    explained_variance: float
+    """Per token 1 − ‖patched − clean‖² / ‖clean − mean(clean)‖², averaged over tokens;
+    mean(clean) is the mean over the tokens of the token's own evaluation batch."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The paper's metrics for one SAE, averaged over every evaluated token."""
+
+    hook_name: str
+    """The hook the SAE reads and whose activation its reconstruction replaces."""
+    n_tokens: int
+    """Tokens evaluated (batch × pos summed over batches)."""
+    n_sequences: int
+    """Sequences evaluated; the CE losses average over n_tokens − n_sequences predictions."""
+    ce_loss_clean: float
+    """Next-token cross-entropy of the unmodified model (nats, float32)."""
+    ce_loss_spliced: float
+    """Next-token cross-entropy with the SAE's reconstruction spliced in at the hook."""
+    ce_loss_increase: float
+    """ce_loss_spliced − ce_loss_clean: the paper's headline "CE loss increase"."""
+    ce_loss_zero_ablation: float
+    """Next-token cross-entropy with the hook's activation replaced by zeros."""
+    ce_loss_score: float
+    """(ce_loss_zero_ablation − ce_loss_spliced) / (ce_loss_zero_ablation − ce_loss_clean):
+    the fraction of the ablation's damage the SAE recovers (SAELens' ``ce_loss_score``)."""
+    kl_orig_patched: float
+    """KL(p_orig ‖ p_spliced) summed over the vocabulary, averaged over all tokens."""
+    kl_orig_ablated: float
+    """KL(p_orig ‖ p_ablated) summed over the vocabulary, averaged over all tokens."""
+    kl_score: float
+    """1 − kl_orig_patched / kl_orig_ablated (SAELens' ``kl_div_score``)."""
+    l0: float
+    """Mean number of non-zero feature activations per token."""
+    d_sae: int
+    """Number of features in the dictionary."""
+    alive_features: int
+    """Features that are non-zero on at least one of the first ``alive_tokens`` tokens."""
+    alive_fraction: float
+    """alive_features / d_sae."""
+    alive_tokens: int
+    """Tokens the alive count used: min(alive_window_tokens, n_tokens)."""
+    explained_variance: float
+    """At the SAE's hook, per token 1 − ‖â − a‖² / ‖a − mean(a)‖², averaged over tokens;
+    mean(a) is the mean over the tokens of the token's own evaluation batch."""
+    explained_variance_reference: float
+    """The reference's logged SAE-position value (``out_to_in/explained_variance``): the same
+    with the reconstruction's spread as denominator, 1 − ‖a − â‖² / ‖â − mean(â)‖², because
+    its code passes the SAE output as the target. Use it to compare with the paper's runs."""
+    downstream: dict[str, DownstreamMetrics] = field(hash=False)
+    """Patched-vs-clean comparison at each later hook, by hook name, in firing order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-safe dict: scalar fields by name, ``downstream/<hook>/<metric>``;
+        NaN and infinities become None."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name != "downstream":
+                out[f.name] = _json_number(getattr(self, f.name))
+        for hook, metrics in self.downstream.items():
+            out[f"downstream/{hook}/mse"] = _json_number(metrics.mse)
+            out[f"downstream/{hook}/explained_variance"] = _json_number(metrics.explained_variance)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
+        """Inverse of ``to_dict`` (None reads back as NaN)."""
+        scalars: dict[str, Any] = {}
+        downstream: dict[str, dict[str, float]] = {}
+        for key, value in data.items():
+            if key.startswith("downstream/"):
+                hook, metric = key[len("downstream/") :].rsplit("/", 1)
+                downstream.setdefault(hook, {})[metric] = _from_json_number(value)
+            else:
+                scalars[key] = value
+        for f in dataclasses.fields(cls):
+            if f.type == "float" and f.name in scalars:
+                scalars[f.name] = _from_json_number(scalars[f.name])
+        return cls(
+            **scalars,
+            downstream={hook: DownstreamMetrics(**m) for hook, m in downstream.items()},
+        )
+
+    def format_table(self) -> str:
+        """A plain-text table of every metric."""
+        rows = [
+            ("CE loss, clean", self.ce_loss_clean),
+            ("CE loss, SAE spliced in", self.ce_loss_spliced),
+            ("CE loss increase", self.ce_loss_increase),
+            ("CE loss, zero ablation", self.ce_loss_zero_ablation),
+            ("CE loss score", self.ce_loss_score),
+            ("KL(orig || spliced)", self.kl_orig_patched),
+            ("KL(orig || ablated)", self.kl_orig_ablated),
+            ("KL score", self.kl_score),
+            ("L0", self.l0),
+            (f"alive features (first {self.alive_tokens:,} tokens)", self.alive_features),
+            ("alive fraction", self.alive_fraction),
+            ("explained variance", self.explained_variance),
+        ]
+        # explained_variance_reference (the reference's SAE-position formula, whose denominator
+        # is the reconstruction's spread) stays in to_dict()/JSON: on e2e SAEs it is often
+        # hugely negative and would mislead in a table read at a glance.
+        width = max(len(name) for name, _ in rows)
+        lines = [
+            f"SAE at {self.hook_name}: {self.n_tokens:,} tokens, {self.n_sequences:,} "
+            f"sequences, d_sae={self.d_sae:,}",
+            f"{'metric':<{width}}  value",
+            f"{'-' * width}  ----------",
+        ]
+        lines += [f"{name:<{width}}  {_format_number(value)}" for name, value in rows]
+        if self.downstream:
+            hook_width = max(len("downstream hook"), *(len(h) for h in self.downstream))
+            lines += [
+                "",
+                f"{'downstream hook':<{hook_width}}  {'MSE':<10}  explained variance",
+                f"{'-' * hook_width}  ----------  ------------------",
+            ]
+            lines += [
+                f"{hook:<{hook_width}}  {_format_number(m.mse):<10}  "
+                f"{_format_number(m.explained_variance)}"
+                for hook, m in self.downstream.items()
+            ]
+        return "\n".join(lines)
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write ``to_dict()`` as JSON to ``path`` (parent folders created); return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+
+@jaxtyped(typechecker=beartype)
+def explained_variance_per_token(
+    reconstruction: Float[torch.Tensor, "batch pos d_in"],
+    target: Float[torch.Tensor, "batch pos d_in"],
+) -> Float[torch.Tensor, "batch pos"]:
+    """Per token 1 − ‖reconstruction − target‖² / ‖target − mean(target)‖², in float32.
+
+    mean(target) is taken over every token of this batch (batch and pos), as the
+    reference's ``calc_explained_variance`` does for its evaluation batch.
+    """
+    target = target.float()
+    residual = (reconstruction.float() - target).pow(2).sum(-1)
+    spread = (target - target.mean(dim=(0, 1))).pow(2).sum(-1)
+    return 1.0 - residual / spread
+
+
+@jaxtyped(typechecker=beartype)
+def next_token_targets(tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
+    """The token each position predicts; the last position of a sequence predicts nothing (-100)."""
+    targets = torch.full_like(tokens, IGNORE_TARGET)
+    targets[:, :-1] = tokens[:, 1:]
+    return targets
+
+
+@jaxtyped(typechecker=beartype)
+def active_features_per_token(
+    feature_acts: Float[torch.Tensor, "batch pos d_sae"],
+) -> Float[torch.Tensor, "batch pos"]:
+    """Number of non-zero features at each token (the per-token L0)."""
+    return (feature_acts != 0).sum(-1).float()
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator != 0 else math.nan
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _from_json_number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _format_number(value: float | int) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:.4f}"

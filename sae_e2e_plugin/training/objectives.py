@@ -1,0 +1,290 @@
+"""The registry of training objectives: ``loss="local" | "e2e" | "e2e_downstream"`` and user ones.
+
+An objective turns one step's runs of the model into weighted loss terms. The
+trainer adds them to the SAE's own sparsity and auxiliary terms (from its
+``calculate_aux_loss``). Objectives are registered by name, so a user can add one
+with ``register_objective`` and select it with ``loss="<name>"``.
+
+Each objective declares the config fields it reads as a small frozen dataclass (its
+``params``): when a run is built, ``resolve_objective`` looks the objective up once and
+reads those fields from the config, so a misspelt field fails then, not at the first step.
+The trainer is handed the ``ResolvedObjective`` and never looks the name up again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from einops import rearrange
+from transformer_lens import HookedTransformer
+
+from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, downstream_loss, mse_mean
+from sae_e2e_plugin.core.splice import (
+    CleanRun,
+    PatchedRun,
+    Prefix,
+    SplicePlan,
+    model_head,
+    run_patched,
+)
+from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
+
+P_co = TypeVar("P_co", covariant=True)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """The params of an objective that reads no config field."""
+
+
+@dataclass(frozen=True)
+class E2EParams:
+    """The config fields "e2e" reads."""
+
+    kl_coefficient: float
+    """β_kl, the weight of KL(p_orig ‖ p_patched)."""
+    kl_chunk_size: int
+    """Tokens whose logits are made at once."""
+    compile_kl: bool
+    """Whether the KL's elementwise work runs through ``torch.compile``."""
+    checkpoint_blocks: bool
+    """Whether the patched run recomputes the later blocks in the backward pass."""
+
+
+@dataclass(frozen=True)
+class E2EDownstreamParams(E2EParams):
+    """The config fields "e2e_downstream" reads."""
+
+    downstream_coefficient: float
+    """β_ds, the total weight of the downstream MSE terms."""
+
+
+@dataclass(frozen=True)
+class ObjectiveInputs(Generic[P_co]):
+    """What an objective sees in one training step."""
+
+    model: HookedTransformer
+    """The frozen language model."""
+    prefix: Prefix
+    """The shared state entering the SAE's block (pass it to ``run_patched``)."""
+    plan: SplicePlan
+    """The SAE's hook and the downstream hooks."""
+    clean: CleanRun
+    """The clean run: SAE input, final residual, downstream activations (no grad)."""
+    reconstruction: torch.Tensor
+    """[batch, pos, d_in] the SAE's output on the model's own scale (carries grad)."""
+    params: P_co
+    """The config fields the objective declared (an instance of its ``params`` dataclass)."""
+    timer: PhaseTimer = NO_TIMING
+    """Wrap the objective's parts in ``timer.phase(name)`` (see ``training.timing``)."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """An objective's contribution to one step."""
+
+    losses: dict[str, torch.Tensor]
+    """Weighted terms, added to the loss and logged as ``losses/<name>``."""
+    metrics: dict[str, torch.Tensor]
+    """Unweighted values, logged as ``metrics/<name>``."""
+
+
+ObjectiveFn = Callable[[ObjectiveInputs[Any]], ObjectiveOutput]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective."""
+
+    name: str
+    fn: ObjectiveFn
+    params: type
+    """Frozen dataclass whose field names are the config fields ``fn`` reads."""
+    needs_full_run: bool
+    """Whether the clean run must reach the logits (False: stop after the SAE's block)."""
+    uses_downstream_hooks: bool
+    """Whether the clean and patched runs record the downstream hooks."""
+    local_mse_weight: float | None
+    """Weight of SAELens' own reconstruction MSE; None: the config's ``local_mse_coefficient``."""
+
+
+@dataclass(frozen=True)
+class ResolvedObjective:
+    """An objective bound to one run's config: what the trainer calls every step."""
+
+    objective: Objective
+    params: Any
+    """The objective's ``params`` read from the config."""
+    local_mse_weight: float
+    """Weight of SAELens' reconstruction MSE at the SAE's hook in this run."""
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+    @property
+    def needs_full_run(self) -> bool:
+        return self.objective.needs_full_run
+
+    @property
+    def uses_downstream_hooks(self) -> bool:
+        return self.objective.uses_downstream_hooks
+
+    def __call__(
+        self,
+        model: HookedTransformer,
+        prefix: Prefix,
+        plan: SplicePlan,
+        clean: CleanRun,
+        reconstruction: torch.Tensor,
+        timer: PhaseTimer = NO_TIMING,
+    ) -> ObjectiveOutput:
+        """The objective's terms for one step."""
+        inputs = ObjectiveInputs(model, prefix, plan, clean, reconstruction, self.params, timer)
+        return self.objective.fn(inputs)
+
+
+_OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(
+    name: str,
+    fn: ObjectiveFn,
+    *,
+    params: type = NoParams,
+    needs_full_run: bool = True,
+    uses_downstream_hooks: bool = False,
+    local_mse_weight: float | None = None,
+) -> Objective:
+    """Add an objective under ``name``; select it with ``E2ERunnerConfig(loss=name)``.
+
+    ``params`` is a dataclass whose field names are the config fields ``fn`` reads
+    (``inputs.params.<field>``); they are read once when the run is built. ``local_mse_weight``
+    is the weight of SAELens' reconstruction MSE at the SAE's hook; None (the default) uses the
+    config's ``local_mse_coefficient``. Registering a name twice raises, as SAELens' own
+    registries do.
+    """
+    if name in _OBJECTIVES:
+        raise ValueError(f"an objective named {name!r} is already registered.")
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        raise ValueError(
+            f"register_objective({name!r}): params={params!r} is not a dataclass type; declare "
+            "the config fields the objective reads as a @dataclass(frozen=True)."
+        )
+    objective = Objective(
+        name=name,
+        fn=fn,
+        params=params,
+        needs_full_run=needs_full_run,
+        uses_downstream_hooks=uses_downstream_hooks,
+        local_mse_weight=local_mse_weight,
+    )
+    _OBJECTIVES[name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    """The objective registered under ``name``; ValueError listing the choices otherwise."""
+    if name not in _OBJECTIVES:
+        raise ValueError(
+            f"loss={name!r} is not a known objective. Choose one of {available_objectives()}, "
+            "or add one with sae_e2e_plugin.register_objective."
+        )
+    return _OBJECTIVES[name]
+
+
+def available_objectives() -> list[str]:
+    """Names of all registered objectives."""
+    return sorted(_OBJECTIVES)
+
+
+def resolve_objective(cfg: Any) -> ResolvedObjective:
+    """The objective named by ``cfg.loss``, with its params read from ``cfg``.
+
+    Raises ValueError for an unknown name, or for a params field the config does not have
+    (naming the field and the closest config fields).
+    """
+    objective = get_objective(cfg.loss)
+    values = {}
+    for field in dataclasses.fields(objective.params):
+        if not hasattr(cfg, field.name):
+            known = [f.name for f in dataclasses.fields(cfg)]
+            close = difflib.get_close_matches(field.name, known, n=2)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"loss={cfg.loss!r} reads the config field {field.name!r} (a field of its params "
+                f"{objective.params.__name__}), but {type(cfg).__name__} has no such field.{hint}"
+            )
+        values[field.name] = getattr(cfg, field.name)
+    weight = objective.local_mse_weight
+    return ResolvedObjective(
+        objective=objective,
+        params=objective.params(**values),
+        local_mse_weight=cfg.local_mse_coefficient if weight is None else weight,
+    )
+
+
+def _local(inputs: ObjectiveInputs[NoParams]) -> ObjectiveOutput:
+    # SAELens' own MSE (kept at weight 1) is the whole objective.
+    return ObjectiveOutput(losses={}, metrics={})
+
+
+def _e2e(inputs: ObjectiveInputs[E2EParams]) -> ObjectiveOutput:
+    patched = _run_patched(inputs)
+    kl = _kl(inputs, patched.final_resid)
+    return ObjectiveOutput(
+        losses={"kl_loss": inputs.params.kl_coefficient * kl},
+        metrics={"kl_orig_patched": kl.detach()},
+    )
+
+
+def _e2e_downstream(inputs: ObjectiveInputs[E2EDownstreamParams]) -> ObjectiveOutput:
+    params = inputs.params
+    patched = _run_patched(inputs)
+    kl = _kl(inputs, patched.final_resid)
+    terms = downstream_loss(
+        patched.downstream, inputs.clean.downstream, params.downstream_coefficient
+    )
+    losses = {"kl_loss": params.kl_coefficient * kl}
+    losses |= {f"downstream_mse_loss/{name}": term for name, term in terms.items()}
+    metrics = {"kl_orig_patched": kl.detach()}
+    for name in terms:
+        raw = mse_mean(patched.downstream[name].detach(), inputs.clean.downstream[name])
+        metrics[f"downstream_mse/{name}"] = raw
+    return ObjectiveOutput(losses=losses, metrics=metrics)
+
+
+def _run_patched(inputs: ObjectiveInputs[E2EParams]) -> PatchedRun:
+    with inputs.timer.phase("patched continuation"):
+        return run_patched(
+            inputs.model,
+            inputs.prefix,
+            inputs.plan,
+            inputs.reconstruction,
+            checkpoint_blocks=inputs.params.checkpoint_blocks,
+        )
+
+
+def _kl(inputs: ObjectiveInputs[E2EParams], patched_final_resid: torch.Tensor) -> torch.Tensor:
+    assert inputs.clean.final_resid is not None  # needs_full_run: the clean run reached the end
+    tokens = "batch pos d_model -> (batch pos) d_model"
+    with inputs.timer.phase("KL"):
+        return chunked_kl_orig_to_patched(
+            rearrange(inputs.clean.final_resid, tokens),
+            rearrange(patched_final_resid, tokens),
+            model_head(inputs.model),
+            chunk_size=inputs.params.kl_chunk_size,
+            compile_kernel=inputs.params.compile_kl,
+        )
+
+
+register_objective("local", _local, needs_full_run=False, local_mse_weight=1.0)
+register_objective("e2e", _e2e, params=E2EParams)
+register_objective(
+    "e2e_downstream", _e2e_downstream, params=E2EDownstreamParams, uses_downstream_hooks=True
+)
