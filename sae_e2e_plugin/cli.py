@@ -50,6 +50,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interruption:
+        from tqdm.auto import tqdm
+
+        # Through tqdm: the interrupted run's progress bar is still on the line.
+        tqdm.write(f"sae-e2e {args.command}: {_interrupted(interruption)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as error:
+        from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
+        from sae_e2e_plugin.training.trainer import NonFiniteLossError
+
+        if not isinstance(error, (NonFiniteLossError, CheckpointWriteError)):
+            raise
+        print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C / SIGTERM (128 + SIGINT, as shells report it)."""
+
+
+def _interrupted(interruption: KeyboardInterrupt) -> str:
+    checkpoint = getattr(interruption, "checkpoint", None)
+    if checkpoint is not None:
+        return (
+            f"interrupted; checkpoint written to {checkpoint}. Resume with "
+            f"--resume_from_checkpoint {checkpoint}"
+        )
+    if hasattr(interruption, "checkpoint"):  # stopped between steps, checkpointing off
+        return "interrupted between steps; checkpointing is off, so nothing was saved."
+    return "stopped at once (second Ctrl-C); the latest complete checkpoint is the one to resume."
 
 
 class _ProgressBarSafeHandler(logging.Handler):

@@ -1,10 +1,16 @@
-"""The files a run writes into its folders, named in one place.
+"""The files a run writes into its folders, named in one place, and how they are written.
 
 ``output_path`` holds the exported SAE (SAELens' ``cfg.json`` + ``sae_weights.safetensors``),
 ``EVAL_FILENAME`` and ``TRAINING_LOG_FILENAME``; each checkpoint folder holds SAELens'
 trainer state plus ``TRAINER_STATE_FILENAME``. Training writes these files; analysis and
 sweeps read them, so both sides take the names from here.
 """
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 EVAL_FILENAME = "eval.json"
 """The final evaluation on held-out tokens (``EvalResult.to_dict()``); marks a finished run."""
@@ -14,3 +20,37 @@ TRAINING_LOG_FILENAME = "training_log.jsonl"
 
 TRAINER_STATE_FILENAME = "e2e_trainer_state.json"
 """In a checkpoint: the token-stream position and step count that resume needs."""
+
+CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
+"""In a checkpoint: written last, so a folder without it is a checkpoint whose writing never
+finished (see ``training.checkpoints``)."""
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+"""The default ``checkpoint_path`` is this folder inside ``output_path``."""
+
+RUN_OUTPUT_FILES = (
+    "cfg.json",
+    "sae_weights.safetensors",
+    "sparsity.safetensors",
+    "runner_cfg.json",
+    EVAL_FILENAME,
+    TRAINING_LOG_FILENAME,
+)
+"""The files a run writes into ``output_path``: their presence marks a folder as a run's."""
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling renamed into place: a reader (or a
+    run killed mid-write) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

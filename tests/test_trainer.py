@@ -265,10 +265,12 @@ def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path
 
 
 def test_training_log_has_one_row_per_step_with_the_terms_and_batch_l0(tmp_path: Path) -> None:
-    runner = runner_for(tmp_path, loss="e2e", training_tokens=3 * 4 * CONTEXT)
-    log = Path(runner.cfg.output_path or "") / "training_log.jsonl"
+    log = tmp_path / "output" / "training_log.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text('{"step": 99}\n')  # left by an earlier run in the same folder
+    runner = runner_for(
+        tmp_path, loss="e2e", training_tokens=3 * 4 * CONTEXT, overwrite_output=True
+    )
     runner.run()
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["step"], r["tokens"]) for r in rows] == [(k, k * 4 * CONTEXT) for k in (1, 2, 3)]

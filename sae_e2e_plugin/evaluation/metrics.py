@@ -21,6 +21,8 @@ import torch
 from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 
+from sae_e2e_plugin.run_files import atomic_write_text
+
 DEFAULT_ALIVE_WINDOW_TOKENS = 500_000
 """Tokens over which a feature must fire once to count as alive: the paper's window.
 
@@ -166,11 +168,9 @@ class EvalResult:
         return "\n".join(lines)
 
     def save_json(self, path: str | Path) -> Path:
-        """Write ``to_dict()`` as JSON to ``path`` (parent folders created); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+        """Write ``to_dict()`` as JSON to ``path`` atomically (parent folders created); return it."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return atomic_write_text(Path(path), text)
 
 
 @jaxtyped(typechecker=beartype)

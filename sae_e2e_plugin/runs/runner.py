@@ -34,6 +34,8 @@ from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
+from sae_e2e_plugin.runs.output_folder import export_atomically, prepare_output_folder
+from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.objectives import resolve_objective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
@@ -79,6 +81,17 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
             )
+        self.resume_checkpoint = (
+            None
+            if cfg.resume_from_checkpoint is None
+            else resolve_resume_checkpoint(cfg.resume_from_checkpoint)
+        )
+        """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
+        prepare_output_folder(
+            cfg.output_path,
+            resuming=cfg.resume_from_checkpoint is not None,
+            overwrite=cfg.overwrite_output,
+        )
         self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
         override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
         if override_sae is None and cfg.pretrained_sae is not None:
@@ -150,8 +163,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             ),
             timer=self.timer,
         )
-        if self.cfg.resume_from_checkpoint is not None:
-            self._resume(trainer, tokens, self.cfg.resume_from_checkpoint)
+        if self.resume_checkpoint is not None:
+            self._resume(trainer, tokens, self.resume_checkpoint)
         elif trainer.training_log_path is not None:
             # A fresh run starts a fresh log.
             trainer.training_log_path.unlink(missing_ok=True)
@@ -225,11 +238,33 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         store = ActivationsStore.from_config(self.model, _with_dataset(cfg, name))
         return store.get_batch_tokens(n, move_to_model_device=False)
 
-    def _resume(self, trainer: E2ESAETrainer, tokens: TokenBatches, path: str) -> None:
-        logger.info(f"Resuming from checkpoint: {path}")
-        trainer.load_trainer_state(path)
-        self.sae.load_weights_from_checkpoint(path)
+    def _resume(self, trainer: E2ESAETrainer, tokens: TokenBatches, checkpoint: Path) -> None:
+        logger.info(f"resuming from checkpoint {checkpoint}")
+        try:
+            trainer.load_trainer_state(checkpoint)
+            self.sae.load_weights_from_checkpoint(checkpoint)
+        except ResumeError:
+            raise
+        except Exception as error:  # a file damaged after it was written
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint {checkpoint} could not be read "
+                f"({type(error).__name__}: {str(error)[:200]}); a file in it is damaged. Resume "
+                "from an earlier checkpoint of the run."
+            ) from error
         tokens.skip(trainer.n_sequences_consumed)
+
+    def save_final_sae(
+        self,
+        sae: TrainingSAE[Any],
+        output_path: str,
+        log_feature_sparsity: torch.Tensor | None = None,
+    ) -> None:
+        """SAELens' export, written atomically (see ``runs.output_folder.export_atomically``)."""
+
+        def write(folder: str) -> None:
+            super(E2ESAETrainingRunner, self).save_final_sae(sae, folder, log_feature_sparsity)
+
+        export_atomically(output_path, write)
 
     def run_trainer_with_interruption_handling(self, trainer: E2ESAETrainer) -> TrainingSAE[Any]:  # type: ignore[override]
         """Run ``trainer.fit()``; on SIGINT/SIGTERM finish the current step, checkpoint, stop.
@@ -249,10 +284,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         previous = {sig: signal.signal(sig, request_stop) for sig in signals}
         try:
             return trainer.fit()
-        except TrainingInterrupted:
+        except TrainingInterrupted as interruption:
             if self.cfg.checkpoint_path is not None:
-                logger.warning("interrupted: saving a checkpoint")
                 trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+                interruption.checkpoint = trainer.last_checkpoint
+                logger.warning(f"interrupted: checkpoint written to {trainer.last_checkpoint}")
             raise
         finally:
             for sig, handler in previous.items():

@@ -26,8 +26,9 @@ from sae_e2e_plugin.analysis.plots import plot_sweep
 from sae_e2e_plugin.analysis.results import run_row, short_key, write_results
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
-from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINER_STATE_FILENAME
+from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+from sae_e2e_plugin.training.checkpoints import complete_checkpoints
 from sae_e2e_plugin.training.fields import config_from_fields, merge_fields, nest_dotted
 
 logger = logging.getLogger(__name__)
@@ -116,17 +117,20 @@ def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, An
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the most tokens under ``run_dir/checkpoints``, if any."""
-    found = [p.parent for p in (run_dir / "checkpoints").glob(f"*/*/{TRAINER_STATE_FILENAME}")]
-    found = [p for p in found if p.name.isdigit()]
-    return max(found, key=lambda p: int(p.name)) if found else None
+    """The complete checkpoint with the most tokens under ``run_dir/checkpoints``, if any
+    (``final_*`` checkpoints are of finished runs, whose eval.json says so)."""
+    found = [p for p in complete_checkpoints(run_dir / CHECKPOINTS_DIRNAME) if p.name.isdigit()]
+    return found[-1] if found else None
 
 
 def _run_fields(base: dict[str, Any], run: SweepRun, run_dir: Path) -> dict[str, Any]:
     fields = merge_fields(base, nest_dotted(run.overrides))
     fields["output_path"] = str(run_dir)
-    fields["checkpoint_path"] = str(run_dir / "checkpoints")
+    fields["checkpoint_path"] = str(run_dir / CHECKPOINTS_DIRNAME)
     fields["eval_at_end"] = True  # eval.json marks a run as finished
+    # The sweep owns the run's folder: what a run killed before its first checkpoint left there
+    # (a training log) is replaced.
+    fields["overwrite_output"] = True
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         logger.info(f"  resuming from {checkpoint}")

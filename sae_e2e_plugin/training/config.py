@@ -9,13 +9,17 @@ order of the downstream hooks) happen when the runner has the model
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
+from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
 from sae_e2e_plugin.training.objectives import resolve_objective
+
+_SAELENS_DEFAULT_CHECKPOINT_PATH = "checkpoints"
 
 LossName = Literal["local", "e2e", "e2e_downstream"]
 
@@ -109,7 +113,16 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     max_grad_norm: float | None = 1.0
     """Clip the SAE's gradient norm to this value (SAELens hard-codes 1.0). None: no clipping."""
 
+    overwrite_output: bool = False
+    """Replace a previous run found in ``output_path`` (its SAE, evaluation, training log and
+    default checkpoint folder are deleted first). False: such a folder is refused unless this
+    run resumes it, so no run's files are overwritten or mixed with another's."""
+
     def __post_init__(self) -> None:
+        if self.checkpoint_path == _SAELENS_DEFAULT_CHECKPOINT_PATH and self.output_path:
+            # SAELens' default is ./checkpoints in the working directory; keep a run's
+            # checkpoints inside the folder the user chose for it instead.
+            self.checkpoint_path = os.path.join(self.output_path, CHECKPOINTS_DIRNAME)
         super().__post_init__()
         validate_e2e_config(self)
 

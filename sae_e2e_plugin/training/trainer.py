@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
-from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME
+from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME, atomic_write_text
+from sae_e2e_plugin.training.checkpoints import ResumeError, staged_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.objectives import ObjectiveOutput, ResolvedObjective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
@@ -38,7 +39,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Raised at the start of a step after SIGINT/SIGTERM asked training to stop."""
+    """Raised at the start of a step after SIGINT/SIGTERM asked training to stop.
+
+    The runner re-raises it with ``checkpoint`` set to the checkpoint it wrote (None when
+    checkpointing is off).
+    """
+
+    checkpoint: Path | None = None
 
 
 class E2ESAETrainer(SAETrainer[Any, Any]):
@@ -81,6 +88,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Each loss term of the latest step."""
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
+        self.last_checkpoint: Path | None = None
+        """The latest checkpoint this trainer wrote (complete: see ``training.checkpoints``)."""
         self.training_log_path = training_log_path
         """If set, one JSON line per step is appended here: step, tokens, each loss term and
         the batch's L0 (to see whether the loss and L0 have settled)."""
@@ -167,7 +176,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             return
         rows = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in rows if json.loads(line)["step"] <= self.n_steps_taken]
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     @torch.no_grad()
     def _clean_pass(self, tokens: torch.Tensor) -> tuple[Prefix, CleanRun]:
@@ -268,6 +277,26 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
                 acts = run_clean(self.model, prefix, self.plan, full=False).acts
             yield rearrange(acts, "batch pos d_in -> (batch pos) d_in")
 
+    def save_checkpoint(
+        self,
+        checkpoint_name: str,
+        base_path: Path | str | None = None,
+        wandb_aliases: list[str] | None = None,
+    ) -> None:
+        """SAETrainer's checkpoint, written atomically: staged, marked complete, renamed."""
+        base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if base is None:  # no folder: SAETrainer only uploads to wandb (if on)
+            super().save_checkpoint(checkpoint_name, None, wandb_aliases)
+            return
+        marker = {
+            "n_training_samples": self.n_training_samples,
+            "n_steps_taken": self.n_steps_taken,
+            "objective": self.objective.name,
+        }
+        with staged_checkpoint(Path(base), checkpoint_name, marker) as staging:
+            super().save_checkpoint(staging.name, base, wandb_aliases)
+        self.last_checkpoint = Path(base) / checkpoint_name
+
     def save_trainer_state(self, checkpoint_path: Path) -> None:
         """SAETrainer's state plus how many token sequences were consumed and the objective."""
         super().save_trainer_state(checkpoint_path)
@@ -283,7 +312,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         super().load_trainer_state(checkpoint_path)
         state_file = Path(checkpoint_path) / TRAINER_STATE_FILENAME
         if not state_file.exists():
-            raise ValueError(
+            raise ResumeError(
                 f"resume_from_checkpoint={str(checkpoint_path)!r} has no {TRAINER_STATE_FILENAME}: "
                 "it was not written by E2ESAETrainer. Resume from a checkpoint of an e2e run."
             )
@@ -291,7 +320,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         # Written as "loss" by 0.1.0 checkpoints.
         saved_objective = state.get("objective", state.get("loss"))
         if saved_objective is not None and saved_objective != self.objective.name:
-            raise ValueError(
+            raise ResumeError(
                 f"resume_from_checkpoint={str(checkpoint_path)!r} was written by a run with "
                 f"loss={saved_objective!r}, but this run has loss={self.objective.name!r}. Resume "
                 f"with loss={saved_objective!r}, or start a new run without resume_from_checkpoint."

@@ -1,0 +1,74 @@
+"""A run's ``output_path``: never mixed with, or silently replacing, another run's files.
+
+Before a run starts, ``prepare_output_folder`` looks for a previous run's files in
+``output_path`` (``run_files.RUN_OUTPUT_FILES`` and the default checkpoint folder). A
+previous run is refused unless this run resumes it or ``overwrite_output=True`` asks for it
+to be replaced, in which case exactly those files are removed first, so nothing of the old
+run is left next to the new one. Files the package did not write are never touched.
+
+``export_atomically`` writes the exported SAE into a staging sibling and moves each file into
+place, ``cfg.json`` last: a folder that SAELens can load holds a complete export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from sae_lens.constants import SAE_CFG_FILENAME
+
+from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, RUN_OUTPUT_FILES
+
+logger = logging.getLogger(__name__)
+
+
+def previous_run_files(output: Path) -> list[Path]:
+    """The files and folders of an earlier run in ``output``."""
+    found = [output / name for name in RUN_OUTPUT_FILES if (output / name).exists()]
+    if (output / CHECKPOINTS_DIRNAME).is_dir() and any((output / CHECKPOINTS_DIRNAME).iterdir()):
+        found.append(output / CHECKPOINTS_DIRNAME)
+    return found
+
+
+def prepare_output_folder(output_path: str | None, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse an ``output_path`` that holds another run, or clear it when asked to."""
+    if output_path is None:
+        return
+    output = Path(output_path)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output_path={output_path!r} is a file; give a folder for the SAE.")
+    previous = previous_run_files(output) if output.is_dir() else []
+    if not previous or resuming:
+        return
+    names = ", ".join(path.name for path in previous)
+    if not overwrite:
+        raise ValueError(
+            f"output_path={output_path!r} holds a previous run ({names}). Choose a new "
+            "output_path, resume that run with resume_from_checkpoint=<its checkpoint>, or set "
+            "overwrite_output=True to delete those files and start again."
+        )
+    logger.warning(f"overwrite_output=True: removing the previous run's {names} from {output}")
+    for path in previous:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
+    """Run ``write(folder)`` into a staging sibling of ``output_path``, then move its files in.
+
+    Each file lands with ``os.replace`` (whole or not at all), ``cfg.json`` last, so a run killed
+    during the export leaves no loadable half-written SAE.
+    """
+    output = Path(output_path)
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output, prefix=".export-"))
+    try:
+        write(str(staging))
+        names = sorted(p.name for p in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == SAE_CFG_FILENAME):
+            os.replace(staging / name, output / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

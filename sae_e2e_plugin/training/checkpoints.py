@@ -1,0 +1,194 @@
+"""Checkpoint folders that are either complete or absent, and finding the one to resume from.
+
+A checkpoint is written into a hidden staging sibling (``.<name>.partial-<id>``); only when
+every file is on disk does a completion marker go in and the folder get renamed to its name.
+A run killed mid-write leaves a staging folder that no resume ever picks; a write that fails
+(e.g. a full disk) removes its staging folder and raises ``CheckpointWriteError``, leaving the
+earlier checkpoints as they were. Resume accepts a checkpoint folder, or a folder of them (the
+latest complete one is taken and named in the log), and names any missing file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sae_lens.constants import (
+    ACTIVATION_SCALER_CFG_FILENAME,
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+)
+from sae_lens.constants import TRAINER_STATE_FILENAME as SAELENS_TRAINER_STATE_FILENAME
+
+from sae_e2e_plugin.run_files import CHECKPOINT_COMPLETE_FILENAME, TRAINER_STATE_FILENAME
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FILES = (
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+    SAELENS_TRAINER_STATE_FILENAME,
+    ACTIVATION_SCALER_CFG_FILENAME,
+    TRAINER_STATE_FILENAME,
+)
+"""What resume reads from a checkpoint folder."""
+
+_STAGING_MARK = ".partial-"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the earlier checkpoints are intact."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed from; the message says which and what to do instead."""
+
+
+@contextmanager
+def staged_checkpoint(base: Path, name: str, marker: dict[str, Any]) -> Iterator[Path]:
+    """Yield a staging folder to write checkpoint ``name`` into; publish it as ``base/name``.
+
+    On leaving the block normally, ``marker`` is written as the completion marker and the
+    folder is renamed into place (replacing an older folder of that name). On an exception the
+    staging folder is removed and ``CheckpointWriteError`` names the folder and the cause.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".{name}{_STAGING_MARK}{uuid.uuid4().hex[:8]}"
+    final = base / name
+    try:
+        yield staging
+        _write_marker(staging, marker)
+        _replace_folder(staging, final)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        earlier = latest_complete_checkpoint(base)
+        kept = (
+            f"the latest complete checkpoint, {earlier}, is intact"
+            if earlier
+            else ("no earlier checkpoint exists")
+        )
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {final} ({type(error).__name__}: {error}); {kept}. "
+            "Check the free disk space and permissions of checkpoint_path, then resume."
+        ) from error
+    _remove_stale_staging(base)
+
+
+def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
+    # fsync the files first: after a power cut, a marker must not outlive the data it vouches for.
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    (folder / CHECKPOINT_COMPLETE_FILENAME).write_text(json.dumps(marker))
+    _fsync(folder / CHECKPOINT_COMPLETE_FILENAME)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _replace_folder(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; an older ``final`` is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_staging(base: Path) -> None:
+    # Staging folders of writes that were killed (SIGKILL, power cut) hold nothing resumable.
+    for path in base.iterdir():
+        if path.name.startswith(".") and (_STAGING_MARK in path.name or ".old-" in path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint whose writing finished."""
+    return (folder / CHECKPOINT_COMPLETE_FILENAME).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints in ``root`` or one level below it (``<checkpoints>/<run id>/<n>``),
+    oldest first (by the tokens seen, which name them)."""
+    candidates = [p for p in root.glob("*") if p.is_dir()] + [
+        p for p in root.glob("*/*") if p.is_dir()
+    ]
+    found = [p for p in candidates if is_complete_checkpoint(p) and not p.name.startswith(".")]
+    return sorted(found, key=_tokens_seen)
+
+
+def latest_complete_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the most tokens seen under ``root``, if any."""
+    found = complete_checkpoints(root) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def _tokens_seen(folder: Path) -> int:
+    try:
+        marker = json.loads((folder / CHECKPOINT_COMPLETE_FILENAME).read_text())
+        return int(marker["n_training_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(folder.name) if folder.name.isdigit() else -1
+
+
+def resolve_resume_checkpoint(path: str) -> Path:
+    """The checkpoint folder to resume from, for ``resume_from_checkpoint=path``.
+
+    A complete checkpoint is itself; a folder of checkpoints gives its latest complete one.
+    Anything else (missing, incomplete, lacking files) is a ``ResumeError`` saying what to do.
+    """
+    folder = Path(path)
+    field = f"resume_from_checkpoint={path!r}"
+    if not folder.is_dir():
+        raise ResumeError(f"{field} does not exist; pass a checkpoint folder of an earlier run.")
+    if is_complete_checkpoint(folder):
+        return _with_required_files(folder, field)
+    latest = latest_complete_checkpoint(folder)
+    if latest is not None:
+        logger.info(f"{field} holds checkpoints; resuming from the latest complete one: {latest}")
+        return _with_required_files(latest, field)
+    if _looks_like_checkpoint(folder):
+        if all((folder / name).is_file() for name in REQUIRED_FILES):
+            # Written before completion markers existed: every file is there, so accept it.
+            return folder
+        nearest = latest_complete_checkpoint(folder.parent)
+        hint = f"resume from {nearest}" if nearest else "no complete checkpoint is next to it"
+        raise ResumeError(
+            f"{field} is an incomplete checkpoint (its writing never finished; "
+            f"{_missing(folder)} missing): {hint}."
+        )
+    raise ResumeError(
+        f"{field} is neither a checkpoint nor a folder holding checkpoints; pass a folder "
+        "under the run's checkpoint_path (e.g. <output_path>/checkpoints/<run id>/<tokens>)."
+    )
+
+
+def _looks_like_checkpoint(folder: Path) -> bool:
+    return any((folder / name).exists() for name in REQUIRED_FILES)
+
+
+def _missing(folder: Path) -> str:
+    return ", ".join(name for name in REQUIRED_FILES if not (folder / name).is_file())
+
+
+def _with_required_files(folder: Path, field: str) -> Path:
+    missing = _missing(folder)
+    if missing:
+        raise ResumeError(
+            f"{field}: the checkpoint {folder} lacks {missing}; it was damaged after it was "
+            "written. Resume from an earlier checkpoint of the run."
+        )
+    return folder
