@@ -14,6 +14,7 @@ logging and the progress bar. One step here is:
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from sae_lens.config import SAETrainerConfig
+from sae_lens.constants import TRAINER_STATE_FILENAME as SAELENS_TRAINER_STATE_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer, SaveCheckpointFn
 from tqdm.auto import tqdm
@@ -280,6 +282,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         """Restore SAETrainer's state and the token-stream position."""
+        refuse_unsafe_trainer_state(checkpoint_path, self.cfg.device)
         super().load_trainer_state(checkpoint_path)
         state_file = Path(checkpoint_path) / TRAINER_STATE_FILENAME
         if not state_file.exists():
@@ -312,6 +315,33 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         pbar.update(self.cfg.train_batch_size_samples)
         if self.n_training_steps % update_interval == 0 or self.n_training_steps == 1:
             pbar.set_description(f"{self.n_training_steps}| {_summary(step_output)}")
+
+
+def refuse_unsafe_trainer_state(checkpoint_path: Path | str, device: str) -> None:
+    """Load SAETrainer's ``trainer_state.pt`` tensors-only, raising if it holds anything else.
+
+    SAETrainer loads it with a bare ``torch.load``, which under ``weights_only=False`` (torch
+    before 2.6, or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) runs any code a pickle names, and a
+    checkpoint folder may come from someone else. A file that loads tensors-only names no code,
+    so SAETrainer's load of it afterwards runs none.
+    """
+    path = Path(checkpoint_path) / SAELENS_TRAINER_STATE_FILENAME
+    if not path.is_file():
+        raise ValueError(
+            f"resume_from_checkpoint={str(checkpoint_path)!r} has no {path.name}: pass a "
+            "checkpoint folder written by a training run (it holds trainer_state.pt)."
+        )
+    try:
+        torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message also suggests weights_only=False; pass on only what it refused.
+        refused = [part.strip() for part in str(error).split("\n\n") if "GLOBAL" in part]
+        reason = (refused[0] if refused else str(error).strip().splitlines()[0]).rstrip(".")
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, so it is not "
+            f"loaded (loading it could run code): {reason}. Resume only from checkpoints "
+            "written by a training run; this file was not, or has been changed."
+        ) from error
 
 
 def freeze(model: HookedTransformer) -> HookedTransformer:
