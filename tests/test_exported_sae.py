@@ -26,6 +26,9 @@ ARCHITECTURES: dict[str, Any] = {
         d_in=D_MODEL, d_sae=32, l1_coefficient=1e-3
     ),
     "batchtopk": lambda: sae_lens.BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=K),
+    "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=32, k=K, matryoshka_widths=[8, 32]
+    ),
 }
 
 
@@ -71,7 +74,7 @@ def test_eval_json_and_metadata_report_the_exported_sae(tmp_path: Path, architec
     assert saved["l0"] == pytest.approx(evaluate(exported, runner)["l0"], rel=1e-6)
     assert metadata["l0"] == saved["l0"]
     training_sae = evaluate(runner.sae, runner)
-    if architecture == "batchtopk":
+    if architecture != "standard":
         assert exported.cfg.architecture() == "jumprelu"
         assert training_sae["l0"] == pytest.approx(K)  # the batch top-k keeps k per token
         assert saved["l0"] > K  # the exported threshold lets more through on this run
