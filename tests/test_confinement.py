@@ -74,10 +74,10 @@ def test_convert_refuses_a_state_dict_key_that_leaves_the_output_folder(
 def test_convert_command_reports_the_crafted_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    crafted_run(tmp_path / "run", "../../evil")
+    crafted_run(tmp_path / "run", "../outside/evil")
     before = tree(tmp_path)
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
-    assert "'../../evil.encoder.0.weight'" in capsys.readouterr().err
+    assert "'../outside/evil.encoder.0.weight'" in capsys.readouterr().err
     assert tree(tmp_path) == before
 
 
