@@ -148,7 +148,7 @@ def builtin_token_stream(name: str, tokenizer: PreTrainedTokenizerBase) -> np.nd
     key = _sha256(f"{CACHE_FORMAT}|{_tokenizer_fingerprint(tokenizer)}|{text_hash}")
     path = builtin_cache_dir() / "datasets" / f"{name}-{key[:20]}.npy"
     if path.exists():
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     stream = _concat_with_eos(documents, tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:

@@ -12,16 +12,20 @@ checking architecture, widths, hook and ``apply_b_dec_to_input`` against the run
 
 Upload: ``upload_sae(folder, repo_id, sae_id)`` publishes an exported folder with SAELens'
 own uploader; ``dry_run=<dir>`` writes exactly the files that would be uploaded instead.
+Both send the folder's JSON files without this machine's local paths (``local_paths``).
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+
+from sae_e2e_plugin.interop.local_paths import check_relative_id, path_inside, scrub_json_file
 
 # The files SAELens' uploader sends for each SAE (its allow-list).
 UPLOADED_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "runner_cfg.json")
@@ -107,7 +111,10 @@ def upload_sae(
 
     With ``dry_run`` nothing is sent: the files the uploader would send (the SAE's files
     under ``<sae_id>/`` and the default README) are written under ``dry_run`` and listed.
+    Either way the JSON files go out with local paths replaced by their base names, and
+    ``sae_id`` must be a relative path without ``..`` (it names a folder in the repo).
     """
+    check_relative_id(sae_id, "sae_id")
     folder = Path(folder)
     for required in UPLOADED_FILES[:2]:
         if not (folder / required).exists():
@@ -118,19 +125,32 @@ def upload_sae(
     if dry_run is None:
         from sae_lens import upload_saes_to_huggingface
 
-        upload_saes_to_huggingface({sae_id: folder}, hf_repo_id=repo_id)
+        with tempfile.TemporaryDirectory() as staging:
+            staged = Path(staging) / "sae"
+            _stage(folder, staged)
+            upload_saes_to_huggingface({sae_id: staged}, hf_repo_id=repo_id)
         return [folder / name for name in UPLOADED_FILES if (folder / name).exists()]
     return _write_dry_run(folder, repo_id, sae_id, Path(dry_run))
+
+
+def _stage(folder: Path, target: Path) -> list[Path]:
+    """Copy the uploaded files of ``folder`` to ``target``; JSON ones without local paths."""
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in UPLOADED_FILES:
+        if not (folder / name).exists():
+            continue
+        if name.endswith(".json"):
+            written.append(scrub_json_file(folder / name, target / name))
+        else:
+            written.append(Path(shutil.copy2(folder / name, target / name)))
+    return written
 
 
 def _write_dry_run(folder: Path, repo_id: str, sae_id: str, target: Path) -> list[Path]:
     from sae_lens.training.upload_saes_to_huggingface import _create_default_readme
 
-    written = []
-    (target / sae_id).mkdir(parents=True, exist_ok=True)
-    for name in UPLOADED_FILES:
-        if (folder / name).exists():
-            written.append(Path(shutil.copy2(folder / name, target / sae_id / name)))
+    written = _stage(folder, path_inside(target, sae_id, f"sae_id={sae_id!r}"))
     readme = target / "README.md"
     readme.write_text(_create_default_readme(repo_id, [sae_id]))
     return [*written, readme]

@@ -39,6 +39,8 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import dtype_to_str, str_to_dtype
 from safetensors.torch import save_file
 
+from sae_e2e_plugin.interop.local_paths import check_plain_hook_name, path_inside
+
 CONFIG_FILENAME = "final_config.yaml"
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.pt$")
 _PARAM_SUFFIXES = ("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")
@@ -161,14 +163,24 @@ def _load_state_dict(path: Path, device: str | torch.device) -> dict[str, torch.
 _UPLOAD_KEYS = {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}
 
 
-def _weight_positions(state: dict[str, torch.Tensor]) -> list[str]:
-    """Hook names present in a reference state dict ("-" back to "."; hook names have no "-")."""
-    keys = {k[: -len(s) - 1] for k in state for s in _PARAM_SUFFIXES if k.endswith("." + s)}
-    return sorted(key.replace("-", ".") for key in keys)
+def _weight_positions(state: dict[str, torch.Tensor], source: Path) -> list[str]:
+    """Hook names present in a reference state dict ("-" back to "."; hook names have no "-").
+
+    Each becomes a folder name in ``convert_reference_checkpoint``, so each must be a plain
+    hook name: a crafted key such as ``../../x.encoder.0.weight`` is refused here.
+    """
+    first_key: dict[str, str] = {}
+    for key in state:
+        for suffix in _PARAM_SUFFIXES:
+            if key.endswith("." + suffix):
+                first_key.setdefault(key[: -len(suffix) - 1], key)
+    for prefix, key in sorted(first_key.items()):
+        check_plain_hook_name(prefix.replace("-", "."), f"State-dict key {key!r} in {source}")
+    return sorted(prefix.replace("-", ".") for prefix in first_key)
 
 
 def _resolve_positions(
-    cfg: dict[str, Any], state: dict[str, torch.Tensor], source: Path
+    cfg: dict[str, Any], state: dict[str, torch.Tensor], source: Path, config_path: Path
 ) -> list[str]:
     """Hook names of the SAEs, matched between the config and the weights.
 
@@ -182,8 +194,9 @@ def _resolve_positions(
         # One un-nested SAE, as the reference's HF-upload script writes it: the config names it.
         if len(filters) != 1:
             raise ValueError(f"{source} holds one SAE but saes.sae_positions is {filters}.")
-        return filters
-    found = _weight_positions(state)
+        check_plain_hook_name(str(filters[0]), f"saes.sae_positions in {config_path}")
+        return [str(filters[0])]
+    found = _weight_positions(state, source)
     same_run = "The config and the checkpoint must come from the same training run."
     for f in filters:
         if not any(f in name for name in found):
@@ -267,7 +280,7 @@ def convert_all(
     state = _load_state_dict(checkpoint, device)
     ratio = float(cfg["saes"]["dict_size_to_input_ratio"])
     converted: dict[str, ConvertedSAE] = {}
-    for hook_name in _resolve_positions(cfg, state, checkpoint):
+    for hook_name in _resolve_positions(cfg, state, checkpoint, config_path):
         params = _position_params(state, hook_name, checkpoint)
         _check_shapes(params, ratio, hook_name)
         weights = reference_to_saelens_weights(*params)
@@ -300,11 +313,21 @@ def convert_reference_checkpoint(
 
     Returns:
         The written folders, in hook-name order.
+
+    Raises:
+        ValueError: for a position that is not a plain hook name (it names a folder) or whose
+            folder would resolve outside ``out`` (e.g. through a link); nothing is written then.
     """
     config_path, checkpoint = _resolve_local_files(Path(src))
+    converted = convert_all(config_path, checkpoint, device)
+    # Every folder is checked before the first is written, so a refusal leaves no partial output.
+    folders = {
+        hook_name: path_inside(out, hook_name, f"SAE position {hook_name!r} of {checkpoint}")
+        for hook_name in converted
+    }
     written = []
-    for hook_name, (cfg_dict, weights) in convert_all(config_path, checkpoint, device).items():
-        folder = Path(out) / hook_name
+    for hook_name, (cfg_dict, weights) in converted.items():
+        folder = folders[hook_name]
         folder.mkdir(parents=True, exist_ok=True)
         save_file(weights, str(folder / SAE_WEIGHTS_FILENAME))
         with open(folder / SAE_CFG_FILENAME, "w") as f:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import wandb
-from sae_lens import LanguageModelSAETrainingRunner
+from sae_lens import SAE, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activation_scaler import ActivationScaler
@@ -34,6 +34,7 @@ from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
+from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import export_atomically, prepare_output_folder
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
@@ -183,12 +184,14 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             wandb.finish()
         return sae
 
-    def evaluate(self, activation_scaler: ActivationScaler | None = None) -> EvalResult:
-        """The SAE's metrics on the held-out tokens (see ``sae_e2e_plugin.evaluate_sae``)."""
+    def evaluate(
+        self, activation_scaler: ActivationScaler | None = None, sae: SAE[Any] | None = None
+    ) -> EvalResult:
+        """``sae``'s (default: the training SAE's) metrics on the held-out tokens (``evaluate_sae``)."""
         if self.eval_tokens is None:
             raise ValueError("n_eval_batches=0: there are no held-out tokens to evaluate on.")
         return evaluate_sae(
-            self.sae,
+            sae if sae is not None else self.sae,
             self.model,
             self.eval_tokens.split(self.cfg.eval_sequences_per_batch),
             hook_name=self.cfg.hook_name,
@@ -202,16 +205,23 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             return
         result = self.evaluate(trainer.activation_scaler)
         self.eval_history.append((trainer.n_steps_taken, result))
-        logger.info(f"evaluation after step {trainer.n_steps_taken}:\n{result.format_table()}")
+        logger.info(
+            f"evaluation of the training SAE after step {trainer.n_steps_taken}:\n"
+            f"{result.format_table()}"
+        )
         if self.cfg.logger.log_to_wandb:
             wandb.log(_wandb_eval_dict(result), step=trainer.n_training_steps)
 
     def _final_evaluation(self, trainer: E2ESAETrainer) -> None:
-        # After fit() any activation scaling is folded into the SAE's weights.
-        result = self.evaluate()
+        # The SAE as exported (activation scaling folded in; batch top-k as JumpReLU), not the
+        # training SAE: eval.json and cfg.json describe the file users load.
+        exported = load_exported_sae(self.sae, self.cfg.output_path, self.cfg.device)
+        result = self.evaluate(sae=exported)
         self.eval_history.append((trainer.n_steps_taken, result))
-        logger.info(f"final evaluation on held-out tokens:\n{result.format_table()}")
+        logger.info(f"final evaluation on held-out tokens (exported SAE):\n{result.format_table()}")
         if self.cfg.output_path is not None:
+            # eval.json marks a finished run (sweeps), so it is written last.
+            record_exported_l0(self.cfg.output_path, result.l0)
             path = result.save_json(Path(self.cfg.output_path) / EVAL_FILENAME)
             logger.info(f"saved the evaluation to {path}")
         if self.cfg.logger.log_to_wandb:
@@ -259,10 +269,12 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         output_path: str,
         log_feature_sparsity: torch.Tensor | None = None,
     ) -> None:
-        """SAELens' export, written atomically (see ``runs.output_folder.export_atomically``)."""
+        """SAELens' export, written atomically (``runs.output_folder.export_atomically``), with
+        ``runner_cfg.json`` rewritten without local paths (it is what gets uploaded)."""
 
         def write(folder: str) -> None:
             super(E2ESAETrainingRunner, self).save_final_sae(sae, folder, log_feature_sparsity)
+            remove_local_paths(folder)
 
         export_atomically(output_path, write)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from sae_lens.constants import (
     ACTIVATION_SCALER_CFG_FILENAME,
     SAE_CFG_FILENAME,
@@ -192,3 +194,32 @@ def _with_required_files(folder: Path, field: str) -> Path:
             "written. Resume from an earlier checkpoint of the run."
         )
     return folder
+
+
+def refuse_unsafe_trainer_state(folder: Path, device: str) -> None:
+    """Load SAETrainer's ``trainer_state.pt`` tensors-only, refusing it if it names any code.
+
+    SAETrainer loads it with a bare ``torch.load``, which under ``weights_only=False`` (torch
+    before 2.6, or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) runs any code a pickle names, and a
+    checkpoint folder may come from someone else. A file that loads tensors-only names no code,
+    so SAETrainer's load of it afterwards runs none. A file that is merely damaged is left to
+    fail there (the runner names it as damaged).
+    """
+    path = folder / SAELENS_TRAINER_STATE_FILENAME
+    if not path.is_file():
+        raise ResumeError(
+            f"resume_from_checkpoint={str(folder)!r} has no {path.name}: pass a checkpoint "
+            "folder written by a training run."
+        )
+    try:
+        torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message also suggests weights_only=False; pass on only what it refused.
+        refused = [part.strip() for part in str(error).split("\n\n") if "GLOBAL" in part]
+        if not refused:
+            raise
+        raise ResumeError(
+            f"{path} holds objects other than tensors and plain containers, so it is not "
+            f"loaded (loading it could run code): {refused[0].rstrip('.')}. Resume only from "
+            "checkpoints written by a training run; this file was not, or has been changed."
+        ) from error

@@ -28,7 +28,11 @@ from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
 from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME, atomic_write_text
-from sae_e2e_plugin.training.checkpoints import ResumeError, staged_checkpoint
+from sae_e2e_plugin.training.checkpoints import (
+    ResumeError,
+    refuse_unsafe_trainer_state,
+    staged_checkpoint,
+)
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.objectives import ObjectiveOutput, ResolvedObjective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
@@ -309,6 +313,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         """Restore SAETrainer's state and the token-stream position."""
+        refuse_unsafe_trainer_state(Path(checkpoint_path), self.cfg.device)
         super().load_trainer_state(checkpoint_path)
         state_file = Path(checkpoint_path) / TRAINER_STATE_FILENAME
         if not state_file.exists():
