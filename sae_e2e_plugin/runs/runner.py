@@ -111,6 +111,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 "TransformerLens HookedTransformer (start_at_layer)."
             )
         if cfg.lm_dtype is not None:
+            _warn_if_bf16_is_emulated(cfg.lm_dtype, str(cfg.llm_device or cfg.device))
             self.model.to(getattr(torch, cfg.lm_dtype))
         freeze(self.model)
         self.objective = resolve_objective(cfg)
@@ -366,3 +367,20 @@ def _wandb_eval_dict(result: EvalResult) -> dict[str, Any]:
         for key, value in result.to_dict().items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
+
+
+def _warn_if_bf16_is_emulated(lm_dtype: str, device: str) -> None:
+    # Without AVX-512-BF16 or AMX, a CPU emulates bf16 matrix products: on a 2-core AVX2 host
+    # a [256, 576] × [576, 1536] product took 401 ms in bf16 against 17 ms in float32.
+    if lm_dtype != "bfloat16" or not device.startswith("cpu"):
+        return
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    if not native:
+        logger.warning(
+            "lm_dtype='bfloat16' on a CPU without AVX-512-BF16 or AMX: bf16 matrix products are "
+            "emulated here and run many times slower than float32. Leave lm_dtype unset (or "
+            "'float32') on this machine."
+        )
