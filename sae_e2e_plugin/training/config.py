@@ -8,13 +8,13 @@ order of the downstream hooks) happen when the runner has the model
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
+from sae_e2e_plugin.training.numbers import check_coefficient, check_numbers, check_run_length
 from sae_e2e_plugin.training.objectives import resolve_objective
 
 LossName = Literal["local", "e2e", "e2e_downstream"]
@@ -110,6 +110,9 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     """Clip the SAE's gradient norm to this value (SAELens hard-codes 1.0). None: no clipping."""
 
     def __post_init__(self) -> None:
+        # SAELens' own __post_init__ computes with the numbers (lr / 10, a slice of
+        # context_size): check them first, so a bad value is named, not failed on inside it.
+        check_numbers(self)
         super().__post_init__()
         validate_e2e_config(self)
 
@@ -140,11 +143,15 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
 
 def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
-    """Refuse every setting the e2e splice cannot honour, naming the field and the fix."""
+    """Refuse every setting the e2e splice cannot honour, naming the field and the fix.
+
+    Types and ranges of numbers are checked before this, by ``check_numbers``."""
     # Checks the name and the fields the objective reads; the runner resolves it for the run.
     objective = resolve_objective(cfg)
     for name in ("kl_coefficient", "downstream_coefficient", "local_mse_coefficient"):
-        _check_coefficient(name, getattr(cfg, name))
+        check_coefficient(name, getattr(cfg, name))
+    _check_objective_terms(cfg, objective.params)
+    check_run_length(cfg)
     if cfg.train_batch_size_tokens % cfg.context_size != 0:
         raise ValueError(
             f"train_batch_size_tokens={cfg.train_batch_size_tokens} is not a multiple of "
@@ -196,9 +203,19 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
     _check_unsupported_settings(cfg)
 
 
-def _check_coefficient(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+def _check_objective_terms(cfg: E2ERunnerConfig[Any], params: Any) -> None:
+    # A weight of 0 switches the objective's defining term off: another objective is meant.
+    if getattr(params, "kl_coefficient", None) == 0:
+        raise ValueError(
+            f"kl_coefficient=0 with loss={cfg.loss!r} trains without the KL term, so the SAE is "
+            "not trained end to end; set kl_coefficient > 0, or use loss='local' for "
+            "reconstruction-only training."
+        )
+    if getattr(params, "downstream_coefficient", None) == 0:
+        raise ValueError(
+            f"downstream_coefficient=0 with loss={cfg.loss!r} trains without the downstream "
+            "terms; set downstream_coefficient > 0, or use loss='e2e'."
+        )
 
 
 def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
