@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
@@ -189,6 +190,12 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
         )
     if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {cfg.max_grad_norm}.")
+    if isinstance(cfg.downstream_hooks, str):
+        raise ValueError(
+            f"downstream_hooks={cfg.downstream_hooks!r} is a string; give a list of hook names, "
+            f"e.g. downstream_hooks=[{cfg.downstream_hooks!r}]."
+        )
+    _check_devices(cfg)
     if cfg.downstream_hooks is not None:
         if not objective.uses_downstream_hooks:
             raise ValueError(
@@ -216,6 +223,18 @@ def _check_objective_terms(cfg: E2ERunnerConfig[Any], params: Any) -> None:
             f"downstream_coefficient=0 with loss={cfg.loss!r} trains without the downstream "
             "terms; set downstream_coefficient > 0, or use loss='e2e'."
         )
+
+
+def _check_devices(cfg: E2ERunnerConfig[Any]) -> None:
+    # Whether the device exists is the running machine's business; its spelling is the config's.
+    for name in ("device", "llm_device", "act_store_device"):
+        value = getattr(cfg, name)
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"{name}={value!r} is not a torch device; use e.g. {name}='cpu', 'cuda' or 'cuda:0'."
+            ) from None
 
 
 def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:

@@ -120,9 +120,9 @@ def _wrong_type(name: str, value: Any, kind: type, optional: bool) -> ValueError
             f"use {name}=True or {name}=False."
         )
     allowed = _describe(kind) + (" or None" if optional else "")
+    given = "is not set (None)" if value is None else f"is a {type(value).__name__}"
     return ValueError(
-        f"{name}={value!r} is a {type(value).__name__}; {name} takes {allowed}, "
-        f"e.g. {name}={_example(kind)}."
+        f"{name}={value!r} {given}; {name} takes {allowed}, e.g. {name}={_example(kind)}."
     )
 
 

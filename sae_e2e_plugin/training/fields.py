@@ -59,6 +59,12 @@ def merge_fields(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 def config_from_fields(fields: dict[str, Any]) -> E2ERunnerConfig[Any]:
     """Build an ``E2ERunnerConfig`` from a nested field mapping, with clear errors for unknown keys."""
     fields = dict(fields)
+    for group in ("sae", "logger"):
+        if not isinstance(fields.get(group) or {}, dict):
+            raise ValueError(
+                f"{group}={fields[group]!r} is not a mapping of {group} fields; "
+                f"give them as {group}: {{...}} in a file or as --{group}.<field> flags."
+            )
     _check_known(
         "", {k: v for k, v in fields.items() if k not in ("sae", "logger")}, E2ERunnerConfig
     )

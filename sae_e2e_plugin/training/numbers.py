@@ -124,14 +124,25 @@ def _check_schedule(cfg: Any) -> None:
             f"use one of {list(LR_SCHEDULERS)}."
         )
     steps = cfg.training_tokens // cfg.train_batch_size_tokens
-    ramps = {"lr_warm_up_steps + lr_decay_steps": cfg.lr_warm_up_steps + cfg.lr_decay_steps}
-    ramps |= {f"sae.{n}": v for n, v in vars(cfg.sae).items() if n.endswith("_warm_up_steps")}
-    for name, value in ramps.items():
+    counts = [
+        (
+            "lr_warm_up_steps + lr_decay_steps",
+            cfg.lr_warm_up_steps + cfg.lr_decay_steps,
+            "the learning-rate schedule would never finish",
+        ),
+        ("n_checkpoints", cfg.n_checkpoints, "at most one checkpoint is written per step"),
+        ("eval_every_n_steps", cfg.eval_every_n_steps, "no evaluation would run during training"),
+    ]
+    counts += [
+        (f"sae.{name}", value, "the coefficient would never reach its full value")
+        for name, value in vars(cfg.sae).items()
+        if name.endswith("_warm_up_steps")
+    ]
+    for name, value, why in counts:
         if value > steps:
             raise ValueError(
-                f"{name}={value} is more than the run's {steps} training steps "
-                "(training_tokens / train_batch_size_tokens), so the schedule would never "
-                "finish; lower it or raise training_tokens."
+                f"{name}={value} is more than the run's {steps} training steps (training_tokens"
+                f" / train_batch_size_tokens): {why}. Lower it or raise training_tokens."
             )
     if cfg.lr_decay_steps > 0 and cfg.lr_end == 0:
         raise ValueError(
