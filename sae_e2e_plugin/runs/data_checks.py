@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
@@ -103,28 +103,34 @@ def _check_token_values(value: Any, column: str, name: str) -> None:
 
 def _check_row_lengths(dataset: Dataset, column: str, name: str, context_size: int) -> None:
     # SAELens checks the first row only; a shorter row later fails inside torch.stack.
-    ids = dataset.with_format("arrow")[column]
-    if not (pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type)):
+    rows = _token_lists(dataset, column)
+    if rows is None or len(rows) == 0:
         return
-    lengths = pc.list_value_length(ids)
-    shortest = pc.min(lengths).as_py()
-    if shortest is not None and shortest < context_size:
-        row = pc.index(lengths, shortest).as_py()
+    lengths = rows.value_lengths().to_numpy(zero_copy_only=False)
+    row = int(np.argmin(lengths))
+    if lengths[row] < context_size:
         raise ValueError(
-            f"row {row} of {name} has {shortest} tokens, fewer than context_size={context_size}; "
-            f"drop rows shorter than {context_size} tokens or lower context_size."
+            f"row {row} of {name} has {lengths[row]} tokens, fewer than context_size="
+            f"{context_size}; drop rows shorter than {context_size} tokens or lower context_size."
         )
+
+
+def _token_lists(dataset: Dataset, column: str) -> Any:
+    """The column as one pyarrow list array (rows in the dataset's order), or None if the
+    column does not hold lists."""
+    ids: Any = dataset.with_format("arrow")[column]  # a pyarrow ChunkedArray
+    if not (pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type)):
+        return None
+    return ids.combine_chunks()
 
 
 def _token_id_range(dataset: Any, column: str) -> tuple[int, int] | None:
     """(smallest, largest) token id: over every row of an in-memory dataset, over the first
     row of a streamed one (reading the whole stream is what training is for)."""
     if isinstance(dataset, Dataset):
-        ids = dataset.with_format("arrow")[column]
-        if pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type):
-            ids = pc.list_flatten(ids)
-        low, high = (v.as_py() for v in pc.min_max(ids).values())
-        return None if low is None else (int(low), int(high))
+        rows = _token_lists(dataset, column)
+        ids = np.asarray([] if rows is None else rows.flatten().to_numpy(zero_copy_only=False))
+        return (int(ids.min()), int(ids.max())) if ids.size else None
     if isinstance(dataset, IterableDataset):
         first = _first_row(dataset)
         ids = [] if first is None else list(first[column])
