@@ -1,9 +1,11 @@
 """``E2ERunnerConfig``: SAELens' runner config plus the ``loss`` flag and its coefficients.
 
-Every SAELens flag keeps its meaning. All validation that needs no model lives
-in ``validate_e2e_config``; checks against the model (hook names, widths, the
-order of the downstream hooks) happen when the runner has the model
-(``sae_e2e_plugin.core.splice.plan_splice``).
+Every SAELens flag keeps its meaning. All validation that needs no model runs when
+the config is built: types and ranges of numbers first (``training.numbers``, before
+SAELens' own ``__post_init__``), then ``validate_e2e_config``. Checks against the model
+(hook names, widths, the order of the downstream hooks) happen when the runner has the
+model (``sae_e2e_plugin.core.splice.plan_splice``), checks against the data in
+``sae_e2e_plugin.runs.data_checks``.
 """
 
 from __future__ import annotations
