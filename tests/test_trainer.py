@@ -69,7 +69,8 @@ def objective_terms(runner: E2ESAETrainingRunner, tokens: torch.Tensor) -> dict[
 
 
 def fixed_batch_dataset() -> Dataset:
-    # Exactly one batch of 4 sequences: the store wraps around, so every step sees it.
+    # Exactly one batch of 4 sequences: the store wraps around, so every step sees it. Runs
+    # on it take no held-out sequences (n_eval_batches=0): 4 rows leave none to hold out.
     return token_dataset(n_rows=4, seed=3)
 
 
@@ -91,7 +92,9 @@ def test_step_freezes_the_model_and_moves_every_sae_parameter(tmp_path: Path) ->
 def test_thirty_e2e_steps_reduce_kl_on_a_fixed_batch(tmp_path: Path) -> None:
     dataset = fixed_batch_dataset()
     tokens = torch.tensor(dataset["tokens"])
-    runner = runner_for(tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT)
+    runner = runner_for(
+        tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, n_eval_batches=0
+    )
     before = objective_terms(runner, tokens)
     runner.run()
     after = objective_terms(runner, tokens)
@@ -102,7 +105,11 @@ def test_e2e_downstream_reduces_kl_and_every_downstream_term(tmp_path: Path) -> 
     dataset = fixed_batch_dataset()
     tokens = torch.tensor(dataset["tokens"])
     runner = runner_for(
-        tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, loss="e2e_downstream"
+        tmp_path,
+        dataset=dataset,
+        training_tokens=30 * 4 * CONTEXT,
+        n_eval_batches=0,
+        loss="e2e_downstream",
     )
     before = objective_terms(runner, tokens)
     runner.run()
@@ -115,7 +122,9 @@ def test_e2e_downstream_reduces_kl_and_every_downstream_term(tmp_path: Path) -> 
 def test_local_loss_trains_through_the_same_trainer(tmp_path: Path) -> None:
     dataset = fixed_batch_dataset()
     tokens = torch.tensor(dataset["tokens"])
-    runner = runner_for(tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, loss="local")
+    runner = runner_for(
+        tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, n_eval_batches=0, loss="local"
+    )
     acts = runner.model.run_with_cache(tokens)[1]["blocks.1.hook_resid_pre"].reshape(-1, D_MODEL)
     with torch.no_grad():
         before = (runner.sae(acts) - acts).pow(2).sum(-1).mean().item()
@@ -326,6 +335,7 @@ def test_expected_average_normalisation_is_undone_before_the_splice(tmp_path: Pa
         dataset=dataset,
         sae_cfg=sae_cfg,
         training_tokens=30 * 4 * CONTEXT,
+        n_eval_batches=0,
         n_batches_for_norm_estimate=2,
     )
     before = objective_terms(runner, tokens)
@@ -345,7 +355,11 @@ def test_bf16_model_trains_a_float32_sae(tmp_path: Path) -> None:
     dataset = fixed_batch_dataset()
     tokens = torch.tensor(dataset["tokens"])
     runner = runner_for(
-        tmp_path, dataset=dataset, training_tokens=30 * 4 * CONTEXT, lm_dtype="bfloat16"
+        tmp_path,
+        dataset=dataset,
+        training_tokens=30 * 4 * CONTEXT,
+        n_eval_batches=0,
+        lm_dtype="bfloat16",
     )
     assert runner.model.W_U.dtype == torch.bfloat16
     before = objective_terms(runner, tokens)

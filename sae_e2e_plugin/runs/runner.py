@@ -34,6 +34,7 @@ from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
+from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import export_atomically, prepare_output_folder
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
@@ -94,7 +95,9 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             overwrite=cfg.overwrite_output,
         )
         self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
+        data_name = dataset_label(cfg, overridden=override_dataset is not None)
         override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
+        check_dataset(cfg, override_dataset, data_name)
         if override_sae is None and cfg.pretrained_sae is not None:
             override_sae = load_pretrained_sae(
                 cfg.pretrained_sae, cfg.pretrained_sae_id, cfg.sae, cfg.hook_name, cfg.device
@@ -110,6 +113,9 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"the model is a {type(self.model).__name__}; end-to-end training needs a "
                 "TransformerLens HookedTransformer (start_at_layer)."
             )
+        check_model_and_data(
+            cfg, self.model, self.activations_store, data_name, builtin=self._builtin_dataset
+        )
         if cfg.lm_dtype is not None:
             _warn_if_bf16_is_emulated(cfg.lm_dtype, str(cfg.llm_device or cfg.device))
             self.model.to(getattr(torch, cfg.lm_dtype))

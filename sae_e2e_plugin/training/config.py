@@ -1,22 +1,25 @@
 """``E2ERunnerConfig``: SAELens' runner config plus the ``loss`` flag and its coefficients.
 
-Every SAELens flag keeps its meaning. All validation that needs no model lives
-in ``validate_e2e_config``; checks against the model (hook names, widths, the
-order of the downstream hooks) happen when the runner has the model
-(``sae_e2e_plugin.core.splice.plan_splice``).
+Every SAELens flag keeps its meaning. All validation that needs no model runs when
+the config is built: types and ranges of numbers first (``training.numbers``, before
+SAELens' own ``__post_init__``), then ``validate_e2e_config``. Checks against the model
+(hook names, widths, the order of the downstream hooks) happen when the runner has the
+model (``sae_e2e_plugin.core.splice.plan_splice``), checks against the data in
+``sae_e2e_plugin.runs.data_checks``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
+from sae_e2e_plugin.training.numbers import check_coefficient, check_numbers, check_run_length
 from sae_e2e_plugin.training.objectives import resolve_objective
 
 _SAELENS_DEFAULT_CHECKPOINT_PATH = "checkpoints"
@@ -123,6 +126,9 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
             # SAELens' default is ./checkpoints in the working directory; keep a run's
             # checkpoints inside the folder the user chose for it instead.
             self.checkpoint_path = os.path.join(self.output_path, CHECKPOINTS_DIRNAME)
+        # SAELens' own __post_init__ computes with the numbers (lr / 10, a slice of
+        # context_size): check them first, so a bad value is named, not failed on inside it.
+        check_numbers(self)
         super().__post_init__()
         validate_e2e_config(self)
 
@@ -153,11 +159,15 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
 
 def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
-    """Refuse every setting the e2e splice cannot honour, naming the field and the fix."""
+    """Refuse every setting the e2e splice cannot honour, naming the field and the fix.
+
+    Types and ranges of numbers are checked before this, by ``check_numbers``."""
     # Checks the name and the fields the objective reads; the runner resolves it for the run.
     objective = resolve_objective(cfg)
     for name in ("kl_coefficient", "downstream_coefficient", "local_mse_coefficient"):
-        _check_coefficient(name, getattr(cfg, name))
+        check_coefficient(name, getattr(cfg, name))
+    _check_objective_terms(cfg, objective.params)
+    check_run_length(cfg)
     if cfg.train_batch_size_tokens % cfg.context_size != 0:
         raise ValueError(
             f"train_batch_size_tokens={cfg.train_batch_size_tokens} is not a multiple of "
@@ -195,6 +205,12 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
         )
     if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {cfg.max_grad_norm}.")
+    if isinstance(cfg.downstream_hooks, str):
+        raise ValueError(
+            f"downstream_hooks={cfg.downstream_hooks!r} is a string; give a list of hook names, "
+            f"e.g. downstream_hooks=[{cfg.downstream_hooks!r}]."
+        )
+    _check_devices(cfg)
     if cfg.downstream_hooks is not None:
         if not objective.uses_downstream_hooks:
             raise ValueError(
@@ -209,9 +225,31 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
     _check_unsupported_settings(cfg)
 
 
-def _check_coefficient(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+def _check_objective_terms(cfg: E2ERunnerConfig[Any], params: Any) -> None:
+    # A weight of 0 switches the objective's defining term off: another objective is meant.
+    if getattr(params, "kl_coefficient", None) == 0:
+        raise ValueError(
+            f"kl_coefficient=0 with loss={cfg.loss!r} trains without the KL term, so the SAE is "
+            "not trained end to end; set kl_coefficient > 0, or use loss='local' for "
+            "reconstruction-only training."
+        )
+    if getattr(params, "downstream_coefficient", None) == 0:
+        raise ValueError(
+            f"downstream_coefficient=0 with loss={cfg.loss!r} trains without the downstream "
+            "terms; set downstream_coefficient > 0, or use loss='e2e'."
+        )
+
+
+def _check_devices(cfg: E2ERunnerConfig[Any]) -> None:
+    # Whether the device exists is the running machine's business; its spelling is the config's.
+    for name in ("device", "llm_device", "act_store_device"):
+        value = getattr(cfg, name)
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"{name}={value!r} is not a torch device; use e.g. {name}='cpu', 'cuda' or 'cuda:0'."
+            ) from None
 
 
 def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:

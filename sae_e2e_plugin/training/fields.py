@@ -18,6 +18,7 @@ from sae_lens import LoggingConfig
 from sae_lens.registry import get_sae_training_class
 
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.field_types import coerce_fields
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -58,6 +59,12 @@ def merge_fields(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 def config_from_fields(fields: dict[str, Any]) -> E2ERunnerConfig[Any]:
     """Build an ``E2ERunnerConfig`` from a nested field mapping, with clear errors for unknown keys."""
     fields = dict(fields)
+    for group in ("sae", "logger"):
+        if not isinstance(fields.get(group) or {}, dict):
+            raise ValueError(
+                f"{group}={fields[group]!r} is not a mapping of {group} fields; "
+                f"give them as {group}: {{...}} in a file or as --{group}.<field> flags."
+            )
     _check_known(
         "", {k: v for k, v in fields.items() if k not in ("sae", "logger")}, E2ERunnerConfig
     )
@@ -76,8 +83,13 @@ def config_from_fields(fields: dict[str, Any]) -> E2ERunnerConfig[Any]:
         )
     logger_fields = dict(fields.pop("logger", None) or {})
     _check_known("logger.", logger_fields, LoggingConfig)
+    # YAML 1.1 reads "lr: 1e-3" as a string and "training_tokens: 1e6" as a float.
+    sae_fields = coerce_fields(sae_cfg_class, sae_fields, "sae.")
+    logger_fields = coerce_fields(LoggingConfig, logger_fields, "logger.")
     return E2ERunnerConfig(
-        sae=sae_cfg_class(**sae_fields), logger=LoggingConfig(**logger_fields), **fields
+        sae=sae_cfg_class(**sae_fields),
+        logger=LoggingConfig(**logger_fields),
+        **coerce_fields(E2ERunnerConfig, fields),
     )
 
 

@@ -121,6 +121,14 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
                 f"got {tuple(batch.shape)} of {batch.dtype}. Feed it ActivationsStore."
                 "get_batch_tokens(...), not the activation buffer."
             )
+        # An id outside the vocabulary would fail as an IndexError inside the embedding.
+        low, high = (int(v) for v in torch.aminmax(batch))
+        if low < 0 or high >= self.model.cfg.d_vocab:
+            raise ValueError(
+                f"token id {low if low < 0 else high} in this batch is outside the model's "
+                f"vocabulary of d_vocab={self.model.cfg.d_vocab}; tokenize the data with the "
+                "model's own tokenizer."
+            )
         if self.stop_requested:
             raise TrainingInterrupted(
                 f"training stopped on request before step {self.n_training_steps}"
