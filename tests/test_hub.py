@@ -114,6 +114,12 @@ def test_mismatched_pretrained_sae_is_refused(
         runner_from(tmp_path, pretrained_sae=str(folder), **run_overrides)
 
 
+def test_a_missing_local_folder_is_named_not_sent_to_the_hub(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-sae")
+    with pytest.raises(ValueError, match=rf"pretrained_sae='{missing}' does not exist"):
+        runner_from(tmp_path, pretrained_sae=missing, pretrained_sae_id="x")
+
+
 def test_a_release_needs_an_id(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="set pretrained_sae_id"):
         runner_from(tmp_path, pretrained_sae="gpt2-small-res_sle-ajt")

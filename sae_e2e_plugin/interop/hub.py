@@ -52,7 +52,13 @@ def load_pretrained_sae(
 
 
 def _load_inference_sae(source: str, sae_id: str | None, device: str) -> SAE[Any]:
-    path = Path(source)
+    path = Path(source).expanduser()
+    # A path-looking source that is not there would otherwise be sent to the hub as a repo id.
+    if source.startswith(("/", ".", "~")) and not path.exists():
+        raise ValueError(
+            f"pretrained_sae={source!r} does not exist; give an existing SAELens or "
+            "reference-format folder, a SAELens release name or a hub repo id (org/name)."
+        )
     if path.is_dir() and (path / "final_config.yaml").exists():
         from sae_e2e_plugin.interop.reference import reference_format_disk_loader
 

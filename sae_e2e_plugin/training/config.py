@@ -167,13 +167,14 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
     for name in ("kl_coefficient", "downstream_coefficient", "local_mse_coefficient"):
         check_coefficient(name, getattr(cfg, name))
     _check_objective_terms(cfg, objective.params)
-    check_run_length(cfg)
+    # Whole sequences per batch first: the run's length is counted in those batches.
     if cfg.train_batch_size_tokens % cfg.context_size != 0:
         raise ValueError(
             f"train_batch_size_tokens={cfg.train_batch_size_tokens} is not a multiple of "
             f"context_size={cfg.context_size}; end-to-end training consumes whole sequences. "
             f"Use e.g. train_batch_size_tokens={max(1, cfg.sequences_per_batch) * cfg.context_size}."
         )
+    check_run_length(cfg)
     if cfg.pretrained_sae is not None and cfg.from_pretrained_path is not None:
         raise ValueError(
             f"pretrained_sae={cfg.pretrained_sae!r} and from_pretrained_path="

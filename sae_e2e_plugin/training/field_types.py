@@ -1,4 +1,5 @@
-"""A config field's value as the type its dataclass declares (``int``, ``float``, ``bool``, ``X | None``).
+"""A config field's value as the type its dataclass declares (``int``, ``float``, ``bool``, ``str``,
+``X | None``).
 
 YAML 1.1 (PyYAML) reads ``lr: 1e-3`` as the string "1e-3" and ``training_tokens: 1e6`` as a
 float; SAELens does arithmetic on such fields in its own ``__post_init__`` and would fail
@@ -16,14 +17,14 @@ import types
 import typing
 from typing import Any
 
-_SCALARS = (bool, int, float)
+_SCALARS = (bool, int, float, str)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
 @functools.cache
 def scalar_fields(cls: type) -> dict[str, tuple[type, bool]]:
-    """``{field: (int | float | bool, None allowed)}`` for the dataclass' scalar fields.
+    """``{field: (int | float | bool | str, None allowed)}`` for the dataclass' scalar fields.
 
     Fields of other types (strings, lists, unions such as ``bool | int``) are left out."""
     hints = typing.get_type_hints(cls)
@@ -54,6 +55,13 @@ def coerce(name: str, value: Any, kind: type, optional: bool) -> Any:
         return None
     if kind is bool:
         return _to_bool(name, value)
+    if kind is str:
+        # YAML reads `run_name: 2024` as a number; the user meant the text.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise _wrong_type(name, value, kind, optional)
+        return value
     if isinstance(value, str):
         value = _parse_number(name, value, kind)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -62,7 +70,8 @@ def coerce(name: str, value: Any, kind: type, optional: bool) -> Any:
 
 
 def check_field_types(obj: Any, prefix: str = "") -> None:
-    """Refuse a string, bool or None in a numeric field and a string in a bool field of ``obj``.
+    """Refuse a string, bool or None in a numeric field, a string in a bool field and anything but
+    a string in a string field of ``obj``.
 
     A whole float in an int field (``training_tokens=1e6``) becomes that int; ints in float
     fields stay as given."""
@@ -72,6 +81,10 @@ def check_field_types(obj: Any, prefix: str = "") -> None:
             continue
         if kind is bool:
             if isinstance(value, str) or value is None:
+                raise _wrong_type(prefix + name, value, kind, optional)
+            continue
+        if kind is str:
+            if not isinstance(value, str):
                 raise _wrong_type(prefix + name, value, kind, optional)
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -120,15 +133,16 @@ def _wrong_type(name: str, value: Any, kind: type, optional: bool) -> ValueError
             f"use {name}=True or {name}=False."
         )
     allowed = _describe(kind) + (" or None" if optional else "")
-    given = "is not set (None)" if value is None else f"is a {type(value).__name__}"
+    article = "an" if type(value).__name__[0] in "aeiou" else "a"
+    given = "is not set (None)" if value is None else f"is {article} {type(value).__name__}"
     return ValueError(
         f"{name}={value!r} {given}; {name} takes {allowed}, e.g. {name}={_example(kind)}."
     )
 
 
 def _describe(kind: type) -> str:
-    return "an int" if kind is int else "a number (float)"
+    return {int: "an int", str: "a string"}.get(kind, "a number (float)")
 
 
 def _example(kind: type) -> str:
-    return "1000000" if kind is int else "0.001"
+    return {int: "1000000", str: "'...'"}.get(kind, "0.001")
