@@ -77,7 +77,10 @@ CONFIG_REFUSALS: list[tuple[dict[str, Any], list[str]]] = [
         ["downstream_hooks='blocks.2.hook_resid_post' is a string", "['blocks.2.hook_resid_post']"],
     ),
     # Found by a second probe, after the first round of fixes.
-    ({"hook_name": ["blocks.1.hook_resid_pre"]}, ["hook_name=['blocks.1.hook_resid_pre'] is a list"]),
+    (
+        {"hook_name": ["blocks.1.hook_resid_pre"]},
+        ["hook_name=['blocks.1.hook_resid_pre'] is a list"],
+    ),
     ({"model_name": 3}, ["model_name=3 is an int", "takes a string"]),
     (
         {"train_batch_size_tokens": 3 * CONTEXT + 1},

@@ -209,6 +209,14 @@ def test_overwrite_output_replaces_the_previous_run_entirely(tmp_path: Path) -> 
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
 
 
+def test_overwrite_deletes_nothing_when_the_new_run_is_refused(tmp_path: Path) -> None:
+    runner(tmp_path, n_eval_batches=1, eval_batch_size_prompts=2).run()
+    before = tree(tmp_path / "output")
+    with pytest.raises(ValueError, match="held-out sequences"):
+        runner(tmp_path, overwrite_output=True, n_eval_batches=100, eval_batch_size_prompts=4)
+    assert tree(tmp_path / "output") == before
+
+
 def test_no_staging_folder_is_left_after_an_export(tmp_path: Path) -> None:
     runner(tmp_path).run()
     assert not [p.name for p in (tmp_path / "output").iterdir() if p.name.startswith(".")]

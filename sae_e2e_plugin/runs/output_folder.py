@@ -1,9 +1,9 @@
 """A run's ``output_path``: never mixed with, or silently replacing, another run's files.
 
-Before a run starts, ``prepare_output_folder`` looks for a previous run's files in
+When a run is built, ``check_output_folder`` looks for a previous run's files in
 ``output_path`` (``run_files.RUN_OUTPUT_FILES`` and the default checkpoint folder). A
 previous run is refused unless this run resumes it or ``overwrite_output=True`` asks for it
-to be replaced, in which case exactly those files are removed first, so nothing of the old
+to be replaced, in which case exactly those files are removed when the run starts, so nothing of the old
 run is left next to the new one. Files the package did not write are never touched.
 
 ``export_atomically`` writes the exported SAE into a staging sibling and moves each file into
@@ -34,26 +34,35 @@ def previous_run_files(output: Path) -> list[Path]:
     return found
 
 
-def prepare_output_folder(output_path: str | None, *, resuming: bool, overwrite: bool) -> None:
-    """Refuse an ``output_path`` that holds another run, or clear it when asked to."""
+def check_output_folder(output_path: str | None, *, resuming: bool, overwrite: bool) -> list[Path]:
+    """Refuse an ``output_path`` that holds another run; return that run's files when
+    ``overwrite`` asks for them to be replaced (``remove_previous_run`` deletes them once the
+    new run starts, so a run refused later by another check deletes nothing)."""
     if output_path is None:
-        return
+        return []
     output = Path(output_path)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output_path={output_path!r} is a file; give a folder for the SAE.")
     previous = previous_run_files(output) if output.is_dir() else []
     if not previous or resuming:
-        return
-    names = ", ".join(path.name for path in previous)
+        return []
     if not overwrite:
+        names = ", ".join(path.name for path in previous)
         raise ValueError(
             f"output_path={output_path!r} holds a previous run ({names}). Choose a new "
             "output_path, resume that run with resume_from_checkpoint=<its checkpoint>, or set "
             "overwrite_output=True to delete those files and start again."
         )
-    logger.warning(f"overwrite_output=True: removing the previous run's {names} from {output}")
+    return previous
+
+
+def remove_previous_run(previous: list[Path]) -> None:
+    """Delete the previous run's files that ``check_output_folder`` returned."""
+    if previous:
+        names = ", ".join(path.name for path in previous)
+        logger.warning(f"overwrite_output=True: removing the previous run's {names}")
     for path in previous:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def export_atomically(output_path: str, write: Callable[[str], None]) -> None:

@@ -36,7 +36,11 @@ from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
-from sae_e2e_plugin.runs.output_folder import export_atomically, prepare_output_folder
+from sae_e2e_plugin.runs.output_folder import (
+    check_output_folder,
+    export_atomically,
+    remove_previous_run,
+)
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.objectives import resolve_objective
@@ -89,7 +93,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             else resolve_resume_checkpoint(cfg.resume_from_checkpoint)
         )
         """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
-        prepare_output_folder(
+        self._previous_run = check_output_folder(
             cfg.output_path,
             resuming=cfg.resume_from_checkpoint is not None,
             overwrite=cfg.overwrite_output,
@@ -143,6 +147,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
 
     def run(self) -> TrainingSAE[Any]:
         """Train, write the final SAE to ``cfg.output_path`` (if set) and return it."""
+        remove_previous_run(self._previous_run)  # overwrite_output=True, and every check passed
         self._set_sae_metadata()
         self._set_objective_metadata()
         if self.cfg.logger.log_to_wandb:
