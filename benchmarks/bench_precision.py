@@ -108,6 +108,7 @@ def runner_cfg(args: argparse.Namespace, d_model: int, loss: str, steps: int, **
         seed=args.seed,
         checkpoint_path=None,
         n_checkpoints=0,
+        n_eval_batches=0,  # evaluated by this script on its own held-out tokens
         output_path=None,
         verbose=False,
         loss=loss,

@@ -260,6 +260,7 @@ def plugin_step_fn(
         seed=args.seed,
         checkpoint_path=None,
         n_checkpoints=0,
+        n_eval_batches=0,  # the benchmark times steps; its dataset is a placeholder
         output_path=None,
         verbose=False,
         loss="e2e",
