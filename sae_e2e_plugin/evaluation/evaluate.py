@@ -27,6 +27,12 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.losses import chunk_rows, kl_orig_to_patched_sum
+from sae_e2e_plugin.core.positions import (
+    ALL_POSITIONS,
+    PositionFilter,
+    selected_positions,
+    with_reconstruction,
+)
 from sae_e2e_plugin.core.splice import (
     Prefix,
     SplicePlan,
@@ -63,6 +69,7 @@ def evaluate_sae(
     max_batches: int | None = None,
     logits_chunk_size: int = 1024,
     activation_scaler: ActivationScaler | None = None,
+    positions: PositionFilter = ALL_POSITIONS,
 ) -> EvalResult:
     """Evaluate ``sae`` spliced into ``model`` on held-out ``(batch, pos)`` token batches.
 
@@ -87,6 +94,10 @@ def evaluate_sae(
         activation_scaler: the trainer's ``ActivationScaler`` for a ``TrainingSAE`` with
             ``normalize_activations="expected_average_only_in"`` or
             ``"covariance_whitening"`` (scaling that lives outside the SAE until export).
+        positions: the positions the SAE reads and replaces (``core.positions.PositionFilter``:
+            a ``seqpos_slice`` and excluded token ids); the others keep their clean activation.
+            L0, alive features and explained variance are over the selected positions, CE and
+            KL over all. Default: every position.
 
     Raises:
         ValueError: for an SAE or token batch this function cannot evaluate; the
@@ -106,6 +117,7 @@ def evaluate_sae(
                 totals,
                 activation_scaler,
                 logits_chunk_size,
+                positions,
             )
     return totals.result(hook_name)
 
@@ -119,6 +131,7 @@ class _Totals:
     alive_window: int | None
     n_tokens: int = 0
     n_sequences: int = 0
+    n_spliced: int = 0
     n_predicted: int = 0
     ce_clean: float = 0.0
     ce_spliced: float = 0.0
@@ -168,6 +181,7 @@ class _Totals:
             hook_name=hook_name,
             n_tokens=self.n_tokens,
             n_sequences=self.n_sequences,
+            n_spliced=self.n_spliced,
             ce_loss_clean=ce_clean,
             ce_loss_spliced=ce_spliced,
             ce_loss_increase=ce_spliced - ce_clean,
@@ -176,13 +190,13 @@ class _Totals:
             kl_orig_patched=kl_spliced,
             kl_orig_ablated=kl_ablated,
             kl_score=1.0 - ratio(kl_spliced, kl_ablated),
-            l0=self.active / self.n_tokens,
+            l0=self.active / self.n_spliced,
             d_sae=self.d_sae,
             alive_features=alive,
             alive_fraction=alive / self.d_sae,
             alive_tokens=self.alive_tokens,
-            explained_variance=self.explained_variance / self.n_tokens,
-            explained_variance_reference=self.explained_variance_reference / self.n_tokens,
+            explained_variance=self.explained_variance / self.n_spliced,
+            explained_variance_reference=self.explained_variance_reference / self.n_spliced,
             downstream={
                 name: DownstreamMetrics(
                     mse=self.downstream_sq_error[name] / self.downstream_elements[name],
@@ -201,12 +215,23 @@ def _evaluate_batch(
     totals: _Totals,
     scaler: ActivationScaler | None,
     chunk_size: int,
+    positions: PositionFilter,
 ) -> None:
     """Clean, spliced and zero-ablated runs of one batch from a shared prefix; add to totals."""
     batch, pos = tokens.shape
     prefix = run_prefix(model, tokens, plan.start_layer)
     clean = run_clean(model, prefix, plan, full=True)
-    feature_acts, reconstruction = _encode_decode(sae, model, clean.acts, scaler)
+    if positions.selects_all:
+        sae_in = clean.acts
+        feature_acts, sae_out = _encode_decode(sae, model, sae_in, scaler)
+        reconstruction = sae_out
+    else:
+        # The selected positions as one [1, selected, d_in] batch; the rest keep their clean
+        # activation in the spliced run.
+        mask = selected_positions(tokens, positions)
+        sae_in = clean.acts[mask][None]
+        feature_acts, sae_out = _encode_decode(sae, model, sae_in, scaler)
+        reconstruction = with_reconstruction(clean.acts, mask, sae_out[0])
     spliced = run_patched(model, prefix, plan, reconstruction)
     ablated_final = _run_ablated(model, prefix, plan, clean.acts)
     assert clean.final_resid is not None  # full=True always reaches the last block
@@ -214,13 +239,12 @@ def _evaluate_batch(
     totals.n_tokens += batch * pos
     totals.n_sequences += batch
     totals.n_predicted += batch * (pos - 1)
+    totals.n_spliced += sae_in.shape[0] * sae_in.shape[1]
     totals.add_features(feature_acts)
-    totals.explained_variance += float(
-        explained_variance_per_token(reconstruction, clean.acts).sum()
-    )
+    totals.explained_variance += float(explained_variance_per_token(sae_out, sae_in).sum())
     # The reference's argument order: the reconstruction is the "target" whose spread divides.
     totals.explained_variance_reference += float(
-        explained_variance_per_token(clean.acts, reconstruction).sum()
+        explained_variance_per_token(sae_in, sae_out).sum()
     )
     for name in plan.downstream_hooks:
         totals.add_downstream(name, spliced.downstream[name], clean.downstream[name])

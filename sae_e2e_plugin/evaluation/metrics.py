@@ -58,6 +58,10 @@ class EvalResult:
     """Tokens evaluated (batch × pos summed over batches)."""
     n_sequences: int
     """Sequences evaluated; the CE losses average over n_tokens − n_sequences predictions."""
+    n_spliced: int
+    """Tokens at which the SAE's reconstruction replaced the activation: all of them, or those
+    ``seqpos_slice`` / excluded token ids select. L0, the alive count and the explained variance
+    at the hook are over these; CE and KL over all ``n_tokens``."""
     ce_loss_clean: float
     """Next-token cross-entropy of the unmodified model (nats, float32)."""
     ce_loss_spliced: float
@@ -118,6 +122,7 @@ class EvalResult:
                 downstream.setdefault(hook, {})[metric] = _from_json_number(value)
             else:
                 scalars[key] = value
+        scalars.setdefault("n_spliced", scalars.get("n_tokens"))  # files from before positions
         for f in dataclasses.fields(cls):
             if f.type == "float" and f.name in scalars:
                 scalars[f.name] = _from_json_number(scalars[f.name])
@@ -149,6 +154,14 @@ class EvalResult:
         lines = [
             f"SAE at {self.hook_name}: {self.n_tokens:,} tokens, {self.n_sequences:,} "
             f"sequences, d_sae={self.d_sae:,}",
+            *(
+                [
+                    f"spliced at {self.n_spliced:,} of the tokens (seqpos_slice / excluded ids): "
+                    "L0, alive and explained variance over those, CE and KL over all tokens"
+                ]
+                if self.n_spliced != self.n_tokens
+                else []
+            ),
             f"{'metric':<{width}}  value",
             f"{'-' * width}  ----------",
         ]

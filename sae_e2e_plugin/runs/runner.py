@@ -29,6 +29,7 @@ from transformer_lens import HookedTransformer
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
+from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.core.splice import plan_splice
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
@@ -124,6 +125,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             _warn_if_bf16_is_emulated(cfg.lm_dtype, str(cfg.llm_device or cfg.device))
             self.model.to(getattr(torch, cfg.lm_dtype))
         freeze(self.model)
+        self.positions = _position_filter(cfg, self.activations_store)
+        """The positions the SAE reads and replaces, resolved once (``core.positions``)."""
         self.objective = resolve_objective(cfg)
         """The run's objective, resolved once here and handed to the trainer."""
         self.plan = plan_splice(
@@ -175,6 +178,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 else Path(self.cfg.output_path) / TRAINING_LOG_FILENAME
             ),
             timer=self.timer,
+            positions=self.positions,
         )
         if self.resume_checkpoint is not None:
             self._resume(trainer, tokens, self.resume_checkpoint)
@@ -210,6 +214,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             alive_window_tokens=None,
             logits_chunk_size=self.cfg.kl_chunk_size,
             activation_scaler=activation_scaler,
+            positions=self.positions,
         )
 
     def _evaluate_during_training(self, trainer: E2ESAETrainer) -> None:
@@ -326,6 +331,9 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             "downstream_coefficient": cfg.downstream_coefficient,
             "downstream_hooks": list(self.plan.downstream_hooks),
             "local_mse_coefficient": self.objective.local_mse_weight,
+            # The positions the SAE was trained on (SAELens records seqpos_slice too).
+            "seqpos_slice": list(self.positions.seqpos_slice),
+            "excluded_token_ids": list(self.positions.excluded_ids),
             "trained_with": f"sae-e2e-plugin {__version__}",
         }
 
@@ -395,3 +403,10 @@ def _warn_if_bf16_is_emulated(lm_dtype: str, device: str) -> None:
             "emulated here and run many times slower than float32. Leave lm_dtype unset (or "
             "'float32') on this machine."
         )
+
+
+def _position_filter(cfg: E2ERunnerConfig[Any], store: ActivationsStore) -> PositionFilter:
+    # The store resolves exclude_special_tokens=True to the tokenizer's special ids.
+    excluded = store.exclude_special_tokens
+    ids = () if excluded is None else tuple(int(i) for i in excluded.tolist())
+    return PositionFilter(seqpos_slice=tuple(cfg.seqpos_slice), excluded_ids=ids)

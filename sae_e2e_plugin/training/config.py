@@ -263,11 +263,6 @@ def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
         )
     refusals = [
         (
-            cfg.seqpos_slice not in ((None,), (None, None)),
-            f"seqpos_slice={cfg.seqpos_slice}",
-            "e2e splices the reconstruction into every position; set seqpos_slice=(None,)",
-        ),
-        (
             cfg.use_cached_activations,
             "use_cached_activations=True",
             "e2e runs the model on tokens in every step; set use_cached_activations=False",
@@ -277,11 +272,6 @@ def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
             f"prefetch_llm_batches={cfg.prefetch_llm_batches}",
             "in e2e the model runs inside the training step, so there is nothing to "
             "prefetch; set prefetch_llm_batches=False",
-        ),
-        (
-            cfg.exclude_special_tokens is not False,
-            f"exclude_special_tokens={cfg.exclude_special_tokens}",
-            "e2e splices the reconstruction at every position; set exclude_special_tokens=False",
         ),
         (
             cfg.hook_head_index is not None,

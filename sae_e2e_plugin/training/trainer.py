@@ -26,6 +26,12 @@ from sae_lens.training.sae_trainer import SAETrainer, SaveCheckpointFn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from sae_e2e_plugin.core.positions import (
+    ALL_POSITIONS,
+    PositionFilter,
+    selected_positions,
+    with_reconstruction,
+)
 from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
 from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME, atomic_write_text
 from sae_e2e_plugin.training.checkpoints import (
@@ -68,6 +74,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         periodic_eval: Callable[[E2ESAETrainer], None] | None = None,
         training_log_path: Path | None = None,
         timer: PhaseTimer = NO_TIMING,
+        positions: PositionFilter = ALL_POSITIONS,
     ) -> None:
         super().__init__(
             cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
@@ -79,6 +86,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """The run's objective, resolved once from ``e2e_cfg`` by the runner."""
         self.timer = timer
         """Times each phase of a step (``training.timing``); a no-op unless a benchmark sets one."""
+        self.positions = positions
+        """The positions the SAE reads and replaces (``seqpos_slice``, excluded token ids)."""
         self.periodic_eval = periodic_eval
         """Called every ``eval_every_n_steps`` completed steps (evaluation on held-out tokens)."""
         self.n_sequences_consumed = 0
@@ -151,18 +160,19 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         self.sae.train()
         prefix, clean = self._clean_pass(tokens)
-        batch = clean.acts.shape[0]
-        flat = rearrange(clean.acts, "batch pos d_in -> (batch pos) d_in")
-        sae_in = self.activation_scaler(flat.to(self.sae.device))
+        mask = self._selected(tokens)
+        sae_in = self.activation_scaler(self._sae_rows(clean.acts, mask).to(self.sae.device))
         with self.autocast_if_enabled:
             with self.timer.phase("SAE training forward"):
                 output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
             # The SAE trains on scaled inputs; the model needs its own scale back.
-            reconstruction = rearrange(
-                self.activation_scaler.unscale(output.sae_out),
-                "(batch pos) d_in -> batch pos d_in",
-                batch=batch,
-            ).to(self.model.cfg.device)
+            recon_rows = self.activation_scaler.unscale(output.sae_out).to(self.model.cfg.device)
+            if mask is None:
+                reconstruction = rearrange(
+                    recon_rows, "(batch pos) d_in -> batch pos d_in", batch=tokens.shape[0]
+                )
+            else:  # the other positions keep their clean activations
+                reconstruction = with_reconstruction(clean.acts, mask, recon_rows)
             terms = self.objective(
                 self.model, prefix, self.plan, clean, reconstruction, timer=self.timer
             )
@@ -171,6 +181,26 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self._update_feature_statistics(output.feature_acts)
         self._apply_gradients(output.loss)
         return output
+
+    def _selected(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """[batch, pos] positions the SAE reads and replaces; None when it is every position."""
+        if self.positions.selects_all:
+            return None
+        mask = selected_positions(tokens, self.positions)
+        if not mask.any():
+            raise ValueError(
+                f"no position of this batch is selected by seqpos_slice="
+                f"{self.positions.seqpos_slice} and exclude_special_tokens (ids "
+                f"{list(self.positions.excluded_ids)}): every token is excluded. Exclude fewer ids."
+            )
+        return mask
+
+    @staticmethod
+    def _sae_rows(acts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The SAE's input rows, [selected, d_in]: every position, or the selected ones."""
+        if mask is None:
+            return rearrange(acts, "batch pos d_in -> (batch pos) d_in")
+        return acts[mask]
 
     def _append_log_row(self, output: TrainStepOutput) -> None:
         l0 = (output.feature_acts > 0).float().sum(-1).mean()
@@ -265,7 +295,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.n_forward_passes_since_fired += 1
         self.n_forward_passes_since_fired[did_fire] = 0
         self.act_freq_scores += firing.sum(0)
-        self.n_frac_active_samples += self.cfg.train_batch_size_samples
+        # Rows the SAE saw: every token, or the positions seqpos_slice / excluded tokens select.
+        self.n_frac_active_samples += firing.shape[0]
 
     def _apply_gradients(self, loss: torch.Tensor) -> None:
         with self.timer.phase("backward"):
@@ -287,7 +318,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             with torch.no_grad():
                 prefix = run_prefix(self.model, tokens, self.plan.start_layer)
                 acts = run_clean(self.model, prefix, self.plan, full=False).acts
-            yield rearrange(acts, "batch pos d_in -> (batch pos) d_in")
+            yield self._sae_rows(acts, self._selected(tokens))
 
     def save_checkpoint(
         self,

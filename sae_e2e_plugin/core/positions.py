@@ -1,0 +1,63 @@
+"""Which positions the SAE reads and replaces: SAELens' ``seqpos_slice`` and ``exclude_special_tokens``.
+
+Positions outside the slice, or holding an excluded token id, are not given to the SAE: its
+input is the activations of the selected positions only (so its reconstruction, sparsity and
+auxiliary terms and the dead-feature statistics ignore the others), and the patched run keeps
+the clean activation everywhere else. The KL and the downstream terms still cover every
+position: the patched run differs from the clean one wherever the SAE's positions influence it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from beartype import beartype
+from jaxtyping import Bool, Float, Int, jaxtyped
+
+
+@dataclass(frozen=True)
+class PositionFilter:
+    """The positions of each sequence that the SAE reads and replaces."""
+
+    seqpos_slice: tuple[int | None, ...] = (None,)
+    """``slice(*seqpos_slice)`` of the positions, as SAELens' field of that name."""
+    excluded_ids: tuple[int, ...] = ()
+    """Token ids whose positions are left out (SAELens' ``exclude_special_tokens``, resolved)."""
+
+    @property
+    def selects_all(self) -> bool:
+        """Whether every position is selected (then the masks are skipped altogether)."""
+        return not self.excluded_ids and slice(*self.seqpos_slice) == slice(None)
+
+    def n_sliced(self, context_size: int) -> int:
+        """How many positions of a ``context_size`` sequence the slice keeps."""
+        return len(range(context_size)[slice(*self.seqpos_slice)])
+
+
+ALL_POSITIONS = PositionFilter()
+
+
+@jaxtyped(typechecker=beartype)
+def selected_positions(
+    tokens: Int[torch.Tensor, "batch pos"], positions: PositionFilter
+) -> Bool[torch.Tensor, "batch pos"]:
+    """True where the SAE reads and replaces the activation."""
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, slice(*positions.seqpos_slice)] = True
+    if positions.excluded_ids:
+        excluded = torch.tensor(positions.excluded_ids, device=tokens.device)
+        mask &= ~torch.isin(tokens, excluded)
+    return mask
+
+
+@jaxtyped(typechecker=beartype)
+def with_reconstruction(
+    clean: Float[torch.Tensor, "batch pos d_in"],
+    mask: Bool[torch.Tensor, "batch pos"],
+    reconstruction: Float[torch.Tensor, "selected d_in"],
+) -> Float[torch.Tensor, "batch pos d_in"]:
+    """``clean`` with the selected positions' rows replaced by ``reconstruction`` (in row-major
+    order of ``mask``, as ``clean[mask]`` reads them). Gradient flows into ``reconstruction``
+    only: the other positions are the clean activations, constants of the step."""
+    return clean.to(reconstruction.dtype).index_put((mask,), reconstruction)
