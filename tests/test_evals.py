@@ -356,6 +356,7 @@ def test_to_dict_maps_non_finite_to_none() -> None:
         hook_name=HOOK,
         n_tokens=8,
         n_sequences=1,
+        n_spliced=8,
         ce_loss_clean=1.0,
         ce_loss_spliced=1.0,
         ce_loss_increase=0.0,
