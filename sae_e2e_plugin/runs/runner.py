@@ -12,7 +12,6 @@ import copy
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,6 +34,7 @@ from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
+from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import export_atomically, prepare_output_folder
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
@@ -45,24 +45,6 @@ from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, 
 from sae_e2e_plugin.version import __version__
 
 logger = logging.getLogger(__name__)
-
-
-class TokenBatches(Iterator[torch.Tensor]):
-    """Endless ``(sequences_per_batch, context_size)`` token batches from an ActivationsStore."""
-
-    def __init__(self, store: ActivationsStore, sequences_per_batch: int) -> None:
-        self.store = store
-        self.sequences_per_batch = sequences_per_batch
-
-    def __next__(self) -> torch.Tensor:
-        return self.store.get_batch_tokens(self.sequences_per_batch)
-
-    def skip(self, n_sequences: int) -> None:
-        """Draw and drop ``n_sequences`` sequences (resume continues where training stopped)."""
-        while n_sequences > 0:
-            n = min(n_sequences, self.sequences_per_batch)
-            self.store.get_batch_tokens(n, move_to_model_device=False)
-            n_sequences -= n
 
 
 class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
@@ -154,6 +136,12 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 id=self.cfg.logger.wandb_id,
             )
         tokens = TokenBatches(self.activations_store, self.cfg.sequences_per_batch)
+        # Built for a schedule with local steps only: an all-e2e run draws exactly as before.
+        local = (
+            BufferedActivations(self.activations_store, self.cfg.seed)
+            if self.cfg.e2e_fraction < 1
+            else None
+        )
         self.trainer = trainer = E2ESAETrainer(
             cfg=self.cfg.to_sae_trainer_config(),
             sae=self.sae,
@@ -170,9 +158,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 else Path(self.cfg.output_path) / TRAINING_LOG_FILENAME
             ),
             timer=self.timer,
+            local_data=local,
         )
+        logger.info(f"training schedule: {trainer.schedule.describe()}")
         if self.resume_checkpoint is not None:
-            self._resume(trainer, tokens, self.resume_checkpoint)
+            self._resume(trainer, tokens, local, self.resume_checkpoint)
         elif trainer.training_log_path is not None:
             # A fresh run starts a fresh log.
             trainer.training_log_path.unlink(missing_ok=True)
@@ -255,7 +245,13 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         store = ActivationsStore.from_config(self.model, _with_dataset(cfg, name))
         return store.get_batch_tokens(n, move_to_model_device=False)
 
-    def _resume(self, trainer: E2ESAETrainer, tokens: TokenBatches, checkpoint: Path) -> None:
+    def _resume(
+        self,
+        trainer: E2ESAETrainer,
+        tokens: TokenBatches,
+        local: BufferedActivations | None,
+        checkpoint: Path,
+    ) -> None:
         logger.info(f"resuming from checkpoint {checkpoint}")
         try:
             trainer.load_trainer_state(checkpoint)
@@ -268,7 +264,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"({type(error).__name__}: {str(error)[:200]}); a file in it is damaged. Resume "
                 "from an earlier checkpoint of the run."
             ) from error
-        tokens.skip(trainer.n_sequences_consumed)
+        _reposition(trainer, tokens, local)
 
     def save_final_sae(
         self,
@@ -321,8 +317,29 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             "downstream_coefficient": cfg.downstream_coefficient,
             "downstream_hooks": list(self.plan.downstream_hooks),
             "local_mse_coefficient": self.objective.local_mse_weight,
+            "e2e_fraction": cfg.e2e_fraction,
+            "kl_mse_balance": cfg.kl_mse_balance,
             "trained_with": f"sae-e2e-plugin {__version__}",
         }
+
+
+def _reposition(
+    trainer: E2ESAETrainer, tokens: TokenBatches, local: BufferedActivations | None
+) -> None:
+    """Put the data streams where the checkpointed run had them.
+
+    The store was read in this order: the normalisation estimate's token batches, the local
+    phase's buffer, the e2e phase's token batches. Before the switch the buffer's contents are
+    rebuilt by replaying it; after it only the number of sequences it read matters.
+    """
+    saved = trainer.saved_local_data
+    if local is None or saved is None:
+        tokens.skip(trainer.n_sequences_consumed)
+    elif trainer.schedule.phase(trainer.n_steps_taken) == "local":
+        tokens.skip(trainer.n_sequences_consumed)
+        local.replay(saved)
+    else:
+        tokens.skip(trainer.n_sequences_consumed + int(saved["sequences"]))
 
 
 def _resolve_builtins(
