@@ -273,8 +273,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         # SAETrainer's local step updates the weights before its loss can be seen.
         when = "before" if before_update else "after"
         raise NonFiniteLossError(
-            f"the training loss became {float(output.loss.detach())} at {self.last_phase} step "
-            f"{self.n_training_steps} (terms: {terms}). Training stopped {when} this update; "
+            f"the training loss became {float(output.loss.detach())} at step "
+            f"{self.n_training_steps} ({self.last_phase} phase; terms: {terms}). Training "
+            f"stopped {when} this update; "
             f"the last checkpoint under {where} is intact. Lower lr, raise lr_warm_up_steps, "
             "or check the model's dtype."
         )
