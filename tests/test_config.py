@@ -70,14 +70,9 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
         r"prefetch_llm_batches=True is not supported.*nothing to prefetch.*prefetch_llm_batches=False",
     ),
     (
-        {"seqpos_slice": (1, None)},
-        r"seqpos_slice=\(1, None\) is not supported.*seqpos_slice=\(None,\)",
-    ),
-    (
         {"use_cached_activations": True, "cached_activations_path": "x"},
         r"use_cached_activations=True is not supported",
     ),
-    ({"exclude_special_tokens": True}, r"exclude_special_tokens=True is not supported"),
     ({"hook_head_index": 1}, r"hook_head_index=1 is not supported"),
     ({"kl_chunk_size": 0}, r"kl_chunk_size must be >= 1, got 0"),
     ({"max_grad_norm": 0.0}, r"max_grad_norm must be > 0 or None, got 0.0"),

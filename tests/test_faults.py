@@ -245,7 +245,7 @@ def test_ctrl_c_in_the_cli_prints_the_checkpoint_and_exits_130(
     # The CLI loads models by name; hand it the tiny model and dataset instead.
     monkeypatch.setattr(
         runner_module,
-        "_resolve_builtins",
+        "resolve_builtins",
         lambda cfg, model, dataset: (tiny_model(), token_dataset(seed=4)),
     )
     config = tmp_path / "run.yaml"

@@ -246,3 +246,18 @@ def downstream_loss(
 
 def _n_tokens(logits: torch.Tensor) -> int:
     return max(logits[..., 0].numel(), 1)
+
+
+@jaxtyped(typechecker=beartype)
+def adaptive_kl_mse(
+    kl: Float[torch.Tensor, ""],
+    mse: Float[torch.Tensor, ""],
+) -> tuple[Float[torch.Tensor, ""], Float[torch.Tensor, ""], Float[torch.Tensor, ""]]:
+    """The adaptive KL/MSE mix ``0.5 × (α·KL + MSE)``, ``α = (MSE / KL)`` detached.
+
+    Returns the two halves ``0.5·α·KL`` and ``0.5·MSE`` (they add up to the mix) and ``α``.
+    α is recomputed from each batch and carries no gradient, so the KL term's value equals
+    the MSE's and the loss stays on the MSE's scale (Karvonen 2025, arXiv 2503.17272).
+    """
+    alpha = (mse / kl).detach()
+    return 0.5 * alpha * kl, 0.5 * mse, alpha

@@ -8,11 +8,9 @@ SAELens' inference format with the objective recorded in its metadata.
 
 from __future__ import annotations
 
-import copy
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,20 +25,24 @@ from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
-from sae_e2e_plugin.assets.language_model import load_language_model
-from sae_e2e_plugin.assets.model import is_builtin_model
-from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.core.splice import plan_splice
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
+from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import (
     check_output_folder,
     export_atomically,
     remove_previous_run,
+)
+from sae_e2e_plugin.runs.run_setup import (
+    position_filter,
+    resolve_builtins,
+    warn_if_bf16_is_emulated,
+    with_dataset,
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
@@ -50,24 +52,6 @@ from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, 
 from sae_e2e_plugin.version import __version__
 
 logger = logging.getLogger(__name__)
-
-
-class TokenBatches(Iterator[torch.Tensor]):
-    """Endless ``(sequences_per_batch, context_size)`` token batches from an ActivationsStore."""
-
-    def __init__(self, store: ActivationsStore, sequences_per_batch: int) -> None:
-        self.store = store
-        self.sequences_per_batch = sequences_per_batch
-
-    def __next__(self) -> torch.Tensor:
-        return self.store.get_batch_tokens(self.sequences_per_batch)
-
-    def skip(self, n_sequences: int) -> None:
-        """Draw and drop ``n_sequences`` sequences (resume continues where training stopped)."""
-        while n_sequences > 0:
-            n = min(n_sequences, self.sequences_per_batch)
-            self.store.get_batch_tokens(n, move_to_model_device=False)
-            n_sequences -= n
 
 
 class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
@@ -101,7 +85,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         )
         self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
         data_name = dataset_label(cfg, overridden=override_dataset is not None)
-        override_model, override_dataset = _resolve_builtins(cfg, override_model, override_dataset)
+        override_model, override_dataset = resolve_builtins(cfg, override_model, override_dataset)
         check_dataset(cfg, override_dataset, data_name)
         if override_sae is None and cfg.pretrained_sae is not None:
             override_sae = load_pretrained_sae(
@@ -122,10 +106,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             cfg, self.model, self.activations_store, data_name, builtin=self._builtin_dataset
         )
         if cfg.lm_dtype is not None:
-            _warn_if_bf16_is_emulated(cfg.lm_dtype, str(cfg.llm_device or cfg.device))
+            warn_if_bf16_is_emulated(cfg.lm_dtype, str(cfg.llm_device or cfg.device))
             self.model.to(getattr(torch, cfg.lm_dtype))
         freeze(self.model)
-        self.positions = _position_filter(cfg, self.activations_store)
+        self.positions = position_filter(cfg, self.activations_store)
         """The positions the SAE reads and replaces, resolved once (``core.positions``)."""
         self.objective = resolve_objective(cfg)
         """The run's objective, resolved once here and handed to the trainer."""
@@ -162,6 +146,12 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 id=self.cfg.logger.wandb_id,
             )
         tokens = TokenBatches(self.activations_store, self.cfg.sequences_per_batch)
+        # Built for a schedule with local steps only: an all-e2e run draws exactly as before.
+        local = (
+            BufferedActivations(self.activations_store, self.cfg.seed)
+            if self.cfg.e2e_fraction < 1
+            else None
+        )
         self.trainer = trainer = E2ESAETrainer(
             cfg=self.cfg.to_sae_trainer_config(),
             sae=self.sae,
@@ -179,9 +169,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             ),
             timer=self.timer,
             positions=self.positions,
+            local_data=local,
         )
+        logger.info(f"training schedule: {trainer.schedule.describe()}")
         if self.resume_checkpoint is not None:
-            self._resume(trainer, tokens, self.resume_checkpoint)
+            self._resume(trainer, tokens, local, self.resume_checkpoint)
         elif trainer.training_log_path is not None:
             # A fresh run starts a fresh log.
             trainer.training_log_path.unlink(missing_ok=True)
@@ -262,10 +254,16 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                     "Lower n_eval_batches or eval_batch_size_prompts."
                 )
             return torch.tensor(rows["tokens"][:n], dtype=torch.long)
-        store = ActivationsStore.from_config(self.model, _with_dataset(cfg, name))
+        store = ActivationsStore.from_config(self.model, with_dataset(cfg, name))
         return store.get_batch_tokens(n, move_to_model_device=False)
 
-    def _resume(self, trainer: E2ESAETrainer, tokens: TokenBatches, checkpoint: Path) -> None:
+    def _resume(
+        self,
+        trainer: E2ESAETrainer,
+        tokens: TokenBatches,
+        local: BufferedActivations | None,
+        checkpoint: Path,
+    ) -> None:
         logger.info(f"resuming from checkpoint {checkpoint}")
         try:
             trainer.load_trainer_state(checkpoint)
@@ -278,7 +276,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"({type(error).__name__}: {str(error)[:200]}); a file in it is damaged. Resume "
                 "from an earlier checkpoint of the run."
             ) from error
-        tokens.skip(trainer.n_sequences_consumed)
+        _reposition(trainer, tokens, local)
 
     def save_final_sae(
         self,
@@ -334,33 +332,29 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             # The positions the SAE was trained on (SAELens records seqpos_slice too).
             "seqpos_slice": list(self.positions.seqpos_slice),
             "excluded_token_ids": list(self.positions.excluded_ids),
+            "e2e_fraction": cfg.e2e_fraction,
+            "kl_mse_balance": cfg.kl_mse_balance,
             "trained_with": f"sae-e2e-plugin {__version__}",
         }
 
 
-def _resolve_builtins(
-    cfg: E2ERunnerConfig[Any],
-    model: HookedTransformer | None,
-    dataset: HfDataset | None,
-) -> tuple[HookedTransformer | None, HfDataset | None]:
-    """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one.
+def _reposition(
+    trainer: E2ESAETrainer, tokens: TokenBatches, local: BufferedActivations | None
+) -> None:
+    """Put the data streams where the checkpointed run had them.
 
-    SAELens loads any other model itself; a built-in corpus needs the model's tokenizer, so
-    then the model is loaded here too.
+    The store was read in this order: the normalisation estimate's token batches, the local
+    phase's buffer, the e2e phase's token batches. Before the switch the buffer's contents are
+    rebuilt by replaying it; after it only the number of sequences it read matters.
     """
-    if model is None and (is_builtin_model(cfg.model_name) or is_builtin_dataset(cfg.dataset_path)):
-        model = load_language_model(
-            cfg.model_name,
-            model_class_name=cfg.model_class_name,
-            device=cfg.llm_device or cfg.device,
-            model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
-        )
-    if dataset is None and is_builtin_dataset(cfg.dataset_path):
-        assert model is not None
-        dataset = load_builtin_dataset(
-            cfg.dataset_path, model.tokenizer, cfg.context_size, split="train"
-        ).shuffle(seed=cfg.seed)
-    return model, dataset
+    saved = trainer.saved_local_data
+    if local is None or saved is None:
+        tokens.skip(trainer.n_sequences_consumed)
+    elif trainer.schedule.phase(trainer.n_steps_taken) == "local":
+        tokens.skip(trainer.n_sequences_consumed)
+        local.replay(saved)
+    else:
+        tokens.skip(trainer.n_sequences_consumed + int(saved["sequences"]))
 
 
 def first_to_last(trainer: E2ESAETrainer) -> str:
@@ -373,40 +367,9 @@ def first_to_last(trainer: E2ESAETrainer) -> str:
     return f"training batches, first step -> last step: {', '.join(terms)}"
 
 
-def _with_dataset(cfg: E2ERunnerConfig[Any], dataset_path: str) -> E2ERunnerConfig[Any]:
-    # A shallow copy: no __post_init__ (which would re-validate and rename checkpoint_path).
-    other = copy.copy(cfg)
-    other.dataset_path = dataset_path
-    return other
-
-
 def _wandb_eval_dict(result: EvalResult) -> dict[str, Any]:
     return {
         f"eval/{key}": value
         for key, value in result.to_dict().items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
-
-
-def _warn_if_bf16_is_emulated(lm_dtype: str, device: str) -> None:
-    # Without AVX-512-BF16 or AMX, a CPU emulates bf16 matrix products: on a 2-core AVX2 host
-    # a [256, 576] × [576, 1536] product took 401 ms in bf16 against 17 ms in float32.
-    if lm_dtype != "bfloat16" or not device.startswith("cpu"):
-        return
-    native = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    if not native:
-        logger.warning(
-            "lm_dtype='bfloat16' on a CPU without AVX-512-BF16 or AMX: bf16 matrix products are "
-            "emulated here and run many times slower than float32. Leave lm_dtype unset (or "
-            "'float32') on this machine."
-        )
-
-
-def _position_filter(cfg: E2ERunnerConfig[Any], store: ActivationsStore) -> PositionFilter:
-    # The store resolves exclude_special_tokens=True to the tokenizer's special ids.
-    excluded = store.exclude_special_tokens
-    ids = () if excluded is None else tuple(int(i) for i in excluded.tolist())
-    return PositionFilter(seqpos_slice=tuple(cfg.seqpos_slice), excluded_ids=ids)

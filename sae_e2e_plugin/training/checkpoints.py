@@ -223,3 +223,35 @@ def refuse_unsafe_trainer_state(folder: Path, device: str) -> None:
             f"loaded (loading it could run code): {refused[0].rstrip('.')}. Resume only from "
             "checkpoints written by a training run; this file was not, or has been changed."
         ) from error
+
+
+def read_e2e_trainer_state(checkpoint: Path, objective: str, first_e2e_step: int) -> dict[str, Any]:
+    """The checkpoint's ``e2e_trainer_state.json``, refused if written by another kind of run.
+
+    ``objective`` and ``first_e2e_step`` are this run's; a checkpoint of another loss or
+    another schedule (``e2e_fraction``) cannot continue it."""
+    state_file = checkpoint / TRAINER_STATE_FILENAME
+    if not state_file.exists():
+        raise ResumeError(
+            f"resume_from_checkpoint={str(checkpoint)!r} has no {TRAINER_STATE_FILENAME}: "
+            "it was not written by E2ESAETrainer. Resume from a checkpoint of an e2e run."
+        )
+    state = json.loads(state_file.read_text())
+    # Written as "loss" by 0.1.0 checkpoints.
+    saved_objective = state.get("objective", state.get("loss"))
+    if saved_objective is not None and saved_objective != objective:
+        raise ResumeError(
+            f"resume_from_checkpoint={str(checkpoint)!r} was written by a run with "
+            f"loss={saved_objective!r}, but this run has loss={objective!r}. Resume "
+            f"with loss={saved_objective!r}, or start a new run without resume_from_checkpoint."
+        )
+    # Written without it before e2e_fraction existed: every step was end to end.
+    saved_switch = int(state.get("first_e2e_step", 0))
+    if saved_switch != first_e2e_step:
+        raise ResumeError(
+            f"resume_from_checkpoint={str(checkpoint)!r} was written by a run whose first "
+            f"end-to-end step was {saved_switch}, but this run's (its e2e_fraction and "
+            f"training_tokens) is {first_e2e_step}. Resume with the checkpoint's e2e_fraction "
+            "and training_tokens."
+        )
+    return state

@@ -19,7 +19,12 @@ from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
-from sae_e2e_plugin.training.numbers import check_coefficient, check_numbers, check_run_length
+from sae_e2e_plugin.training.numbers import (
+    check_coefficient,
+    check_e2e_schedule,
+    check_numbers,
+    check_run_length,
+)
 from sae_e2e_plugin.training.objectives import resolve_objective
 
 _SAELENS_DEFAULT_CHECKPOINT_PATH = "checkpoints"
@@ -67,6 +72,22 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     local_mse_coefficient: float = 0.0
     """Weight of SAELens' local reconstruction MSE (summed over d_in, averaged over
     tokens) added to "e2e"/"e2e_downstream" for a mixed objective. 0: pure e2e."""
+
+    e2e_fraction: float = 1.0
+    """The last ``e2e_fraction`` of ``training_tokens`` trains with ``loss``; every step before
+    them trains locally on SAELens' ordinary path (activations from the ``ActivationsStore``
+    buffer, the model run only up to the hook, SAETrainer's own step), at the cost of plain
+    SAELens local training. One SAE, optimizer and LR schedule over the whole run. The e2e
+    phase is ``round(e2e_fraction × steps)`` whole steps (see docs/training.md). 1.0: every
+    step end to end. In (0, 1]; < 1 needs an e2e ``loss``."""
+
+    kl_mse_balance: Literal["fixed", "adaptive"] = "fixed"
+    """How the e2e phase weighs KL against the local MSE. "fixed": the coefficients
+    (``kl_coefficient``, ``local_mse_coefficient``). "adaptive": ``0.5 × (α·KL + MSE)`` with
+    ``α = (MSE / KL)`` recomputed (detached) every step, MSE being SAELens' reconstruction MSE
+    at the hook, so the loss stays on the MSE scale and a sparsity coefficient tuned for local
+    training keeps its meaning (Karvonen 2025). Sparsity, auxiliary and downstream terms are
+    added as configured."""
 
     kl_chunk_size: int = 2048
     """Tokens per chunk when computing logits and KL; the full [tokens, vocab]
@@ -175,6 +196,7 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
             f"Use e.g. train_batch_size_tokens={max(1, cfg.sequences_per_batch) * cfg.context_size}."
         )
     check_run_length(cfg)
+    check_e2e_schedule(cfg, local=not objective.needs_full_run)
     if cfg.pretrained_sae is not None and cfg.from_pretrained_path is not None:
         raise ValueError(
             f"pretrained_sae={cfg.pretrained_sae!r} and from_pretrained_path="

@@ -155,3 +155,44 @@ def check_coefficient(name: str, value: float) -> None:
     """Refuse a weight that is not a finite number >= 0."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_e2e_schedule(cfg: Any, local: bool) -> None:
+    """Refuse an ``e2e_fraction`` / ``kl_mse_balance`` the run cannot honour.
+
+    ``local``: the objective has no end-to-end part (``loss="local"``)."""
+    fraction = cfg.e2e_fraction
+    if isinstance(fraction, bool) or not (_finite(fraction) and 0 < fraction <= 1):
+        raise ValueError(
+            f"e2e_fraction must be in (0, 1] (the share of training_tokens trained end to end), "
+            f"got {fraction!r}; use e.g. e2e_fraction=0.1, or 1.0 for end-to-end training throughout."
+        )
+    if fraction < 1 and local:
+        raise ValueError(
+            f"e2e_fraction={fraction} with loss={cfg.loss!r}: a local objective has no end-to-end "
+            "phase to switch to. Set loss='e2e' (or 'e2e_downstream'), or e2e_fraction=1.0."
+        )
+    batch = cfg.train_batch_size_tokens
+    if fraction * cfg.training_tokens < batch:
+        least = batch / cfg.training_tokens
+        raise ValueError(
+            f"e2e_fraction={fraction} of training_tokens={cfg.training_tokens} is "
+            f"{fraction * cfg.training_tokens:g} tokens, less than one training batch "
+            f"(train_batch_size_tokens={batch}): no end-to-end step would run. Use "
+            f"e2e_fraction >= {least:.6g}, or raise training_tokens."
+        )
+    if cfg.kl_mse_balance not in ("fixed", "adaptive"):
+        raise ValueError(
+            f"kl_mse_balance={cfg.kl_mse_balance!r} is not a choice; use 'fixed' or 'adaptive'."
+        )
+    if cfg.kl_mse_balance == "adaptive" and local:
+        raise ValueError(
+            f"kl_mse_balance='adaptive' with loss={cfg.loss!r}: there is no KL term to balance "
+            "against the MSE. Set loss='e2e' (or 'e2e_downstream'), or kl_mse_balance='fixed'."
+        )
+    if cfg.kl_mse_balance == "adaptive" and cfg.local_mse_coefficient != 0:
+        raise ValueError(
+            f"kl_mse_balance='adaptive' with local_mse_coefficient={cfg.local_mse_coefficient}: "
+            "the adaptive mix sets the MSE's weight itself (0.5). Set local_mse_coefficient=0, "
+            "or kl_mse_balance='fixed' for a fixed mix."
+        )

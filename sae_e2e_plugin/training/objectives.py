@@ -21,9 +21,15 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from einops import rearrange
+from sae_lens.saes.sae import TrainStepOutput
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, downstream_loss, mse_mean
+from sae_e2e_plugin.core.losses import (
+    adaptive_kl_mse,
+    chunked_kl_orig_to_patched,
+    downstream_loss,
+    mse_mean,
+)
 from sae_e2e_plugin.core.splice import (
     CleanRun,
     PatchedRun,
@@ -227,6 +233,64 @@ def resolve_objective(cfg: Any) -> ResolvedObjective:
         params=objective.params(**values),
         local_mse_weight=cfg.local_mse_coefficient if weight is None else weight,
     )
+
+
+def combine_terms(
+    output: TrainStepOutput,
+    terms: ObjectiveOutput,
+    local_mse_weight: float,
+    balance: str = "fixed",
+) -> TrainStepOutput:
+    """The SAE's training output with SAELens' reconstruction MSE swapped for the objective's terms.
+
+    Sparsity and auxiliary terms (including e.g. matryoshka's inner reconstruction losses)
+    stay as the architecture defines them. ``balance="adaptive"`` replaces the objective's
+    ``kl_loss`` and the MSE by the halves of ``adaptive_kl_mse`` (logged as ``kl_loss`` and
+    ``mse_loss``, α as ``metrics/kl_mse_alpha``); ``local_mse_weight`` is 0 then.
+    """
+    mse = output.losses.get("mse_loss")
+    if balance == "adaptive":
+        terms = _adaptive_terms(terms, mse)
+    loss = output.loss
+    if mse is not None and local_mse_weight != 1.0:
+        loss = _loss_without_full_mse(output, mse, local_mse_weight)
+        output.metrics["local_mse"] = mse.detach()
+        if local_mse_weight == 0.0:
+            del output.losses["mse_loss"]
+        else:
+            output.losses["mse_loss"] = local_mse_weight * mse
+    for name, term in terms.losses.items():
+        loss = loss + term
+        output.losses[name] = term
+    output.metrics.update(terms.metrics)
+    output.loss = loss
+    return output
+
+
+def _adaptive_terms(terms: ObjectiveOutput, mse: torch.Tensor | None) -> ObjectiveOutput:
+    kl = terms.losses.get("kl_loss")
+    if kl is None or mse is None:
+        raise ValueError(
+            "kl_mse_balance='adaptive' needs a 'kl_loss' term from the objective and SAELens' "
+            f"'mse_loss' from the SAE; got objective terms {sorted(terms.losses)} and an MSE "
+            f"{'present' if mse is not None else 'missing'}. Use kl_mse_balance='fixed'."
+        )
+    kl_half, mse_half, alpha = adaptive_kl_mse(kl, mse)
+    losses = dict(terms.losses) | {"kl_loss": kl_half, "mse_loss": mse_half}
+    return ObjectiveOutput(losses=losses, metrics=terms.metrics | {"kl_mse_alpha": alpha})
+
+
+def _loss_without_full_mse(
+    output: TrainStepOutput, mse: torch.Tensor, weight: float
+) -> torch.Tensor:
+    # Re-add the terms rather than subtract the MSE: on models with large activations
+    # the MSE is ~1e6 and ``loss - mse`` would lose the small terms to float32 rounding.
+    others = [value for name, value in output.losses.items() if name != "mse_loss"]
+    total = sum(output.losses.values(), torch.zeros_like(output.loss))
+    if torch.allclose(total.detach(), output.loss.detach(), rtol=1e-5, atol=1e-6):
+        return sum(others, weight * mse)
+    # The architecture's loss has terms outside its losses dict: keep them.
+    return output.loss - (1.0 - weight) * mse
 
 
 def _local(inputs: ObjectiveInputs[NoParams]) -> ObjectiveOutput:

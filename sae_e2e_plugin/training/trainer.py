@@ -9,6 +9,10 @@ logging and the progress bar. One step here is:
 3. the SAE's own training forward pass (reconstruction, sparsity and auxiliary terms);
 4. the objective: splice the reconstruction in, continue the model, KL (+ downstream MSE);
 5. backward, clip, optimizer and scheduler steps.
+
+With ``e2e_fraction < 1`` the steps before the switch (``training.schedule``) are SAETrainer's
+own local step on activations from SAELens' buffer; the same optimizer, LR schedule and
+counters carry on into the e2e steps.
 """
 
 from __future__ import annotations
@@ -33,15 +37,22 @@ from sae_e2e_plugin.core.positions import (
     with_reconstruction,
 )
 from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
-from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME, atomic_write_text
+from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME
 from sae_e2e_plugin.training.checkpoints import (
-    ResumeError,
+    read_e2e_trainer_state,
     refuse_unsafe_trainer_state,
     staged_checkpoint,
 )
 from sae_e2e_plugin.training.config import E2ERunnerConfig
-from sae_e2e_plugin.training.objectives import ObjectiveOutput, ResolvedObjective
+from sae_e2e_plugin.training.objectives import ObjectiveOutput, ResolvedObjective, combine_terms
+from sae_e2e_plugin.training.schedule import LocalData, Phase, PhasedData, plan_schedule
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
+from sae_e2e_plugin.training.training_log import (
+    append_row,
+    batch_l0,
+    progress_summary,
+    truncate_after,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,10 +86,33 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         training_log_path: Path | None = None,
         timer: PhaseTimer = NO_TIMING,
         positions: PositionFilter = ALL_POSITIONS,
+        local_data: LocalData | None = None,
     ) -> None:
         super().__init__(
             cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
         )
+        self.schedule = plan_schedule(
+            e2e_cfg.training_tokens, e2e_cfg.train_batch_size_tokens, e2e_cfg.e2e_fraction
+        )
+        """Which steps are local and which end to end (``e2e_cfg.e2e_fraction``)."""
+        self.tokens = data_provider
+        """Token batches for e2e steps (and the normalisation estimate)."""
+        self.local_data = local_data
+        """Activation batches for the local steps before the switch (None: no local step)."""
+        if self.schedule.local_steps > 0:
+            if local_data is None:
+                raise ValueError(
+                    f"e2e_fraction={e2e_cfg.e2e_fraction} schedules {self.schedule.local_steps} "
+                    "local steps, but the trainer was given no local_data (activation batches)."
+                )
+            self.data_provider = PhasedData(
+                self.schedule, local_data, data_provider, lambda: self.n_steps_taken
+            )
+        self.saved_local_data: dict[str, Any] | None = None
+        """The local data's position read from the checkpoint being resumed (the runner
+        rebuilds the data streams from it)."""
+        self.last_phase: Phase = self.schedule.phase(0)
+        """The phase of the latest step (progress bar, wandb)."""
         self.model = freeze(model)
         self.plan = plan
         self.e2e_cfg = e2e_cfg
@@ -123,7 +157,40 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         return super().fit()
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
-        """One training step on a ``(batch, context_size)`` token batch."""
+        """One training step: on a ``(batch, context_size)`` token batch in the e2e phase, on a
+        ``[train_batch_size_tokens, d_in]`` activation batch in the local phase."""
+        self.last_phase = self.schedule.phase(self.n_steps_taken)
+        if self.last_phase == "local":
+            output = self._local_step(batch)
+        else:
+            output = self._e2e_step(batch)
+        self.n_steps_taken += 1
+        self.last_losses = {"total_loss": float(output.loss.detach())}
+        self.last_losses |= {name: float(v.detach()) for name, v in output.losses.items()}
+        self.first_losses = self.first_losses or dict(self.last_losses)
+        if self.training_log_path is not None:
+            self._append_log_row(output)
+        every = self.e2e_cfg.eval_every_n_steps
+        if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
+            self.periodic_eval(self)
+        return output
+
+    def _local_step(self, batch: torch.Tensor) -> TrainStepOutput:
+        if batch.ndim != 2 or not batch.is_floating_point():
+            raise ValueError(
+                f"step {self.n_steps_taken} is a local step and expects activations of shape "
+                f"(tokens, d_in), got {tuple(batch.shape)} of {batch.dtype}."
+            )
+        if self.stop_requested:
+            raise TrainingInterrupted(
+                f"training stopped on request before step {self.n_training_steps}"
+            )
+        # SAELens' own local step: scaler, training forward, statistics, backward, clip, Adam.
+        output = super().step(batch)
+        self._check_finite(output, before_update=False)
+        return output
+
+    def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
         if batch.ndim != 2 or batch.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(
                 f"E2ESAETrainer.step expects integer tokens of shape (batch, context_size), "
@@ -145,17 +212,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         tokens = batch.to(self.model.cfg.device)
         self.n_training_samples += tokens.numel()
         self.n_sequences_consumed += tokens.shape[0]
-        output = self._e2e_train_step(tokens)
-        self.n_steps_taken += 1
-        self.last_losses = {"total_loss": float(output.loss.detach())}
-        self.last_losses |= {name: float(v.detach()) for name, v in output.losses.items()}
-        self.first_losses = self.first_losses or dict(self.last_losses)
-        if self.training_log_path is not None:
-            self._append_log_row(output)
-        every = self.e2e_cfg.eval_every_n_steps
-        if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
-            self.periodic_eval(self)
-        return output
+        return self._e2e_train_step(tokens)
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         self.sae.train()
@@ -203,22 +260,10 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         return acts[mask]
 
     def _append_log_row(self, output: TrainStepOutput) -> None:
-        l0 = (output.feature_acts > 0).float().sum(-1).mean()
-        row = {"step": self.n_steps_taken, "tokens": self.n_training_samples}
-        row |= self.last_losses | {"l0": float(l0)}
         assert self.training_log_path is not None
-        self.training_log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.training_log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def _truncate_log(self) -> None:
-        """Drop log rows of steps after the checkpoint being resumed (they are redone)."""
-        path = self.training_log_path
-        if path is None or not path.exists():
-            return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= self.n_steps_taken]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        row: dict[str, Any] = {"step": self.n_steps_taken, "tokens": self.n_training_samples}
+        row |= {"phase": self.last_phase} | self.last_losses | {"l0": batch_l0(output)}
+        append_row(self.training_log_path, row)
 
     @torch.no_grad()
     def _clean_pass(self, tokens: torch.Tensor) -> tuple[Prefix, CleanRun]:
@@ -238,49 +283,22 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         )
 
     def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
-        """Swap SAELens' reconstruction MSE for the objective's terms; keep every other term.
+        """The SAE's terms with the objective's (``training.objectives.combine_terms``)."""
+        return combine_terms(
+            output, terms, self.objective.local_mse_weight, self.e2e_cfg.kl_mse_balance
+        )
 
-        Sparsity and auxiliary terms (including e.g. matryoshka's inner
-        reconstruction losses) stay as the architecture defines them.
-        """
-        weight = self.objective.local_mse_weight
-        mse = output.losses.get("mse_loss")
-        loss = output.loss
-        if mse is not None and weight != 1.0:
-            loss = self._loss_without_full_mse(output, mse, weight)
-            output.metrics["local_mse"] = mse.detach()
-            if weight == 0.0:
-                del output.losses["mse_loss"]
-            else:
-                output.losses["mse_loss"] = weight * mse
-        for name, term in terms.losses.items():
-            loss = loss + term
-            output.losses[name] = term
-        output.metrics.update(terms.metrics)
-        output.loss = loss
-        return output
-
-    @staticmethod
-    def _loss_without_full_mse(
-        output: TrainStepOutput, mse: torch.Tensor, weight: float
-    ) -> torch.Tensor:
-        # Re-add the terms rather than subtract the MSE: on models with large activations
-        # the MSE is ~1e6 and ``loss - mse`` would lose the small terms to float32 rounding.
-        others = [value for name, value in output.losses.items() if name != "mse_loss"]
-        total = sum(output.losses.values(), torch.zeros_like(output.loss))
-        if torch.allclose(total.detach(), output.loss.detach(), rtol=1e-5, atol=1e-6):
-            return sum(others, weight * mse)
-        # The architecture's loss has terms outside its losses dict: keep them.
-        return output.loss - (1.0 - weight) * mse
-
-    def _check_finite(self, output: TrainStepOutput) -> None:
+    def _check_finite(self, output: TrainStepOutput, before_update: bool = True) -> None:
         if torch.isfinite(output.loss).item():
             return
         terms = {name: float(value.detach()) for name, value in output.losses.items()}
         where = self.cfg.checkpoint_path or "(checkpointing is off)"
+        # SAETrainer's local step updates the weights before its loss can be seen.
+        when = "before" if before_update else "after"
         raise NonFiniteLossError(
             f"the training loss became {float(output.loss.detach())} at step "
-            f"{self.n_training_steps} (terms: {terms}). Training stopped before this update; "
+            f"{self.n_training_steps} ({self.last_phase} phase; terms: {terms}). Training "
+            f"stopped {when} this update; "
             f"the last checkpoint under {where} is intact. Lower lr, raise lr_warm_up_steps, "
             "or check the model's dtype."
         )
@@ -313,7 +331,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def _activation_batches(self) -> Iterator[torch.Tensor]:
         """Activations at the SAE's hook, [tokens, d_in], for normalisation estimates."""
         while True:
-            tokens = next(self.data_provider).to(self.model.cfg.device)
+            tokens = next(self.tokens).to(self.model.cfg.device)
             self.n_sequences_consumed += tokens.shape[0]
             with torch.no_grad():
                 prefix = run_prefix(self.model, tokens, self.plan.start_layer)
@@ -335,6 +353,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             "n_training_samples": self.n_training_samples,
             "n_steps_taken": self.n_steps_taken,
             "objective": self.objective.name,
+            "next_phase": self.schedule.phase(self.n_steps_taken),
         }
         with staged_checkpoint(Path(base), checkpoint_name, marker) as staging:
             super().save_checkpoint(staging.name, base, wandb_aliases)
@@ -347,6 +366,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             "n_sequences_consumed": self.n_sequences_consumed,
             "n_steps_taken": self.n_steps_taken,
             "objective": self.objective.name,
+            "first_e2e_step": self.schedule.first_e2e_step,
+            "next_phase": self.schedule.phase(self.n_steps_taken),
+            "local_data": None if self.local_data is None else self.local_data.state(),
         }
         (Path(checkpoint_path) / TRAINER_STATE_FILENAME).write_text(json.dumps(state))
 
@@ -354,24 +376,13 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Restore SAETrainer's state and the token-stream position."""
         refuse_unsafe_trainer_state(Path(checkpoint_path), self.cfg.device)
         super().load_trainer_state(checkpoint_path)
-        state_file = Path(checkpoint_path) / TRAINER_STATE_FILENAME
-        if not state_file.exists():
-            raise ResumeError(
-                f"resume_from_checkpoint={str(checkpoint_path)!r} has no {TRAINER_STATE_FILENAME}: "
-                "it was not written by E2ESAETrainer. Resume from a checkpoint of an e2e run."
-            )
-        state = json.loads(state_file.read_text())
-        # Written as "loss" by 0.1.0 checkpoints.
-        saved_objective = state.get("objective", state.get("loss"))
-        if saved_objective is not None and saved_objective != self.objective.name:
-            raise ResumeError(
-                f"resume_from_checkpoint={str(checkpoint_path)!r} was written by a run with "
-                f"loss={saved_objective!r}, but this run has loss={self.objective.name!r}. Resume "
-                f"with loss={saved_objective!r}, or start a new run without resume_from_checkpoint."
-            )
+        state = read_e2e_trainer_state(
+            Path(checkpoint_path), self.objective.name, self.schedule.first_e2e_step
+        )
+        self.saved_local_data = state.get("local_data")
         self.n_sequences_consumed = int(state["n_sequences_consumed"])
         self.n_steps_taken = self.n_training_steps = int(state["n_steps_taken"])
-        self._truncate_log()
+        truncate_after(self.training_log_path, self.n_steps_taken)
         # Checkpoints already written before the interruption are not written again.
         self.checkpoint_thresholds = [
             t for t in self.checkpoint_thresholds if t >= self.n_training_samples
@@ -383,8 +394,19 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     ) -> None:
         # Advance every step (e2e steps are slow); summarise the per-hook terms in one number.
         pbar.update(self.cfg.train_batch_size_samples)
-        if self.n_training_steps % update_interval == 0 or self.n_training_steps == 1:
-            pbar.set_description(f"{self.n_training_steps}| {_summary(step_output)}")
+        switched = self.n_training_steps == self.schedule.first_e2e_step + 1
+        if self.n_training_steps % update_interval == 0 or self.n_training_steps == 1 or switched:
+            pbar.set_description(
+                f"{self.n_training_steps}| {self.last_phase} | {progress_summary(step_output)}"
+            )
+
+    @torch.no_grad()
+    def build_train_step_log_dict(
+        self, output: TrainStepOutput, n_training_samples: int
+    ) -> dict[str, Any]:
+        """SAETrainer's wandb row plus the phase of the step (1: end to end, 0: local)."""
+        row = super().build_train_step_log_dict(output, n_training_samples)
+        return row | {"details/e2e_phase": int(self.last_phase == "e2e")}
 
 
 def freeze(model: HookedTransformer) -> HookedTransformer:
@@ -393,16 +415,3 @@ def freeze(model: HookedTransformer) -> HookedTransformer:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
-
-
-def _summary(output: TrainStepOutput) -> str:
-    shown: dict[str, float] = {"total_loss": float(output.loss.detach())}
-    downstream = 0.0
-    for name, value in output.losses.items():
-        if name.startswith("downstream_mse_loss/"):
-            downstream += float(value.detach())
-        else:
-            shown[name] = float(value.detach())
-    if any(name.startswith("downstream_mse_loss/") for name in output.losses):
-        shown["downstream_loss"] = downstream
-    return " | ".join(f"{name}: {value:.4f}" for name, value in shown.items())
