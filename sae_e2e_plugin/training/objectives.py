@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from einops import rearrange
@@ -239,7 +239,7 @@ def combine_terms(
     output: TrainStepOutput,
     terms: ObjectiveOutput,
     local_mse_weight: float,
-    balance: str = "fixed",
+    balance: Literal["fixed", "adaptive"] = "fixed",
 ) -> TrainStepOutput:
     """The SAE's training output with SAELens' reconstruction MSE swapped for the objective's terms.
 
