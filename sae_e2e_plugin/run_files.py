@@ -16,7 +16,8 @@ EVAL_FILENAME = "eval.json"
 """The final evaluation on held-out tokens (``EvalResult.to_dict()``); marks a finished run."""
 
 TRAINING_LOG_FILENAME = "training_log.jsonl"
-"""One JSON line per training step: step, tokens, each loss term, the batch's L0."""
+"""One JSON line per training step: step, tokens, phase, each loss term, the batch's L0 and the
+step's wall time in ``seconds``."""
 
 TRAINER_STATE_FILENAME = "e2e_trainer_state.json"
 """In a checkpoint: the token-stream position and step count that resume needs."""

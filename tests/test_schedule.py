@@ -119,6 +119,7 @@ def test_half_schedule_reads_activations_then_tokens_in_exact_amounts(
     assert adam_steps == {STEPS}
     rows_logged = [json.loads(line) for line in (tmp_path / "output" / "training_log.jsonl").open()]
     assert [r["phase"] for r in rows_logged] == ["local"] * 5 + ["e2e"] * 5
+    assert all(r["seconds"] > 0 for r in rows_logged)
 
 
 def test_the_local_step_is_saelens_own_step(tmp_path: Path) -> None:
@@ -183,7 +184,7 @@ def test_an_adaptive_run_logs_equal_halves(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "output" / "training_log.jsonl").open()]
     for row in rows[5:]:
         assert row["kl_loss"] == pytest.approx(row["mse_loss"], rel=1e-5)
-        not_terms = ("step", "tokens", "phase", "total_loss", "l0")
+        not_terms = ("step", "tokens", "phase", "total_loss", "l0", "seconds")
         terms = [v for k, v in row.items() if k not in not_terms]
         assert row["total_loss"] == pytest.approx(sum(terms), rel=1e-5)
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
 
-from sae_e2e_plugin.analysis.results import training_l0_summary
+from sae_e2e_plugin.analysis.results import training_l0_summary, training_time_summary
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.runs.sweep import (
     expand_grid,
@@ -94,6 +94,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
     assert f"| e2e | {first_e2e['sae.l1_coefficient']} | {first_e2e['l0']:.1f} |" in table[2]
     for row in rows:  # 4 steps per run: too few tenths to judge settling
         assert row["l0_train_end"] is None and row["l0_train_drift"] is None
+        assert row["train_seconds"] > 0 and row["step_seconds_local"] is None
     for name in (
         "pareto_l0.png",
         "pareto_alive.png",
@@ -169,6 +170,25 @@ def test_training_l0_summary_compares_the_last_two_tenths(tmp_path: Path) -> Non
         "l0_train_end": None,
         "l0_train_drift": None,
     }
+
+
+def test_training_time_summary_sums_the_rows_and_takes_each_phases_median(tmp_path: Path) -> None:
+    log = tmp_path / "training_log.jsonl"
+    rows = [("local", 1.0), ("local", 9.0), ("local", 2.0), ("e2e", 5.0), ("e2e", 7.0)]
+    log.write_text(
+        "".join(
+            json.dumps({"step": k + 1, "phase": phase, "seconds": seconds}) + "\n"
+            for k, (phase, seconds) in enumerate(rows)
+        )
+    )
+    assert training_time_summary(log) == {
+        "train_seconds": 24.0,
+        "step_seconds_local": 2.0,
+        "step_seconds_e2e": 6.0,
+    }
+    # A log from before the rows carried seconds (the committed sweeps) has no times.
+    log.write_text(json.dumps({"step": 1, "l0": 3.0}) + "\n")
+    assert set(training_time_summary(log).values()) == {None}
 
 
 def test_grids_setting_different_fields_share_one_table(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sae_e2e_plugin.analysis.geometry import max_cosine_across, max_cosine_within
-from sae_e2e_plugin.analysis.results import RESULT_METRICS, read_training_log
+from sae_e2e_plugin.analysis.results import DERIVED_PREFIXES, RESULT_METRICS, read_training_log
 from sae_e2e_plugin.run_files import TRAINING_LOG_FILENAME
 
 
@@ -139,7 +139,7 @@ def series_label(row: dict[str, Any]) -> str:
         for key, value in row.items()
         if key not in ("run_id", "loss", "sae.l1_coefficient")
         and key not in RESULT_METRICS
-        and not key.startswith("l0_train_")
+        and not key.startswith(DERIVED_PREFIXES)
     ]
     loss = str(row.get("loss", "run"))
     return f"{loss} ({', '.join(others)})" if others else loss

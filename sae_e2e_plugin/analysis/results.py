@@ -1,5 +1,5 @@
-"""Results of finished runs: one row per run folder (its grid values, ``eval.json`` metrics and
-L0 settling from ``training_log.jsonl``), written as CSV, JSON and a markdown table.
+"""Results of finished runs: one row per run folder (its grid values, ``eval.json`` metrics, L0
+settling and training time from ``training_log.jsonl``), written as CSV, JSON and a markdown table.
 
 Sweeps write these files and the plots read them; both take the file names from here.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def run_row(run_dir: Path, run_id: str, overrides: dict[str, Any]) -> dict[str, 
     row: dict[str, Any] = {"run_id": run_id, **overrides}
     row.update({name: metrics.get(name) for name in RESULT_METRICS})
     row.update(training_l0_summary(run_dir / TRAINING_LOG_FILENAME))
+    row.update(training_time_summary(run_dir / TRAINING_LOG_FILENAME))
     return row
 
 
@@ -57,6 +59,9 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]]) -> None:
         (output_dir / RESULTS_MD).write_text(results_markdown(rows))
 
 
+DERIVED_PREFIXES = ("l0_train_", "train_seconds", "step_seconds_")
+"""Keys of a results row read from the training log (not grid values, not eval.json metrics)."""
+
 # (column title, results key, format) of the markdown table.
 _TABLE_COLUMNS = (
     ("L0", "l0", "{:.1f}"),
@@ -66,6 +71,7 @@ _TABLE_COLUMNS = (
     ("KL", "kl_orig_patched", "{:.3f}"),
     ("expl. var.", "explained_variance", "{:.3f}"),
     ("L0 drift, last tenth", "l0_train_drift", "{:+.1%}"),
+    ("training time (s)", "train_seconds", "{:.0f}"),
 )
 
 
@@ -74,7 +80,7 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     grid_keys = [
         k
         for k in _all_keys(rows)
-        if k != "run_id" and k not in RESULT_METRICS and not k.startswith("l0_train_")
+        if k != "run_id" and k not in RESULT_METRICS and not k.startswith(DERIVED_PREFIXES)
     ]
     titles = [short_key(k) for k in grid_keys] + [title for title, _, _ in _TABLE_COLUMNS]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
@@ -113,6 +119,25 @@ def training_l0_summary(path: Path) -> dict[str, float | None]:
     last = sum(l0[-tenth:]) / tenth
     before = sum(l0[-2 * tenth : -tenth]) / tenth
     return {"l0_train_end": last, "l0_train_drift": (last - before) / before if before else None}
+
+
+def training_time_summary(path: Path) -> dict[str, float | None]:
+    """Where a run's training time went, from the ``seconds`` of its training log's rows.
+
+    ``train_seconds``: their sum (the training loop, checkpoints and periodic evaluations; not
+    loading the model or the final evaluation); ``step_seconds_local`` / ``step_seconds_e2e``:
+    the median step of each phase (None without such steps). Medians, because a checkpoint or a
+    busy machine makes single steps slow. None throughout for a log written before the rows
+    carried ``seconds``.
+    """
+    rows = [row for row in read_training_log(path) if "seconds" in row]
+    if not rows:
+        return {"train_seconds": None, "step_seconds_local": None, "step_seconds_e2e": None}
+    summary: dict[str, float | None] = {"train_seconds": sum(row["seconds"] for row in rows)}
+    for phase in ("local", "e2e"):
+        times = [row["seconds"] for row in rows if row.get("phase", "e2e") == phase]
+        summary[f"step_seconds_{phase}"] = statistics.median(times) if times else None
+    return summary
 
 
 def short_key(key: str) -> str:

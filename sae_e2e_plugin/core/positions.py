@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from beartype import beartype
+from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
 
 
@@ -61,3 +62,14 @@ def with_reconstruction(
     order of ``mask``, as ``clean[mask]`` reads them). Gradient flows into ``reconstruction``
     only: the other positions are the clean activations, constants of the step."""
     return clean.to(reconstruction.dtype).index_put((mask,), reconstruction)
+
+
+@jaxtyped(typechecker=beartype)
+def selected_rows(
+    acts: Float[torch.Tensor, "batch pos d_in"], mask: Bool[torch.Tensor, "batch pos"] | None
+) -> Float[torch.Tensor, "selected d_in"]:
+    """The SAE's input rows: every position (``mask`` None), or the selected ones in row-major
+    order (the order ``with_reconstruction`` writes them back in)."""
+    if mask is None:
+        return rearrange(acts, "batch pos d_in -> (batch pos) d_in")
+    return acts[mask]

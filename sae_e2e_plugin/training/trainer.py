@@ -18,6 +18,7 @@ counters carry on into the e2e steps.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from sae_e2e_plugin.core.positions import (
     ALL_POSITIONS,
     PositionFilter,
     selected_positions,
+    selected_rows,
     with_reconstruction,
 )
 from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
@@ -133,6 +135,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Each loss term of the first step this trainer took (for the end-of-run summary)."""
         self.last_losses: dict[str, float] = {}
         """Each loss term of the latest step."""
+        self._last_row_time = time.perf_counter()
+        """When the previous log row was written (or training started): a row's ``seconds``."""
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
         self.last_checkpoint: Path | None = None
@@ -144,6 +148,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def fit(self) -> TrainingSAE[Any]:
         """Train until ``total_training_samples`` tokens have been consumed; return the SAE."""
         self.sae.to(self.cfg.device)
+        self._last_row_time = time.perf_counter()
         if (
             self.sae.cfg.normalize_activations == "expected_average_only_in"
             and self.activation_scaler.scaling_factor is None
@@ -218,7 +223,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.sae.train()
         prefix, clean = self._clean_pass(tokens)
         mask = self._selected(tokens)
-        sae_in = self.activation_scaler(self._sae_rows(clean.acts, mask).to(self.sae.device))
+        sae_in = self.activation_scaler(selected_rows(clean.acts, mask).to(self.sae.device))
         with self.autocast_if_enabled:
             with self.timer.phase("SAE training forward"):
                 output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
@@ -252,17 +257,14 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             )
         return mask
 
-    @staticmethod
-    def _sae_rows(acts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The SAE's input rows, [selected, d_in]: every position, or the selected ones."""
-        if mask is None:
-            return rearrange(acts, "batch pos d_in -> (batch pos) d_in")
-        return acts[mask]
-
     def _append_log_row(self, output: TrainStepOutput) -> None:
         assert self.training_log_path is not None
         row: dict[str, Any] = {"step": self.n_steps_taken, "tokens": self.n_training_samples}
         row |= {"phase": self.last_phase} | self.last_losses | {"l0": batch_l0(output)}
+        # Wall time since the previous row: the step with its data (the local phase's buffer
+        # refills run the model) and any checkpoint or evaluation after the previous step.
+        now = time.perf_counter()
+        row["seconds"], self._last_row_time = round(now - self._last_row_time, 4), now
         append_row(self.training_log_path, row)
 
     @torch.no_grad()
@@ -336,7 +338,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             with torch.no_grad():
                 prefix = run_prefix(self.model, tokens, self.plan.start_layer)
                 acts = run_clean(self.model, prefix, self.plan, full=False).acts
-            yield self._sae_rows(acts, self._selected(tokens))
+            yield selected_rows(acts, self._selected(tokens))
 
     def save_checkpoint(
         self,

@@ -1,7 +1,7 @@
 """What a run reports about each step: ``training_log.jsonl`` rows and the progress bar's line.
 
-One JSON line per step (step, tokens seen, phase, the total loss, each loss term by name and the
-batch's L0) is appended to ``<output_path>/training_log.jsonl``; a resumed run first drops the rows
+One JSON line per step (step, tokens seen, phase, the total loss, each loss term by name, the
+batch's L0 and ``seconds``, the wall time since the previous row) is appended to ``<output_path>/training_log.jsonl``; a resumed run first drops the rows
 of the steps it will redo.
 """
 
