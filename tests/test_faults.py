@@ -30,6 +30,8 @@ from sae_e2e_plugin import (
 )
 from sae_e2e_plugin.cli import EXIT_INTERRUPTED, main
 from sae_e2e_plugin.run_files import CHECKPOINT_COMPLETE_FILENAME
+from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
+from sae_e2e_plugin.runs.sweep import run_sweep
 from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
 
 TESTS = Path(__file__).parent
@@ -50,7 +52,9 @@ def checkpoints(run: E2ESAETrainingRunner) -> list[Path]:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """Every file under ``root`` and its bytes, but the folder lock (it names its latest holder)."""
+    files = (p for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILENAME)
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -219,7 +223,76 @@ def test_overwrite_deletes_nothing_when_the_new_run_is_refused(tmp_path: Path) -
 
 def test_no_staging_folder_is_left_after_an_export(tmp_path: Path) -> None:
     runner(tmp_path).run()
-    assert not [p.name for p in (tmp_path / "output").iterdir() if p.name.startswith(".")]
+    hidden = [p.name for p in (tmp_path / "output").iterdir() if p.name.startswith(".")]
+    assert hidden == [LOCK_FILENAME]
+
+
+# A process that holds a folder until its stdin closes (or it is killed).
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from sae_e2e_plugin.runs.output_folder import hold_folder
+    with hold_folder(sys.argv[1], "output_path"):
+        print("held", flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+def test_a_folder_held_by_a_running_process_is_refused_and_free_once_it_is_killed(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "output"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            FolderInUseError,
+            match=rf"output_path=.*in use by another running process \(pid {holder.pid} on .*"
+            r"choose another output_path",
+        ):
+            with hold_folder(folder, "output_path"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # SIGKILL leaves no stale lock: the kernel dropped it with the process.
+    with hold_folder(folder, "output_path"):
+        assert json.loads((folder / LOCK_FILENAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_run_into_a_folder_another_run_is_writing_stops_before_touching_it(
+    tmp_path: Path,
+) -> None:
+    runner(tmp_path, n_eval_batches=1, eval_batch_size_prompts=2).run()
+    output = tmp_path / "output"
+    before = tree(output)
+    second = runner(tmp_path, overwrite_output=True)
+    with hold_folder(output, "output_path"):  # as the other process would
+        with pytest.raises(FolderInUseError, match="output_path="):
+            second.run()
+        # overwrite_output=True, yet the other run's files are untouched.
+        assert tree(output) == before
+
+
+def test_a_second_sweep_on_the_same_output_dir_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = {"base": {}, "grid": {"loss": ["e2e"]}}
+    with hold_folder(tmp_path, "output_dir"):
+        with pytest.raises(FolderInUseError, match=r"output_dir=.*another running process"):
+            run_sweep(spec, tmp_path, make_runner=lambda cfg: pytest.fail("must not build a run"))
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(f"output_dir: {tmp_path}\ngrid: {{loss: [e2e]}}\n")
+        assert main(["sweep", "--config", str(sweep_file)]) == 1
+    assert not (tmp_path / "runs").exists()
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("sae-e2e sweep: error: output_dir=") and "in use" in error[-1]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

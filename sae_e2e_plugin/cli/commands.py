@@ -45,10 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tqdm.write(f"sae-e2e {args.command}: {_interrupted(interruption)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as error:
+        from sae_e2e_plugin.runs.output_folder import FolderInUseError
         from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
         from sae_e2e_plugin.training.trainer import NonFiniteLossError
 
-        if not isinstance(error, (NonFiniteLossError, CheckpointWriteError)):
+        if not isinstance(error, (NonFiniteLossError, CheckpointWriteError, FolderInUseError)):
             raise
         print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
         return 1

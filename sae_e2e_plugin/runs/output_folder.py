@@ -6,17 +6,25 @@ previous run is refused unless this run resumes it or ``overwrite_output=True`` 
 to be replaced, in which case exactly those files are removed when the run starts, so nothing of the old
 run is left next to the new one. Files the package did not write are never touched.
 
+While a run trains, ``hold_folder`` keeps its folders to itself: a second process (another run,
+a second sweep started on the same ``output_dir``) pointed at them is refused instead of writing
+into the same training log and checkpoints.
+
 ``export_atomically`` writes the exported SAE into a staging sibling and moves each file into
 place, ``cfg.json`` last: a folder that SAELens can load holds a complete export.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sae_lens.constants import SAE_CFG_FILENAME
@@ -24,6 +32,13 @@ from sae_lens.constants import SAE_CFG_FILENAME
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, RUN_OUTPUT_FILES
 
 logger = logging.getLogger(__name__)
+
+LOCK_FILENAME = ".sae-e2e.lock"
+"""Held (``flock``) by the process that is training into the folder; says which process it is."""
+
+
+class FolderInUseError(RuntimeError):
+    """Another running process holds the folder (``hold_folder``)."""
 
 
 def previous_run_files(output: Path) -> list[Path]:
@@ -81,3 +96,54 @@ def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
             os.replace(staging / name, output / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def hold_folder(folder: str | Path, field: str) -> Iterator[None]:
+    """Hold ``folder`` for this process until the block ends; another process (or another
+    ``hold_folder`` of this one) that tries meanwhile gets ``FolderInUseError``.
+
+    An advisory ``flock`` on ``LOCK_FILENAME`` inside the folder: the kernel drops it when the
+    holder exits, however it exits, so a killed run never leaves a stale lock behind. The file
+    itself stays (deleting it would let two processes lock two different files). Platforms
+    without ``fcntl`` (Windows) run without the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path = Path(folder) / LOCK_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise FolderInUseError(
+                f"{field}={str(folder)!r} is in use by another running process "
+                f"({_holder(handle.read())}). Wait for it to finish, stop it, or choose another "
+                f"{field}."
+            ) from None
+        except OSError as error:  # e.g. a network file system without locks: warn, go on
+            logger.warning(f"could not lock {field}={str(folder)!r} ({error}); not guarded")
+            yield
+            return
+        handle.truncate(0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        handle.write(json.dumps(holder))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder(text: str) -> str:
+    """The lock file's holder, in words (``unknown`` for an empty or foreign file)."""
+    try:
+        holder = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+        return f"pid {holder['pid']} on {holder['host']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"

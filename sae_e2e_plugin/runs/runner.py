@@ -36,6 +36,7 @@ from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, re
 from sae_e2e_plugin.runs.output_folder import (
     check_output_folder,
     export_atomically,
+    hold_folder,
     remove_previous_run,
 )
 from sae_e2e_plugin.runs.run_setup import (
@@ -133,7 +134,17 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         """Passed to the trainer: set a ``PhaseTimer`` before ``run()`` to time a step's phases."""
 
     def run(self) -> TrainingSAE[Any]:
-        """Train, write the final SAE to ``cfg.output_path`` (if set) and return it."""
+        """Train, write the final SAE to ``cfg.output_path`` (if set) and return it.
+
+        ``output_path`` (with the checkpoints inside it, by default) is held for the whole run
+        (``hold_folder``): another process started on it meanwhile is refused.
+        """
+        if self.cfg.output_path is None:
+            return self._run()
+        with hold_folder(self.cfg.output_path, "output_path"):
+            return self._run()
+
+    def _run(self) -> TrainingSAE[Any]:
         remove_previous_run(self._previous_run)  # overwrite_output=True, and every check passed
         self._set_sae_metadata()
         self._set_objective_metadata()

@@ -27,6 +27,7 @@ from sae_e2e_plugin.analysis.results import run_row, short_key, write_results
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME
+from sae_e2e_plugin.runs.output_folder import hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.checkpoints import complete_checkpoints
 from sae_e2e_plugin.training.fields import config_from_fields, merge_fields, nest_dotted
@@ -92,7 +93,13 @@ def run_sweep(
     ``make_runner(cfg)`` builds the runner (default ``E2ESAETrainingRunner(cfg)`` with the
     bundled model loaded once and shared between runs).
     """
-    make_runner = make_runner or _default_runner_factory()
+    with hold_folder(output_dir, "output_dir"):  # a second sweep on it would share run folders
+        return _run_grid(spec, output_dir, make_runner or _default_runner_factory(), plots)
+
+
+def _run_grid(
+    spec: dict[str, Any], output_dir: Path, make_runner: Callable[[Any], Any], plots: bool
+) -> list[dict[str, Any]]:
     runs = expand_grid(spec["grid"])
     for index, run in enumerate(runs, start=1):
         run_dir = output_dir / "runs" / run.run_id
