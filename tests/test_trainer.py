@@ -33,6 +33,7 @@ from sae_e2e_plugin.core.splice import (
     run_patched,
     run_prefix,
 )
+from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME
 
 
 def runner_for(
@@ -317,9 +318,10 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path: Path) -
     (checkpoint,) = [p for p in Path(runner.cfg.checkpoint_path).iterdir() if p.is_dir()]
     loaded = sae_lens.TrainingSAE.load_from_disk(str(checkpoint))
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
-    # No SAE was exported; the log holds the four finished steps and nothing of the NaN one.
+    # No SAE was exported (beside the log only the folder lock, released but kept); the log
+    # holds the four finished steps and nothing of the NaN one.
     output = Path(runner.cfg.output_path or "")
-    assert [p.name for p in output.iterdir()] == ["training_log.jsonl"]
+    assert sorted(p.name for p in output.iterdir()) == [LOCK_FILENAME, "training_log.jsonl"]
     rows = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["total_loss"]) for r in rows)
