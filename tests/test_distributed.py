@@ -64,14 +64,19 @@ sys.path.insert(0, sys.argv[1])
 from conftest import make_cfg, tiny_model, token_dataset
 from test_distributed import SAE_CONFIGS, CASES, run_config
 from sae_e2e_plugin import E2ESAETrainingRunner
+from sae_e2e_plugin.training.checkpoints import complete_checkpoints
 from sae_e2e_plugin.training.distributed import launcher_context, shutdown
 
 out, mode = sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
-cases = CASES if mode == "train" else [("standard", "e2e")]
+cases = CASES + [("standard", "e2e-resumed")] if mode == "train" else [("standard", "e2e")]
 for arch, loss in cases:
     name = f"{arch}-{loss}"
-    cfg = make_cfg(Path(out) / name, sae_cfg=SAE_CONFIGS[arch](), **run_config(loss, mode))
+    fields = run_config(loss.removesuffix("-resumed"), mode)
+    if loss.endswith("-resumed"):  # standard-e2e again, from its checkpoint, in two ranks
+        (checkpoint,) = complete_checkpoints(Path(out) / "standard-e2e" / "checkpoints")
+        fields["resume_from_checkpoint"] = str(checkpoint)
+    cfg = make_cfg(Path(out) / name, sae_cfg=SAE_CONFIGS[arch](), **fields)
     runner = E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
     export = runner.save_final_sae
     def counted(*args, **kwargs):
@@ -229,9 +234,15 @@ def test_rank_zero_alone_writes_the_export_log_and_checkpoint(two_ranks: Path) -
         torch.testing.assert_close(cosine, torch.ones_like(cosine))
 
 
-def test_a_two_rank_checkpoint_resumes_in_one_process_to_the_uninterrupted_sae(
+def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_sae_in_two_ranks_or_one(
     two_ranks: Path, tmp_path: Path
 ) -> None:
+    uninterrupted = torch.load(two_ranks / "standard-e2e-rank0.pt")["sae"]
+    for rank in (0, 1):
+        resumed = torch.load(two_ranks / f"standard-e2e-resumed-rank{rank}.pt")["sae"]
+        for key, value in resumed.items():
+            torch.testing.assert_close(value, uninterrupted[key], **TOLERANCE, msg=key)
+    # One process continues the two ranks' checkpoint: the stream position is global.
     (checkpoint,) = complete_checkpoints(two_ranks / "standard-e2e" / "checkpoints")
     cfg = make_cfg(
         tmp_path,
@@ -243,7 +254,6 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_to_the_uninterrupted_sae(
         cfg, override_model=tiny_model(), override_dataset=token_dataset()
     )
     runner.run()
-    uninterrupted = torch.load(two_ranks / "standard-e2e-rank0.pt")["sae"]
     for key, value in runner.sae.state_dict().items():
         torch.testing.assert_close(value, uninterrupted[key], **TOLERANCE, msg=key)
 
