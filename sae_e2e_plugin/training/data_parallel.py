@@ -7,7 +7,8 @@ process would compute from the whole batch is rebuilt from the shares:
 
 - gradients: each rank's loss is the mean over its share; the shares are equal, so the mean
   of the ranks' gradients (all-reduced as each parameter's gradient is accumulated, before
-  clipping) is the gradient of the mean over the global batch;
+  clipping) is the gradient of the mean over the global batch (with excluded token ids the
+  SAE's per-row terms are first weighted by the rank's share of the selected rows);
 - dead-feature / firing statistics: firing counts and row counts summed over the ranks;
 - batch top-k (``batchtopk``, ``matryoshka_batchtopk``): the k × rows largest activations of
   the *global* batch are kept (the cut-off value is found from every rank's candidates), and
@@ -40,6 +41,7 @@ from sae_e2e_plugin.training.distributed import (
     mean_over_ranks,
     rank_share,
 )
+from sae_e2e_plugin.training.objectives import ObjectiveOutput
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 
@@ -90,6 +92,18 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         return dataclasses.replace(
             output, loss=means[0], losses={n: means[1 + i] for i, n in enumerate(names)}
         )
+
+    def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
+        # The SAE's terms are means over this rank's selected rows; with excluded token ids
+        # the ranks select different numbers of rows, and the global mean over rows weighs
+        # each rank's mean by its rows: n_rank × world / n_global (1 when all are equal).
+        if not self.positions.selects_all:
+            rows = torch.tensor([float(output.feature_acts.shape[0])], device=output.loss.device)
+            total = all_reduce(rows.clone(), self.context, dist.ReduceOp.SUM, "counting rows")
+            weight = rows * self.context.world_size / total
+            output.loss = output.loss * weight[0]
+            output.losses = {name: term * weight[0] for name, term in output.losses.items()}
+        return super()._combine(output, terms)
 
     def _average_gradient(self, parameter: torch.Tensor) -> None:
         assert parameter.grad is not None
