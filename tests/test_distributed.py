@@ -41,6 +41,7 @@ from sae_e2e_plugin.training.distributed import (
     launcher_context,
     rank_share,
     resolve_backend,
+    setup_distributed,
 )
 
 TESTS = Path(__file__).parent
@@ -303,6 +304,11 @@ def test_the_launcher_environment_decides_the_context(monkeypatch: pytest.Monkey
     assert resolve_backend("auto", "cuda:0") == "nccl"
     with pytest.raises(ValueError, match="distributed_backend='nccl' needs device='cuda'"):
         resolve_backend("nccl", "cpu")
+    # Refused before any process group is joined.
+    with pytest.raises(ValueError, match=r"device='cuda:1' puts every rank on one GPU"):
+        setup_distributed("auto", 60.0, "cuda:1")
+    with pytest.raises(ValueError, match=r"distributed_timeout_s must be .* > 0, got 0"):
+        setup_distributed("gloo", 0, "cpu")
 
 
 def test_one_process_without_a_launcher_is_unchanged(tmp_path: Path) -> None:

@@ -111,6 +111,11 @@ def setup_distributed(backend: Backend, timeout_s: float, device: str) -> Distri
         return context
     name = resolve_backend(backend, device)
     if name == "nccl":
+        if torch.device(device).index is not None:
+            raise ValueError(
+                f"device={device!r} puts every rank on one GPU; use device='cuda' (each rank "
+                "then uses cuda:<LOCAL_RANK>)."
+            )
         torch.cuda.set_device(context.local_rank)
     dist.init_process_group(
         backend=name,
