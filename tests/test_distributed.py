@@ -54,10 +54,16 @@ SAE_CONFIGS: dict[str, Any] = {
         d_in=D_MODEL, d_sae=32, l1_coefficient=1e-3
     ),
     "batchtopk": lambda: sae_lens.BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=3),
+    "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=32, k=3, matryoshka_widths=[8, 32]
+    ),
+    "jumprelu": lambda: sae_lens.JumpReLUTrainingSAEConfig(d_in=D_MODEL, d_sae=32),
+    "topk": lambda: sae_lens.TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=3),
 }
 # (architecture, variant): the variant is the loss, or e2e on positions chosen by token id.
-CASES = [(arch, loss) for arch in SAE_CONFIGS for loss in ("e2e", "e2e_downstream")]
-CASES += [("standard", "e2e-excluding")]
+CASES = [(arch, loss) for arch in ("standard", "batchtopk") for loss in ("e2e", "e2e_downstream")]
+CASES += [("matryoshka_batchtopk", "e2e"), ("jumprelu", "e2e"), ("topk", "e2e")]
+CASES += [("standard", v) for v in ("e2e-excluding", "e2e-blocks", "e2e-bf16", "e2e-normalised")]
 
 WORKER = """
 import json, os, sys, torch
@@ -118,6 +124,15 @@ def run_config(loss: str, mode: str) -> dict[str, Any]:
     if loss == "e2e-excluding":
         # The most frequent ids: the two ranks' shares then hold different numbers of rows.
         fields |= dict(loss="e2e", exclude_special_tokens=[0, 1, 2, 3])
+    elif loss == "e2e-blocks":
+        fields |= dict(loss="e2e", checkpoint_blocks=True)
+    elif loss == "e2e-bf16":
+        fields |= dict(loss="e2e", lm_dtype="bfloat16")
+    elif loss == "e2e-normalised":
+        # The scaling factor is estimated from the same (global) batches on every rank.
+        sae = SAE_CONFIGS["standard"]()
+        sae.normalize_activations = "expected_average_only_in"
+        fields |= dict(loss="e2e", sae=sae, n_batches_for_norm_estimate=2)
     if mode == "die":
         fields |= dict(loss="test_rank_one_dies", distributed_timeout_s=20.0, n_checkpoints=0)
     return fields
@@ -215,7 +230,7 @@ def test_two_ranks_train_the_sae_one_process_trains(
     torch.testing.assert_close(rank0["act_freq_scores"], one.trainer.act_freq_scores)
     # The logged loss terms are the global means.
     assert rank0["last_losses"] == pytest.approx(one.trainer.last_losses, rel=1e-4)
-    if arch == "batchtopk":
+    if "batchtopk" in arch:
         assert reference["topk_threshold"] > 0
 
 
@@ -233,7 +248,7 @@ def test_rank_zero_alone_writes_the_export_log_and_checkpoint(two_ranks: Path) -
         assert int(checkpoint.name) in [k * SEQUENCES * CONTEXT for k in range(1, STEPS)]
         # The export loads in plain SAELens (batch top-k as JumpReLU) and matches the rank's SAE.
         loaded = sae_lens.SAE.load_from_disk(str(output))
-        expected = "jumprelu" if arch == "batchtopk" else "standard"
+        expected = {"batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}.get(arch, arch)
         assert loaded.cfg.architecture() == expected
         rank0 = torch.load(two_ranks / f"{arch}-{loss}-rank0.pt")["sae"]
         # The export folds the decoder norms into the encoder: compare directions.
