@@ -78,7 +78,7 @@ from sae_e2e_plugin.training.distributed import launcher_context, shutdown
 
 out, mode = sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
-cases = CASES + [("standard", "e2e-resumed")] if mode == "train" else [("standard", "e2e")]
+cases = CASES + [("standard", "e2e-resumed")] if mode == "train" else [("standard", mode)]
 for arch, loss in cases:
     name = f"{arch}-{loss}"
     fields = run_config(loss.removesuffix("-resumed"), mode)
@@ -112,8 +112,16 @@ def _rank_one_dies(inputs: ObjectiveInputs) -> ObjectiveOutput:
     return ObjectiveOutput(losses={"recon": inputs.reconstruction.pow(2).mean()}, metrics={})
 
 
+def _rank_zero_interrupted(inputs: ObjectiveInputs) -> ObjectiveOutput:
+    # Ctrl-C reaches rank 0 alone, in its second step.
+    if os.environ.get("RANK") == "0" and next(_calls) == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return ObjectiveOutput(losses={"recon": inputs.reconstruction.pow(2).mean()}, metrics={})
+
+
 _calls = itertools.count()
 register_objective("test_rank_one_dies", _rank_one_dies, needs_full_run=False)
+register_objective("test_rank_zero_interrupted", _rank_zero_interrupted, needs_full_run=False)
 
 
 def run_config(loss: str, mode: str) -> dict[str, Any]:
@@ -135,6 +143,8 @@ def run_config(loss: str, mode: str) -> dict[str, Any]:
         fields |= dict(loss="e2e", sae=sae, n_batches_for_norm_estimate=2)
     if mode == "die":
         fields |= dict(loss="test_rank_one_dies", distributed_timeout_s=20.0, n_checkpoints=0)
+    if mode == "interrupt":
+        fields |= dict(loss="test_rank_zero_interrupted", n_checkpoints=0)
     return fields
 
 
@@ -335,3 +345,35 @@ def test_one_process_without_a_launcher_is_unchanged(tmp_path: Path) -> None:
     assert runs[0].context == SINGLE_PROCESS
     for key, value in runs[0].sae.state_dict().items():
         assert torch.equal(value, runs[1].sae.state_dict()[key]), key
+
+
+def test_ctrl_c_on_one_rank_stops_both_after_the_same_step_with_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    procs = launch(tmp_path / "ranks", "interrupt")
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode != 0 for proc in procs), outputs
+    assert all("TrainingInterrupted" in err for _, err in outputs), outputs[1][1][-2000:]
+    # Both ranks finished step 2 and stopped before step 3; rank 0 wrote the checkpoint.
+    run = tmp_path / "ranks" / "standard-interrupt"
+    (checkpoint,) = complete_checkpoints(run / "checkpoints")
+    assert int(checkpoint.name) == 2 * SEQUENCES * CONTEXT
+    # Resumed (here in one process), the run ends where an uninterrupted one does.
+    fields = run_config("e2e", "interrupt")
+    standard = SAE_CONFIGS["standard"]()
+    resumed = E2ESAETrainingRunner(
+        make_cfg(
+            tmp_path / "resumed", sae_cfg=standard, resume_from_checkpoint=str(checkpoint), **fields
+        ),
+        override_model=tiny_model(),
+        override_dataset=token_dataset(),
+    )
+    resumed.run()
+    whole = E2ESAETrainingRunner(
+        make_cfg(tmp_path / "whole", sae_cfg=standard, **fields),
+        override_model=tiny_model(),
+        override_dataset=token_dataset(),
+    )
+    whole.run()
+    for key, value in whole.sae.state_dict().items():
+        torch.testing.assert_close(resumed.sae.state_dict()[key], value, **TOLERANCE, msg=key)
