@@ -63,6 +63,7 @@ SAE_CONFIGS: dict[str, Any] = {
 # (architecture, variant): the variant is the loss, or e2e on positions chosen by token id.
 CASES = [(arch, loss) for arch in ("standard", "batchtopk") for loss in ("e2e", "e2e_downstream")]
 CASES += [("matryoshka_batchtopk", "e2e"), ("jumprelu", "e2e"), ("topk", "e2e")]
+CASES += [("standard", "e2e-phased"), ("batchtopk", "e2e-phased")]
 CASES += [("standard", v) for v in ("e2e-excluding", "e2e-blocks", "e2e-bf16", "e2e-normalised")]
 
 WORKER = """
@@ -132,6 +133,8 @@ def run_config(loss: str, mode: str) -> dict[str, Any]:
     if loss == "e2e-excluding":
         # The most frequent ids: the two ranks' shares then hold different numbers of rows.
         fields |= dict(loss="e2e", exclude_special_tokens=[0, 1, 2, 3])
+    elif loss == "e2e-phased":  # two local steps on SAELens' activation buffer, then two e2e
+        fields |= dict(loss="e2e", e2e_fraction=0.5)
     elif loss == "e2e-blocks":
         fields |= dict(loss="e2e", checkpoint_blocks=True)
     elif loss == "e2e-bf16":
@@ -253,6 +256,8 @@ def test_rank_zero_alone_writes_the_export_log_and_checkpoint(two_ranks: Path) -
             json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()
         ]
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+        phases = ["local", "local", "e2e", "e2e"] if loss == "e2e-phased" else ["e2e"] * STEPS
+        assert [r["phase"] for r in rows] == phases
         assert json.loads((output / "eval.json").read_text())["l0"] > 0
         (checkpoint,) = complete_checkpoints(run / "checkpoints")
         assert int(checkpoint.name) in [k * SEQUENCES * CONTEXT for k in range(1, STEPS)]

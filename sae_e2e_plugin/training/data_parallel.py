@@ -15,6 +15,9 @@ process would compute from the whole batch is rebuilt from the shares:
   the threshold's moving average uses the global batch's smallest kept activation;
 - the logged loss terms: their means over the ranks.
 
+In the local phase of a schedule (``e2e_fraction < 1``) every rank fills the same activation
+buffer (same seed, same data) and trains on its rows of the global activation batch.
+
 Every rank therefore updates the same SAE from the same numbers, up to the order in which
 floating-point sums are taken (docs/distributed.md).
 """
@@ -44,18 +47,14 @@ from sae_e2e_plugin.training.distributed import (
 from sae_e2e_plugin.training.objectives import ObjectiveOutput
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
+SUM = dist.ReduceOp.SUM
+
 
 def check_data_parallel_config(cfg: E2ERunnerConfig[Any], context: DistributedContext) -> None:
     """Refuse, before any training, a run that several processes cannot train as one."""
     if not context.is_distributed:
         return
     check_shardable(cfg.sequences_per_batch, context)
-    if cfg.e2e_fraction < 1:
-        raise ValueError(
-            f"e2e_fraction={cfg.e2e_fraction} trains its first steps on SAELens' activation "
-            f"buffer, which is not shared between the {context.world_size} processes yet. "
-            "Train with e2e_fraction=1.0 in several processes, or start one process."
-        )
 
 
 class DataParallelE2ESAETrainer(E2ESAETrainer):
@@ -75,16 +74,40 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         broadcast_from_main(list(self.sae.state_dict().values()), self.context)
         return super().fit()
 
-    def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
+    def _agree_on_stop(self) -> None:
         # A stop request (SIGINT/SIGTERM) reaches the ranks at different moments; all stop
         # before the same step, or the ranks would wait at different collectives.
         stop = torch.tensor([float(self.stop_requested)], device=self.cfg.device)
         all_reduce(stop, self.context, dist.ReduceOp.MAX, "agreeing whether to stop")
         self.stop_requested = bool(stop.item())
+
+    def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
+        self._agree_on_stop()
         return super()._e2e_step(batch)
+
+    def _local_step(self, batch: torch.Tensor) -> TrainStepOutput:
+        """SAETrainer's local step on this rank's rows of the global activation batch.
+
+        Every rank fills the same activation buffer (same seed, same data), so each holds the
+        global batch; SAETrainer's step then counts this rank's rows and firings, which are
+        made global here."""
+        self._agree_on_stop()
+        share = rank_share(batch, self.context)
+        freq_before = self.act_freq_scores.clone()
+        output = super()._local_step(share)
+        self.n_training_samples += batch.shape[0] - share.shape[0]
+        fired_here = self.act_freq_scores - freq_before
+        what = "summing the firing statistics"
+        self.act_freq_scores = freq_before + all_reduce(fired_here, self.context, SUM, what)
+        # Steps since a feature fired anywhere: the smallest count over the ranks.
+        all_reduce(self.n_forward_passes_since_fired, self.context, dist.ReduceOp.MIN, what)
+        return self._global_losses(output)
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         output = super()._e2e_train_step(rank_share(tokens, self.context))
+        return self._global_losses(output)
+
+    def _global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
         names = list(output.losses)
         # One collective for the total and every term: [1 + terms] means over the ranks.
         local = torch.stack([output.loss.detach(), *(output.losses[n].detach() for n in names)])

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from beartype import beartype
-from jaxtyping import Float, Int, jaxtyped
+from jaxtyping import Float, Shaped, jaxtyped
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +177,14 @@ def check_shardable(sequences_per_batch: int, context: DistributedContext) -> No
 
 @jaxtyped(typechecker=beartype)
 def rank_share(
-    tokens: Int[torch.Tensor, "batch pos"], context: DistributedContext
-) -> Int[torch.Tensor, "share pos"]:
-    """This rank's consecutive share of a global batch of whole sequences."""
+    batch: Shaped[torch.Tensor, "batch ..."], context: DistributedContext
+) -> Shaped[torch.Tensor, "share ..."]:
+    """This rank's consecutive share of a global batch (token sequences, activation rows)."""
     if not context.is_distributed:
-        return tokens
-    check_shardable(tokens.shape[0], context)
-    share = tokens.shape[0] // context.world_size
-    return tokens[context.rank * share : (context.rank + 1) * share]
+        return batch
+    check_shardable(batch.shape[0], context)
+    share = batch.shape[0] // context.world_size
+    return batch[context.rank * share : (context.rank + 1) * share]
 
 
 def all_reduce(
