@@ -382,3 +382,30 @@ def test_ctrl_c_on_one_rank_stops_both_after_the_same_step_with_a_checkpoint(
     whole.run()
     for key, value in whole.sae.state_dict().items():
         torch.testing.assert_close(resumed.sae.state_dict()[key], value, **TOLERANCE, msg=key)
+
+
+def test_the_command_line_reports_a_failed_peer_in_one_line_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sae_e2e_plugin.cli import main
+    from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner as Runner
+    from sae_e2e_plugin.training.distributed import PeerFailure
+
+    def without_a_model(self: Runner, cfg: Any) -> None:
+        self.context = SINGLE_PROCESS
+
+    def peer_fails(self: Runner) -> None:
+        raise PeerFailure("rank 0 of 2: averaging gradients failed because another rank failed")
+
+    monkeypatch.setattr(Runner, "__init__", without_a_model)
+    monkeypatch.setattr(Runner, "run", peer_fails)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "dataset_path: x\ncontext_size: 16\ntrain_batch_size_tokens: 64\n"
+        "sae: {architecture: standard, d_in: 16, d_sae: 64}\nlogger: {log_to_wandb: false}\n"
+    )
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "sae-e2e train: error: rank 0 of 2: averaging gradients failed because another rank failed"
+    )
