@@ -296,16 +296,22 @@ def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_sae_in_two_ranks_or_
 
 
 def test_killing_one_rank_stops_the_other_with_a_message(tmp_path: Path) -> None:
-    start = time.monotonic()
     procs = launch(tmp_path, "die")
-    outputs = [proc.communicate(timeout=120) for proc in procs]
-    elapsed = time.monotonic() - start
+    try:
+        procs[1].communicate(timeout=120)  # drains its pipes while it runs
+        died = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        after = time.monotonic() - died
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     assert procs[1].returncode == -9  # killed (SIGKILL) in its second step
-    assert procs[0].returncode not in (0, None)
-    err = outputs[0][1]
+    assert procs[0].returncode == 1
     assert "PeerFailure" in err and "rank 0 of 2" in err, err[-3000:]
     assert "another rank failed" in err
-    assert elapsed < 90  # the collective failed; it did not wait forever
+    # Rank 0 stopped on the closed connection, well within distributed_timeout_s=20 (~2 s).
+    assert after < 15
 
 
 def test_a_batch_that_cannot_be_shared_in_whole_sequences_is_refused() -> None:
