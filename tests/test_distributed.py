@@ -415,3 +415,12 @@ def test_the_command_line_reports_a_failed_peer_in_one_line_and_exits_1(
     assert err.strip() == (
         "sae-e2e train: error: rank 0 of 2: averaging gradients failed because another rank failed"
     )
+
+
+def test_ranks_other_than_zero_log_nothing_to_wandb(tmp_path: Path) -> None:
+    from sae_e2e_plugin.runs.runner import _trainer_config
+
+    cfg = make_cfg(tmp_path, logger=sae_lens.LoggingConfig(log_to_wandb=True))
+    assert _trainer_config(cfg, main=True).logger.log_to_wandb is True
+    assert _trainer_config(cfg, main=False).logger.log_to_wandb is False
+    assert cfg.logger.log_to_wandb is True  # the run's own config is left as it was
