@@ -47,9 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as error:
         from sae_e2e_plugin.runs.output_folder import FolderInUseError
         from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
+        from sae_e2e_plugin.training.distributed import PeerFailure
         from sae_e2e_plugin.training.trainer import NonFiniteLossError
 
-        if not isinstance(error, (NonFiniteLossError, CheckpointWriteError, FolderInUseError)):
+        known = (NonFiniteLossError, CheckpointWriteError, FolderInUseError, PeerFailure)
+        if not isinstance(error, known):
             raise
         print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
         return 1
@@ -207,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+    from sae_e2e_plugin.training.distributed import launcher_context, shutdown
     from sae_e2e_plugin.training.fields import config_from_fields, load_config_file, merge_fields
+
+    if not launcher_context().is_main:  # under torchrun, rank 0 alone reports the run
+        logging.getLogger("sae_e2e_plugin").setLevel(logging.WARNING)
 
     fields = load_config_file(args.config) if args.config else {}
     fields = merge_fields(fields, parse_field_flags(extra))
@@ -217,7 +223,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     runner = E2ESAETrainingRunner(cfg)
     runner.run()
-    if cfg.output_path is not None:
+    shutdown(runner.context)
+    if cfg.output_path is not None and runner.context.is_main:
         print(f"saved the SAE (SAELens format) to {cfg.output_path}")
     return 0
 

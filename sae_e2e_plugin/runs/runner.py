@@ -8,6 +8,7 @@ SAELens' inference format with the objective recorded in its metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import wandb
 from sae_lens import SAE, LanguageModelSAETrainingRunner
-from sae_lens.config import HfDataset
+from sae_lens.config import HfDataset, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
@@ -47,6 +48,11 @@ from sae_e2e_plugin.runs.run_setup import (
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.data_parallel import (
+    DataParallelE2ESAETrainer,
+    check_data_parallel_config,
+)
+from sae_e2e_plugin.training.distributed import barrier, from_main, setup_distributed
 from sae_e2e_plugin.training.objectives import resolve_objective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
@@ -73,6 +79,13 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
             )
+        self.context = setup_distributed(
+            cfg.distributed_backend, cfg.distributed_timeout_s, cfg.device
+        )
+        """This process' rank in a run started by torchrun (``SINGLE_PROCESS`` otherwise)."""
+        check_data_parallel_config(cfg, self.context)
+        # SAELens names the checkpoint folder with a random id: rank 0's is the run's.
+        cfg.checkpoint_path = from_main(cfg.checkpoint_path, self.context, "checkpoint_path")
         self.resume_checkpoint = (
             None
             if cfg.resume_from_checkpoint is None
@@ -137,18 +150,24 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         """Train, write the final SAE to ``cfg.output_path`` (if set) and return it.
 
         ``output_path`` (with the checkpoints inside it, by default) is held for the whole run
-        (``hold_folder``): another process started on it meanwhile is refused.
+        (``hold_folder``): another process started on it meanwhile is refused. Started by
+        torchrun, every rank trains its share and rank 0 alone writes files (and holds the
+        folder; docs/distributed.md).
         """
-        if self.cfg.output_path is None:
+        if self.cfg.output_path is None or not self.context.is_main:
             return self._run()
         with hold_folder(self.cfg.output_path, "output_path"):
             return self._run()
 
     def _run(self) -> TrainingSAE[Any]:
-        remove_previous_run(self._previous_run)  # overwrite_output=True, and every check passed
+        # Every rank has checked the output folder before rank 0 may change it.
+        barrier(self.context, "checking the output folder")
+        main = self.context.is_main
+        if main:
+            remove_previous_run(self._previous_run)  # overwrite_output, every check passed
         self._set_sae_metadata()
         self._set_objective_metadata()
-        if self.cfg.logger.log_to_wandb:
+        if self.cfg.logger.log_to_wandb and main:
             wandb.init(
                 project=self.cfg.logger.wandb_project,
                 entity=self.cfg.logger.wandb_entity,
@@ -163,8 +182,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             if self.cfg.e2e_fraction < 1
             else None
         )
-        self.trainer = trainer = E2ESAETrainer(
-            cfg=self.cfg.to_sae_trainer_config(),
+        parallel = {"context": self.context} if self.context.is_distributed else {}
+        trainer_class = DataParallelE2ESAETrainer if parallel else E2ESAETrainer
+        self.trainer = trainer = trainer_class(
+            cfg=_trainer_config(self.cfg, main),
             sae=self.sae,
             data_provider=tokens,
             model=self.model,
@@ -172,15 +193,16 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             e2e_cfg=self.cfg,
             objective=self.objective,
             save_checkpoint_fn=self.save_checkpoint,
-            periodic_eval=self._evaluate_during_training,
+            periodic_eval=self._evaluate_during_training if main else None,
             training_log_path=(
                 None
-                if self.cfg.output_path is None
+                if self.cfg.output_path is None or not main
                 else Path(self.cfg.output_path) / TRAINING_LOG_FILENAME
             ),
             timer=self.timer,
             positions=self.positions,
             local_data=local,
+            **parallel,
         )
         logger.info(f"training schedule: {trainer.schedule.describe()}")
         if self.resume_checkpoint is not None:
@@ -190,17 +212,19 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             trainer.training_log_path.unlink(missing_ok=True)
         self._compile_sae_if_needed()
         sae = self.run_trainer_with_interruption_handling(trainer)
-        if self.cfg.output_path is not None:
+        if self.cfg.output_path is not None and main:
             self.save_final_sae(
                 sae=sae,
                 output_path=self.cfg.output_path,
                 log_feature_sparsity=trainer.log_feature_sparsity,
             )
         logger.info(first_to_last(trainer))
-        if self.cfg.eval_at_end and self.eval_tokens is not None:
+        # Evaluation is rank 0's alone: the others wait (within distributed_timeout_s).
+        if self.cfg.eval_at_end and self.eval_tokens is not None and main:
             self._final_evaluation(trainer)
-        if self.cfg.logger.log_to_wandb:
+        if self.cfg.logger.log_to_wandb and main:
             wandb.finish()
+        barrier(self.context, "rank 0 exporting and evaluating the SAE")
         return sae
 
     def evaluate(
@@ -347,6 +371,15 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             "kl_mse_balance": cfg.kl_mse_balance,
             "trained_with": f"sae-e2e-plugin {__version__}",
         }
+
+
+def _trainer_config(cfg: E2ERunnerConfig[Any], main: bool) -> SAETrainerConfig:
+    """The trainer's config; ranks other than 0 log nothing to wandb (rank 0 logs the run)."""
+    trainer_cfg = cfg.to_sae_trainer_config()
+    if main or not trainer_cfg.logger.log_to_wandb:
+        return trainer_cfg
+    quiet = dataclasses.replace(trainer_cfg.logger, log_to_wandb=False)
+    return dataclasses.replace(trainer_cfg, logger=quiet)
 
 
 def _reposition(

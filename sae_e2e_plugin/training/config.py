@@ -142,6 +142,14 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     default checkpoint folder are deleted first). False: such a folder is refused unless this
     run resumes it, so no run's files are overwritten or mixed with another's."""
 
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """The ``torch.distributed`` backend when a launcher (``torchrun``) starts several processes.
+    "auto": nccl on CUDA, gloo on CPUs. Without a launcher it is unused (docs/distributed.md)."""
+
+    distributed_timeout_s: float = 600.0
+    """Seconds a process waits for the others at a collective before it stops with an error
+    (a rank that died or hangs). Longer than the slowest checkpoint or evaluation of rank 0."""
+
     def __post_init__(self) -> None:
         if self.checkpoint_path == _SAELENS_DEFAULT_CHECKPOINT_PATH and self.output_path:
             # SAELens' default is ./checkpoints in the working directory; keep a run's

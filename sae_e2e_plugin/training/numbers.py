@@ -36,6 +36,11 @@ _NUMBER_RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("feature_sampling_window", ">= 1", lambda v: v >= 1),
     ("dead_feature_threshold", "a finite number >= 0", lambda v: _finite(v) and v >= 0),
     ("n_batches_for_norm_estimate", ">= 1", lambda v: v >= 1),
+    (
+        "distributed_timeout_s",
+        "a finite number of seconds > 0, e.g. 600",
+        lambda v: _finite(v) and v > 0,
+    ),
     ("logger.wandb_log_frequency", ">= 1", lambda v: v >= 1),
     ("logger.eval_every_n_wandb_logs", ">= 1", lambda v: v >= 1),
     ("sae.d_in", ">= 1 (the width of the hook's activation)", lambda v: v >= 1),

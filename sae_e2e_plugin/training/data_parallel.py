@@ -1,0 +1,217 @@
+"""Data-parallel e2e training: every rank takes a share of the global batch, all hold one SAE.
+
+``train_batch_size_tokens`` stays the global batch. Every rank draws the same global batch
+of whole sequences from the same token stream (so the stream's position, and resume, are
+global) and trains on its consecutive share (``training.distributed.rank_share``). What one
+process would compute from the whole batch is rebuilt from the shares:
+
+- gradients: each rank's loss is the mean over its share; the shares are equal, so the mean
+  of the ranks' gradients (all-reduced as each parameter's gradient is accumulated, before
+  clipping) is the gradient of the mean over the global batch (with excluded token ids the
+  SAE's per-row terms are first weighted by the rank's share of the selected rows);
+- dead-feature / firing statistics: firing counts and row counts summed over the ranks;
+- batch top-k (``batchtopk``, ``matryoshka_batchtopk``): the k × rows largest activations of
+  the *global* batch are kept (the cut-off value is found from every rank's candidates), and
+  the threshold's moving average uses the global batch's smallest kept activation;
+- the logged loss terms: their means over the ranks.
+
+In the local phase of a schedule (``e2e_fraction < 1``) every rank fills the same activation
+buffer (same seed, same data) and trains on its rows of the global activation batch.
+
+Every rank therefore updates the same SAE from the same numbers, up to the order in which
+floating-point sums are taken (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
+
+from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.distributed import (
+    DistributedContext,
+    all_reduce,
+    barrier,
+    broadcast_from_main,
+    check_shardable,
+    gather_values,
+    mean_over_ranks,
+    rank_share,
+)
+from sae_e2e_plugin.training.objectives import ObjectiveOutput
+from sae_e2e_plugin.training.trainer import E2ESAETrainer
+
+SUM = dist.ReduceOp.SUM
+
+
+def check_data_parallel_config(cfg: E2ERunnerConfig[Any], context: DistributedContext) -> None:
+    """Refuse, before any training, a run that several processes cannot train as one."""
+    if not context.is_distributed:
+        return
+    check_shardable(cfg.sequences_per_batch, context)
+
+
+class DataParallelE2ESAETrainer(E2ESAETrainer):
+    """``E2ESAETrainer`` for one rank of a process group (see the module docstring)."""
+
+    def __init__(self, *args: Any, context: DistributedContext, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.context = context
+        """This rank's place in the process group."""
+        for parameter in self.sae.parameters():
+            parameter.register_post_accumulate_grad_hook(self._average_gradient)
+        make_batch_level_state_global(self.sae, context)
+
+    def fit(self) -> TrainingSAE[Any]:
+        """Start every rank from rank 0's SAE (initialised or resumed), then train."""
+        self.sae.to(self.cfg.device)
+        broadcast_from_main(list(self.sae.state_dict().values()), self.context)
+        return super().fit()
+
+    def _agree_on_stop(self) -> None:
+        # A stop request (SIGINT/SIGTERM) reaches the ranks at different moments; all stop
+        # before the same step, or the ranks would wait at different collectives.
+        stop = torch.tensor([float(self.stop_requested)], device=self.cfg.device)
+        all_reduce(stop, self.context, dist.ReduceOp.MAX, "agreeing whether to stop")
+        self.stop_requested = bool(stop.item())
+
+    def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
+        self._agree_on_stop()
+        return super()._e2e_step(batch)
+
+    def _local_step(self, batch: torch.Tensor) -> TrainStepOutput:
+        """SAETrainer's local step on this rank's rows of the global activation batch.
+
+        Every rank fills the same activation buffer (same seed, same data), so each holds the
+        global batch; SAETrainer's step then counts this rank's rows and firings, which are
+        made global here."""
+        self._agree_on_stop()
+        share = rank_share(batch, self.context)
+        freq_before = self.act_freq_scores.clone()
+        output = super()._local_step(share)
+        self.n_training_samples += batch.shape[0] - share.shape[0]
+        fired_here = self.act_freq_scores - freq_before
+        what = "summing the firing statistics"
+        self.act_freq_scores = freq_before + all_reduce(fired_here, self.context, SUM, what)
+        # Steps since a feature fired anywhere: the smallest count over the ranks.
+        all_reduce(self.n_forward_passes_since_fired, self.context, dist.ReduceOp.MIN, what)
+        return self._global_losses(output)
+
+    def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
+        output = super()._e2e_train_step(rank_share(tokens, self.context))
+        return self._global_losses(output)
+
+    def _global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
+        names = list(output.losses)
+        # One collective for the total and every term: [1 + terms] means over the ranks.
+        local = torch.stack([output.loss.detach(), *(output.losses[n].detach() for n in names)])
+        means = mean_over_ranks(local, self.context, "averaging the loss terms")
+        return dataclasses.replace(
+            output, loss=means[0], losses={n: means[1 + i] for i, n in enumerate(names)}
+        )
+
+    def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
+        # The SAE's terms are means over this rank's selected rows; with excluded token ids
+        # the ranks select different numbers of rows, and the global mean over rows weighs
+        # each rank's mean by its rows: n_rank × world / n_global (1 when all are equal).
+        if not self.positions.selects_all:
+            rows = torch.tensor([float(output.feature_acts.shape[0])], device=output.loss.device)
+            total = all_reduce(rows.clone(), self.context, dist.ReduceOp.SUM, "counting rows")
+            weight = rows * self.context.world_size / total
+            output.loss = output.loss * weight[0]
+            output.losses = {name: term * weight[0] for name, term in output.losses.items()}
+        return super()._combine(output, terms)
+
+    def _average_gradient(self, parameter: torch.Tensor) -> None:
+        assert parameter.grad is not None
+        all_reduce(parameter.grad, self.context, dist.ReduceOp.SUM, "averaging gradients")
+        parameter.grad.div_(self.context.world_size)
+
+    @torch.no_grad()
+    def _update_feature_statistics(self, feature_acts: torch.Tensor) -> None:
+        # SAETrainer's bookkeeping with the counts of the global batch: [d_sae + 1] = per-
+        # feature firing counts, then the rows seen, summed over the ranks in one collective.
+        firing = feature_acts.bool().float()
+        per_feature = firing.sum(0)
+        if per_feature.is_sparse:
+            per_feature = per_feature.to_dense()
+        rows = torch.tensor([float(firing.shape[0])], device=per_feature.device)
+        counts = all_reduce(
+            torch.cat([per_feature, rows]),
+            self.context,
+            dist.ReduceOp.SUM,
+            "summing the firing statistics",
+        )
+        fired = counts[:-1]
+        since_fired: torch.Tensor = self.n_forward_passes_since_fired
+        since_fired.add_(1).masked_fill_(fired > 0, 0)
+        self.act_freq_scores += fired
+        self.n_frac_active_samples += int(counts[-1].item())
+
+    def save_checkpoint(
+        self,
+        checkpoint_name: str,
+        base_path: Path | str | None = None,
+        wandb_aliases: list[str] | None = None,
+    ) -> None:
+        """Rank 0 writes the checkpoint (every rank holds the same state); all wait for it."""
+        if self.context.is_main:
+            super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
+        barrier(self.context, f"rank 0 writing checkpoint {checkpoint_name}")
+        base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if base is not None:
+            self.last_checkpoint = Path(base) / checkpoint_name
+
+
+def make_batch_level_state_global(sae: TrainingSAE[Any], context: DistributedContext) -> None:
+    """Make an architecture's batch-level computations see the global batch.
+
+    Batch top-k is the one SAELens architecture whose forward pass depends on the whole batch
+    (its activation function and its threshold's moving average); the others work row by row.
+    """
+    if not isinstance(sae, BatchTopKTrainingSAE):
+        return
+    sae.add_module("activation_fn", GlobalBatchTopK(sae.cfg.k, context))
+    update = sae.update_topk_threshold
+
+    def update_from_global_minimum(acts_topk: torch.Tensor) -> None:
+        # SAELens' own update, given the smallest positive kept activation of the global batch.
+        positive = acts_topk[acts_topk > 0]
+        local = positive.min() if positive.numel() else acts_topk.new_tensor(float("inf"))
+        smallest = all_reduce(
+            local.detach().reshape(1).clone(), context, dist.ReduceOp.MIN, "batch top-k minimum"
+        )
+        update(smallest if torch.isfinite(smallest).all() else smallest.new_zeros(1))
+
+    vars(sae)["update_topk_threshold"] = update_from_global_minimum
+
+
+class GlobalBatchTopK(torch.nn.Module):
+    """SAELens' ``BatchTopK`` over the global batch: keep the k × (global rows) largest
+    activations of all ranks' rows together; this rank returns its rows of the result."""
+
+    def __init__(self, k: float, context: DistributedContext) -> None:
+        super().__init__()
+        self.k = k
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts = x.relu()
+        with torch.no_grad():
+            rows = torch.tensor([float(acts.shape[:-1].numel())], device=acts.device)
+            total = all_reduce(rows, self.context, dist.ReduceOp.SUM, "batch top-k rows")
+            n_keep = int(self.k * int(total.item()))
+            if n_keep == 0:
+                return torch.zeros_like(acts)
+            # The global n_keep-th largest value is among each rank's own n_keep largest.
+            flat = acts.detach().flatten()
+            candidates = torch.topk(flat, min(n_keep, flat.numel())).values.float()
+            everything = gather_values(candidates, self.context, "batch top-k candidates")
+            cutoff = torch.topk(everything, n_keep).values[-1].to(acts.dtype)
+        return acts * (acts >= cutoff)
