@@ -19,8 +19,10 @@ from sae_e2e_plugin.interop.reference import (
     reference_format_disk_loader,
 )
 from sae_e2e_plugin.interop.reference_hub import reference_format_loader
+from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.objectives import (
     ObjectiveInputs,
     ObjectiveOutput,
@@ -33,6 +35,8 @@ from sae_e2e_plugin.version import __version__
 
 __all__ = [
     "DownstreamMetrics",
+    "E2EMultiRunnerConfig",
+    "E2EMultiSAETrainingRunner",
     "E2ERunnerConfig",
     "E2ESAETrainer",
     "E2ESAETrainingRunner",

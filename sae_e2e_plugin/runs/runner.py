@@ -75,7 +75,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         self.resume_checkpoint = (
             None
             if cfg.resume_from_checkpoint is None
-            else resolve_resume_checkpoint(cfg.resume_from_checkpoint)
+            else self._resolve_resume(cfg.resume_from_checkpoint)
         )
         """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
         self._previous_run = check_output_folder(
@@ -131,6 +131,10 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         """[n_eval_sequences, context_size] held-out tokens (None when n_eval_batches=0)."""
         self.timer: PhaseTimer = NO_TIMING
         """Passed to the trainer: set a ``PhaseTimer`` before ``run()`` to time a step's phases."""
+
+    def _resolve_resume(self, path: str) -> Path:
+        # A seam for runners whose checkpoints hold other files (several SAEs).
+        return resolve_resume_checkpoint(path)
 
     def run(self) -> TrainingSAE[Any]:
         """Train, write the final SAE to ``cfg.output_path`` (if set) and return it."""

@@ -1,0 +1,348 @@
+"""Several SAEs in one e2e run (joint and independent splices) on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import CONTEXT, D_MODEL, make_cfg, tiny_model, token_dataset
+from sae_lens import LoggingConfig, StandardTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+
+from sae_e2e_plugin import E2EMultiRunnerConfig, E2EMultiSAETrainingRunner, E2ESAETrainingRunner
+from sae_e2e_plugin.core.losses import kl_orig_to_patched
+from sae_e2e_plugin.core.splice import logits_from_final_resid
+from sae_e2e_plugin.training.multi_step import MultiStepPass
+from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
+from sae_e2e_plugin.training.trainer import E2ESAETrainer
+
+
+def sae_cfg(d_in: int = D_MODEL, d_sae: int = 32) -> StandardTrainingSAEConfig:
+    return StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=1e-3)
+
+
+def multi_cfg(
+    tmp_path: Path, saes: dict[str, Any], hook_names: Any, splice: str, **overrides: Any
+) -> E2EMultiRunnerConfig[Any]:
+    """The fields of conftest's ``make_cfg``, for several SAEs."""
+    fields: dict[str, Any] = dict(
+        model_name="tiny",
+        dataset_path="unused",
+        is_dataset_tokenized=True,
+        context_size=CONTEXT,
+        prepend_bos=False,
+        train_batch_size_tokens=4 * CONTEXT,
+        training_tokens=10 * 4 * CONTEXT,
+        n_batches_in_buffer=4,
+        store_batch_size_prompts=4,
+        lr=3e-3,
+        device="cpu",
+        seed=0,
+        checkpoint_path=str(tmp_path / "checkpoints"),
+        output_path=str(tmp_path / "output"),
+        verbose=False,
+        loss="e2e",
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    fields.update(overrides)
+    return E2EMultiRunnerConfig(saes=saes, hook_names=hook_names, splice=splice, **fields)  # type: ignore[arg-type]
+
+
+def multi_runner(tmp_path: Path, saes: dict[str, Any], hooks: Any, splice: str, **kw: Any) -> Any:
+    dataset = kw.pop("dataset", None) or token_dataset()
+    cfg = multi_cfg(tmp_path, saes, hooks, splice, **kw)
+    return E2EMultiSAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=dataset)
+
+
+def bare_trainer(runner: E2EMultiSAETrainingRunner) -> E2EMultiSAETrainer:
+    step = MultiStepPass(
+        runner.model, runner.multi_plan, runner.objective, "fixed", runner.positions
+    )
+    return E2EMultiSAETrainer(runner.cfg.to_sae_trainer_config(), runner.saes, iter(()), step)
+
+
+def batch(seed: int = 7) -> torch.Tensor:
+    return torch.tensor(token_dataset(n_rows=4, seed=seed)["tokens"])
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("splice", "loss"),
+    [("joint", "e2e_downstream"), ("joint", "local"), ("independent", "e2e")],
+)
+def test_one_sae_trains_the_single_runners_weights(tmp_path: Path, splice: str, loss: str) -> None:
+    common: dict[str, Any] = dict(training_tokens=4 * 4 * CONTEXT, loss=loss, n_eval_batches=0)
+    single = E2ESAETrainingRunner(
+        make_cfg(tmp_path / "single", sae_cfg=sae_cfg(), **common),
+        override_model=tiny_model(),
+        override_dataset=token_dataset(),
+    )
+    single.run()
+    multi = multi_runner(
+        tmp_path / "multi", {"only": sae_cfg()}, "blocks.1.hook_resid_pre", splice, **common
+    )
+    before = multi.saes["only"].W_dec.detach().clone()
+    saes = multi.run()
+    assert not torch.equal(saes["only"].W_dec, before), "training changed nothing"
+    for (name, a), (_, b) in zip(
+        single.sae.state_dict().items(), saes["only"].state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_independent_gradients_equal_single_runs_at_each_hook(tmp_path: Path) -> None:
+    hooks = {"mlp0": "blocks.0.hook_mlp_out", "resid2": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"mlp0": sae_cfg(), "resid2": sae_cfg()},
+        hooks,
+        "independent",
+        loss="e2e_downstream",
+        n_eval_batches=0,
+    )
+    tokens = batch()
+    multi = bare_trainer(runner)
+    multi.step_pass.run(tokens, multi.trainers)
+    for name, hook in hooks.items():
+        single_sae = copy.deepcopy(runner.saes[name])
+        single_sae.zero_grad(set_to_none=True)
+        single = E2ESAETrainingRunner(
+            make_cfg(
+                tmp_path / name,
+                sae_cfg=sae_cfg(),
+                hook_name=hook,
+                loss="e2e_downstream",
+                n_eval_batches=0,
+            ),
+            override_model=tiny_model(),
+            override_dataset=token_dataset(),
+            override_sae=single_sae,
+        )
+        trainer = E2ESAETrainer(
+            cfg=single.cfg.to_sae_trainer_config(),
+            sae=single_sae,
+            data_provider=iter(()),
+            model=single.model,
+            plan=single.plan,
+            e2e_cfg=single.cfg,
+            objective=single.objective,
+        )
+        trainer._apply_gradients = lambda loss: loss.backward()  # type: ignore[method-assign]
+        trainer._e2e_train_step(tokens)
+        expected, got = grads(single_sae), grads(runner.saes[name])
+        assert expected.keys() == got.keys() and len(got) == 4
+        for param in expected:
+            assert expected[param].abs().max() > 0, (name, param)
+            torch.testing.assert_close(got[param], expected[param], rtol=1e-5, atol=1e-7)
+    assert runner.multi_plan.plans["mlp0"].downstream_hooks == tuple(
+        f"blocks.{k}.hook_resid_post" for k in range(3)
+    )
+
+
+def test_joint_gradient_equals_a_hand_built_double_splice(tmp_path: Path) -> None:
+    hooks = {"late": "blocks.2.hook_resid_pre", "early": "blocks.0.hook_mlp_out"}
+    runner = multi_runner(
+        tmp_path,
+        {"late": sae_cfg(), "early": sae_cfg()},
+        hooks,
+        "joint",
+        kl_coefficient=2.0,
+        n_eval_batches=0,
+    )
+    tokens = batch()
+    multi = bare_trainer(runner)
+    outputs = multi.step_pass.run(tokens, multi.trainers)
+    got = {name: grads(sae) for name, sae in runner.saes.items()}
+
+    model = runner.model
+    saes = {name: copy.deepcopy(sae) for name, sae in runner.saes.items()}
+    own_terms = []
+
+    def splice(act: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+        sae = saes[name]
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=act.reshape(-1, D_MODEL),
+                dead_neuron_mask=torch.zeros(32, dtype=torch.bool),
+                coefficients={"l1": 1e-3},
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
+        # local_mse_coefficient=0: every term of the SAE but its local MSE.
+        own_terms.append(sum(v for k, v in out.losses.items() if k != "mse_loss"))
+        return out.sae_out.reshape(act.shape)
+
+    with torch.no_grad():
+        clean = logits_from_final_resid(model, model(tokens, stop_at_layer=3))
+    hooks_fns = [(h, lambda a, hook, n=n: splice(a, hook, n)) for n, h in hooks.items()]
+    with model.hooks(fwd_hooks=hooks_fns):
+        patched = logits_from_final_resid(model, model(tokens, stop_at_layer=3))
+    kl = kl_orig_to_patched(clean, patched)
+    (2.0 * kl + sum(own_terms)).backward()  # type: ignore[operator]
+    for name, sae in saes.items():
+        expected = grads(sae)
+        assert len(expected) == 4
+        for param in expected:
+            torch.testing.assert_close(got[name][param], expected[param], rtol=1e-4, atol=1e-7)
+    # The early SAE's gradient includes what reaches it through the late SAE's input.
+    assert float(outputs["late"].metrics["kl_orig_patched"]) == pytest.approx(
+        float(kl.detach()), rel=1e-5
+    )
+    assert outputs["early"].losses["kl_loss"] == outputs["late"].losses["kl_loss"]
+
+
+def test_joint_refuses_two_saes_at_one_hook(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"SAEs 'a' and 'b' both sit at.*splice='independent'"):
+        multi_runner(tmp_path, {"a": sae_cfg(), "b": sae_cfg()}, "blocks.1.hook_resid_pre", "joint")
+
+
+def test_a_hook_not_in_the_model_names_the_sae_and_the_closest_hook(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.1.hook_resid_pre", "b": "blocks.2.hook_resid_pr"}
+    with pytest.raises(ValueError) as error:
+        multi_runner(tmp_path, {"a": sae_cfg(), "b": sae_cfg()}, hooks, "independent")
+    message = str(error.value)
+    assert message.startswith("SAE 'b': hook_names['b']='blocks.2.hook_resid_pr' is not a hook")
+    assert "Did you mean 'blocks.2.hook_resid_pre'" in message
+
+
+def test_a_width_that_does_not_match_its_hook_names_the_sae_and_the_fix(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.1.hook_resid_pre", "z": "blocks.1.attn.hook_z"}
+    with pytest.raises(ValueError) as error:
+        multi_runner(tmp_path, {"a": sae_cfg(), "z": sae_cfg(d_in=8)}, hooks, "joint")
+    message = str(error.value)
+    assert message.startswith("SAE 'z': saes['z'].d_in is 8, but the activation at hook_names")
+    assert "Set saes['z'].d_in=16" in message
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (dict(hook_names={"a": "blocks.1.hook_resid_pre"}), r"missing: \['b'\]"),
+        (dict(saes={}), "not a non-empty mapping"),
+        (dict(saes={"../x": sae_cfg()}, hook_names="blocks.1.hook_resid_pre"), "plain folder"),
+        (dict(splice="joint", kl_mse_balance="adaptive"), "kl_mse_balance='adaptive'"),
+        (dict(e2e_fraction=0.5), r"e2e_fraction=0.5 is not supported with several SAEs"),
+    ],
+)
+def test_bad_multi_configs_are_refused_before_any_model(
+    tmp_path: Path, fields: dict[str, Any], match: str
+) -> None:
+    args: dict[str, Any] = (
+        dict(
+            saes={"a": sae_cfg(), "b": sae_cfg()},
+            hook_names={"a": "blocks.1.hook_resid_pre", "b": "blocks.2.hook_resid_pre"},
+            splice="independent",
+        )
+        | fields
+    )
+    saes, hooks, splice = args.pop("saes"), args.pop("hook_names"), args.pop("splice")
+    with pytest.raises(ValueError, match=match):
+        multi_cfg(tmp_path, saes, hooks, splice, **args)
+
+
+LOAD_SCRIPT = """
+import sys, json
+assert "sae_e2e_plugin" not in sys.modules
+from sae_lens import SAE
+sae = SAE.load_from_disk(sys.argv[1])
+meta = sae.cfg.metadata
+print(json.dumps({"hook": meta.hook_name, "objective": meta.e2e_objective, "d_in": sae.cfg.d_in}))
+"""
+
+
+def test_each_sae_exports_to_its_folder_loadable_by_plain_sae_lens(tmp_path: Path) -> None:
+    hooks = {"l1": "blocks.1.hook_resid_pre", "l2": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"l1": sae_cfg(), "l2": sae_cfg()},
+        hooks,
+        "joint",
+        training_tokens=2 * 4 * CONTEXT,
+        n_eval_batches=2,
+    )
+    runner.run()
+    out = Path(runner.cfg.output_path)
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    for name, hook in hooks.items():
+        result = subprocess.run(
+            [sys.executable, str(script), str(out / name)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        loaded = json.loads(result.stdout)
+        other = next(n for n in hooks if n != name)
+        assert loaded["hook"] == hook and loaded["d_in"] == D_MODEL
+        assert loaded["objective"]["splice"] == "joint"
+        assert loaded["objective"]["other_saes"] == {other: hooks[other]}
+        evaluation = json.loads((out / name / "eval.json").read_text())
+        assert evaluation["hook_name"] == hook and evaluation["n_sequences"] == 8
+    rows = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert rows[0]["l1/kl_loss"] == rows[0]["l2/kl_loss"] > 0
+
+
+def test_resume_ends_with_the_same_weights_for_every_sae(tmp_path: Path) -> None:
+    dataset = token_dataset(n_rows=64, seed=5)
+    saes = {"a": sae_cfg(), "b": sae_cfg()}
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    common: dict[str, Any] = dict(
+        training_tokens=6 * 4 * CONTEXT,
+        n_checkpoints=1,
+        lr_scheduler_name="cosineannealing",
+        lr_decay_steps=6,
+        n_eval_batches=0,
+        dataset=dataset,
+    )
+    full = multi_runner(tmp_path / "full", saes, hooks, "independent", **common)
+    full.run()
+    (checkpoint,) = [p for p in Path(full.cfg.checkpoint_path).iterdir() if p.is_dir()]
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == ["a", "b"]
+    resumed = multi_runner(
+        tmp_path / "resumed",
+        saes,
+        hooks,
+        "independent",
+        resume_from_checkpoint=str(checkpoint.parent),
+        **common,
+    )
+    resumed.run()
+    assert resumed.multi_trainer.n_steps_taken == full.multi_trainer.n_steps_taken == 6
+    for name in saes:
+        for (key, a), (_, b) in zip(
+            full.saes[name].state_dict().items(),
+            resumed.saes[name].state_dict().items(),
+            strict=True,
+        ):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+        lr = resumed.multi_trainer.trainers[name].optimizer.param_groups[0]["lr"]
+        assert lr == full.multi_trainer.trainers[name].optimizer.param_groups[0]["lr"]
+
+
+def test_resuming_with_other_saes_is_refused(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.1.hook_resid_pre", "b": "blocks.2.hook_resid_pre"}
+    common: dict[str, Any] = dict(
+        training_tokens=4 * 4 * CONTEXT, n_checkpoints=1, n_eval_batches=0
+    )
+    full = multi_runner(tmp_path / "a", {"a": sae_cfg(), "b": sae_cfg()}, hooks, "joint", **common)
+    full.run()
+    (checkpoint,) = [p for p in Path(full.cfg.checkpoint_path).iterdir() if p.is_dir()]
+    other = multi_runner(
+        tmp_path / "b",
+        {"a": sae_cfg(), "b": sae_cfg()},
+        hooks,
+        "independent",
+        resume_from_checkpoint=str(checkpoint),
+        **common,
+    )
+    with pytest.raises(ValueError, match=r"spliced 'joint'; this run has .* spliced 'independent'"):
+        other.run()
