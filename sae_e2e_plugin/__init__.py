@@ -13,6 +13,7 @@ from sae_e2e_plugin.assets.corpora import load_builtin_dataset
 from sae_e2e_plugin.assets.model import load_builtin_model
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
+from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult
 from sae_e2e_plugin.interop.reference import (
     convert_reference_checkpoint,
@@ -41,6 +42,7 @@ __all__ = [
     "E2ESAETrainer",
     "E2ESAETrainingRunner",
     "EvalResult",
+    "JointEvalResult",
     "NonFiniteLossError",
     "ObjectiveInputs",
     "ObjectiveOutput",
@@ -50,6 +52,7 @@ __all__ = [
     "chunked_kl_orig_to_patched",
     "convert_reference_checkpoint",
     "evaluate_sae",
+    "evaluate_saes_jointly",
     "kl_orig_to_patched",
     "load_builtin_dataset",
     "load_builtin_model",

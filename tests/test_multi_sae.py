@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sae_lens
 import torch
-from conftest import CONTEXT, D_MODEL, make_cfg, tiny_model, token_dataset
+import torch.nn.functional as F
+from conftest import CONTEXT, D_MODEL, VOCAB, make_cfg, tiny_model, token_dataset
 from sae_lens import LoggingConfig, StandardTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
-from sae_e2e_plugin import E2EMultiRunnerConfig, E2EMultiSAETrainingRunner, E2ESAETrainingRunner
+from sae_e2e_plugin import (
+    E2EMultiRunnerConfig,
+    E2EMultiSAETrainingRunner,
+    E2ESAETrainingRunner,
+    JointEvalResult,
+    evaluate_sae,
+)
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
 from sae_e2e_plugin.training.multi_step import MultiStepPass
@@ -346,3 +354,54 @@ def test_resuming_with_other_saes_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"spliced 'joint'; this run has .* spliced 'independent'"):
         other.run()
+
+
+def test_joint_evaluation_equals_a_hand_spliced_computation(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.0.hook_mlp_out", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"a": sae_cfg(), "b": sae_cfg()},
+        hooks,
+        "joint",
+        training_tokens=2 * 4 * CONTEXT,
+        n_eval_batches=2,
+    )
+    runner.run()
+    out = Path(runner.cfg.output_path)
+    saes = {name: sae_lens.SAE.load_from_disk(str(out / name)) for name in hooks}
+    tokens = torch.tensor(token_dataset(n_rows=8, seed=11)["tokens"])
+    result = evaluate_sae(saes, runner.model, tokens.split(4))
+    assert isinstance(result, JointEvalResult)
+
+    model, l0 = runner.model, {name: 0.0 for name in hooks}
+
+    def splice(act: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+        features = saes[name].encode(act)
+        l0[name] += float((features != 0).sum())
+        return saes[name].decode(features)
+
+    ce_clean = ce_spliced = kl = 0.0
+    with torch.no_grad():
+        for part in tokens.split(4):
+            clean = model(part)
+            fns = [(h, lambda a, hook, n=n: splice(a, hook, n)) for n, h in hooks.items()]
+            with model.hooks(fwd_hooks=fns):
+                spliced = model(part)
+            targets = part[:, 1:].reshape(-1)
+            ce_clean += float(
+                F.cross_entropy(clean[:, :-1].reshape(-1, VOCAB), targets, reduction="sum")
+            )
+            ce_spliced += float(
+                F.cross_entropy(spliced[:, :-1].reshape(-1, VOCAB), targets, reduction="sum")
+            )
+            kl += float(kl_orig_to_patched(clean, spliced)) * part.numel()
+    assert result.ce_loss_clean == pytest.approx(ce_clean / (8 * (CONTEXT - 1)), rel=1e-5)
+    assert result.ce_loss_spliced == pytest.approx(ce_spliced / (8 * (CONTEXT - 1)), rel=1e-5)
+    assert result.ce_loss_spliced > result.ce_loss_clean
+    assert result.kl_orig_patched == pytest.approx(kl / (8 * CONTEXT), rel=1e-4)
+    for name in hooks:
+        assert result.l0[name] == pytest.approx(l0[name] / (8 * CONTEXT), rel=1e-6)
+    # The run wrote the same kind of evaluation of its held-out tokens.
+    written = json.loads((out / "joint_eval.json").read_text())
+    assert written["hook_names"] == hooks and written["n_tokens"] == 8 * CONTEXT
+    assert runner.joint_eval is not None and written["l0"] == runner.joint_eval.l0

@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.multi_splice import MultiSplicePlan, plan_multi_splice
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
+from sae_e2e_plugin.evaluation.joint import JointEvalResult
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.data_streams import TokenBatches
@@ -86,7 +87,9 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         self._check_downstream()
         self.multi_trainer: E2EMultiSAETrainer | None = None
         self.eval_results: dict[str, EvalResult] = {}
-        """Each exported SAE's final evaluation alone, and ``"joint"`` for all together."""
+        """Each exported SAE's final evaluation alone, by name."""
+        self.joint_eval: JointEvalResult | None = None
+        """A joint run's final evaluation of every SAE spliced in together."""
 
     def _resolve_resume(self, path: str) -> Path:
         folder = Path(path)
@@ -196,6 +199,20 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             if folder is not None:
                 record_exported_l0(folder, result.l0)
                 result.save_json(Path(folder) / EVAL_FILENAME)
+        if self.multi_plan.mode != "joint":
+            return
+        joint = evaluate_sae(
+            exported,
+            self.model,
+            batches,
+            hook_names=cfg.hook_names_per_sae,
+            logits_chunk_size=cfg.kl_chunk_size,
+            positions=self.positions,
+        )
+        self.joint_eval = joint
+        logger.info(f"final evaluation of the SAEs spliced together:\n{joint.format_table()}")
+        if cfg.output_path is not None:
+            joint.save_json(Path(cfg.output_path) / JOINT_EVAL_FILENAME)
 
     def _set_metadata(self) -> None:
         cfg, plan = self.cfg, self.multi_plan
