@@ -24,8 +24,10 @@ from sae_e2e_plugin import (
     JointEvalResult,
     evaluate_sae,
 )
+from sae_e2e_plugin.cli import main
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
+from sae_e2e_plugin.runs import multi_runner as multi_runner_module
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
@@ -405,3 +407,67 @@ def test_joint_evaluation_equals_a_hand_spliced_computation(tmp_path: Path) -> N
     written = json.loads((out / "joint_eval.json").read_text())
     assert written["hook_names"] == hooks and written["n_tokens"] == 8 * CONTEXT
     assert runner.joint_eval is not None and written["l0"] == runner.joint_eval.l0
+
+
+MULTI_YAML = """
+splice: joint
+loss: e2e_downstream
+lr: 1e-3
+dataset_path: x
+context_size: 16
+train_batch_size_tokens: 64
+saes:
+  early: {architecture: topk, d_in: 16, d_sae: 64, k: 4}
+  late: {d_in: 16, d_sae: 32, l1_coefficient: 2e-3}
+hook_names: {early: blocks.0.hook_resid_post, late: blocks.2.hook_resid_pre}
+logger: {log_to_wandb: false}
+"""
+
+
+def test_cli_reads_saes_and_hook_names_from_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "multi.yaml"
+    config.write_text(MULTI_YAML)
+    code = main(["train", "--config", str(config), "--saes.early.k", "8", "--print-config"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["splice"] == "joint" and printed["lr"] == 0.001
+    assert printed["saes"]["early"]["architecture"] == "topk"
+    assert printed["saes"]["early"]["k"] == 8
+    assert printed["saes"]["late"]["l1_coefficient"] == 0.002
+    assert printed["hook_names"]["late"] == "blocks.2.hook_resid_pre"
+
+    built: list[Any] = []
+
+    class Recorder:
+        def __init__(self, cfg: Any) -> None:
+            built.append(cfg)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(multi_runner_module, "E2EMultiSAETrainingRunner", Recorder)
+    assert main(["train", "--config", str(config), "--output_path", str(tmp_path / "o")]) == 0
+    (cfg,) = built
+    assert isinstance(cfg, E2EMultiRunnerConfig) and list(cfg.saes) == ["early", "late"]
+    out = capsys.readouterr().out
+    assert f"saved SAE 'late' (SAELens format) to {tmp_path / 'o' / 'late'}" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--saes.early.d_sea", "3"], "--saes.early.d_sea is not a field"),
+        (["--saes.late.architecture", "nope"], "saes.late.architecture='nope'"),
+        (["--sae.d_in", "16"], "sae and saes are both set"),
+        (["--hook_name", "blocks.1.hook_resid_pre"], "hook_name is derived"),
+    ],
+)
+def test_cli_names_the_bad_sae_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    config = tmp_path / "multi.yaml"
+    config.write_text(MULTI_YAML)
+    assert main(["train", "--config", str(config), *flags, "--print-config"]) == 2
+    assert message in capsys.readouterr().err

@@ -19,6 +19,8 @@ from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
 from sae_e2e_plugin.training.config import SUPPORTED_NORMALIZATIONS, E2ERunnerConfig
 
+_SAELENS_DEFAULT_HOOK = "blocks.0.hook_mlp_out"
+
 JOINT_OBJECTIVES = ("local", "e2e", "e2e_downstream")
 """The objectives a joint splice computes (one patched run for all SAEs); any registered
 objective works with ``splice="independent"``."""
@@ -39,7 +41,8 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
     """The SAEs by name. A name is the SAE's folder under ``output_path`` (``<output_path>/<name>``)."""
 
     hook_names: Mapping[str, str] | str = field(default_factory=dict)
-    """Each SAE's hook by name, or one hook for every SAE (``splice="independent"`` only)."""
+    """Each SAE's hook by name, or one hook for every SAE (``splice="independent"`` only).
+    ``hook_name`` is derived from it (leave it unset)."""
 
     splice: Literal["joint", "independent"] = "independent"
     """"joint": every SAE spliced into one patched run, one KL for all; each SAE reads the
@@ -56,6 +59,11 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
         self.hook_names_per_sae = _hooks_per_sae(self.saes, self.hook_names)
         """``hook_names`` as one hook per SAE name."""
         first = next(iter(self.saes))
+        if self.hook_name not in (_SAELENS_DEFAULT_HOOK, self.hook_names_per_sae[first]):
+            raise ValueError(
+                f"hook_name={self.hook_name!r} is set on an E2EMultiRunnerConfig; hook_name is "
+                "derived from hook_names. Give each SAE's hook in hook_names={name: hook}."
+            )
         self.sae = self.saes[first]  # type: ignore[assignment]
         self.hook_name = self.hook_names_per_sae[first]
         super().__post_init__()
