@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +27,24 @@ from sae_e2e_plugin import (
     evaluate_sae,
 )
 from sae_e2e_plugin.cli import main
+from sae_e2e_plugin.core import multi_splice
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
 from sae_e2e_plugin.runs import multi_runner as multi_runner_module
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
+
+ARCHITECTURES: dict[str, Any] = {
+    "standard": lambda: sae_cfg(),
+    "topk": lambda: sae_lens.TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=4),
+    "batchtopk": lambda: sae_lens.BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=4),
+    "jumprelu": lambda: sae_lens.JumpReLUTrainingSAEConfig(d_in=D_MODEL, d_sae=32),
+    "gated": lambda: sae_lens.GatedTrainingSAEConfig(d_in=D_MODEL, d_sae=32, l1_coefficient=1e-3),
+    "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=32, k=4, matryoshka_widths=[8, 32]
+    ),
+}
 
 
 def sae_cfg(d_in: int = D_MODEL, d_sae: int = 32) -> StandardTrainingSAEConfig:
@@ -66,8 +80,9 @@ def multi_cfg(
 
 def multi_runner(tmp_path: Path, saes: dict[str, Any], hooks: Any, splice: str, **kw: Any) -> Any:
     dataset = kw.pop("dataset", None) or token_dataset()
+    model = kw.pop("model", None) or tiny_model()
     cfg = multi_cfg(tmp_path, saes, hooks, splice, **kw)
-    return E2EMultiSAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=dataset)
+    return E2EMultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
 
 
 def bare_trainer(runner: E2EMultiSAETrainingRunner) -> E2EMultiSAETrainer:
@@ -85,20 +100,38 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
+def normalised_sae_cfg() -> StandardTrainingSAEConfig:
+    return StandardTrainingSAEConfig(
+        d_in=D_MODEL,
+        d_sae=32,
+        l1_coefficient=1e-3,
+        normalize_activations="expected_average_only_in",
+    )
+
+
 @pytest.mark.parametrize(
-    ("splice", "loss"),
-    [("joint", "e2e_downstream"), ("joint", "local"), ("independent", "e2e")],
+    ("splice", "loss", "make_sae", "extra"),
+    [
+        ("joint", "e2e_downstream", sae_cfg, {}),
+        ("joint", "local", sae_cfg, {}),
+        ("independent", "e2e", sae_cfg, {}),
+        ("joint", "e2e", normalised_sae_cfg, {"n_batches_for_norm_estimate": 3}),
+        ("independent", "e2e", sae_cfg, {"seqpos_slice": (1, None), "exclude_special_tokens": [0]}),
+    ],
 )
-def test_one_sae_trains_the_single_runners_weights(tmp_path: Path, splice: str, loss: str) -> None:
+def test_one_sae_trains_the_single_runners_weights(
+    tmp_path: Path, splice: str, loss: str, make_sae: Any, extra: dict[str, Any]
+) -> None:
     common: dict[str, Any] = dict(training_tokens=4 * 4 * CONTEXT, loss=loss, n_eval_batches=0)
+    common |= extra
     single = E2ESAETrainingRunner(
-        make_cfg(tmp_path / "single", sae_cfg=sae_cfg(), **common),
+        make_cfg(tmp_path / "single", sae_cfg=make_sae(), **common),
         override_model=tiny_model(),
         override_dataset=token_dataset(),
     )
     single.run()
     multi = multi_runner(
-        tmp_path / "multi", {"only": sae_cfg()}, "blocks.1.hook_resid_pre", splice, **common
+        tmp_path / "multi", {"only": make_sae()}, "blocks.1.hook_resid_pre", splice, **common
     )
     before = multi.saes["only"].W_dec.detach().clone()
     saes = multi.run()
@@ -471,3 +504,120 @@ def test_cli_names_the_bad_sae_field(
     config.write_text(MULTI_YAML)
     assert main(["train", "--config", str(config), *flags, "--print-config"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("splice", ["joint", "independent"])
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_every_architecture_trains_in_both_modes_and_exports(
+    tmp_path: Path, architecture: str, splice: str
+) -> None:
+    saes = {"first": ARCHITECTURES[architecture](), "second": ARCHITECTURES[architecture]()}
+    hooks = {"first": "blocks.0.hook_resid_post", "second": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path, saes, hooks, splice, training_tokens=2 * 4 * CONTEXT, n_eval_batches=1
+    )
+    before = {name: sae.W_dec.detach().clone() for name, sae in runner.saes.items()}
+    trained = runner.run()
+    for name in hooks:
+        assert trained[name].cfg.architecture() == architecture
+        assert not torch.equal(trained[name].W_dec, before[name]), name
+        loaded = sae_lens.SAE.load_from_disk(str(Path(runner.cfg.output_path) / name))
+        assert loaded(torch.randn(3, D_MODEL)).shape == (3, D_MODEL)
+        assert math.isfinite(runner.eval_results[name].ce_loss_increase)
+
+
+def test_joint_checkpoint_blocks_recomputes_the_blocks_without_an_sae_and_keeps_the_gradient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooks = {"a": "blocks.0.hook_mlp_out", "b": "blocks.1.hook_resid_pre"}
+    got = {}
+    calls: list[int] = []
+    real = multi_splice.checkpoint
+
+    def counting(fn: Any, model: Any, prefix: Any, layer: int, *args: Any, **kw: Any) -> Any:
+        calls.append(layer)
+        return real(fn, model, prefix, layer, *args, **kw)
+
+    monkeypatch.setattr(multi_splice, "checkpoint", counting)
+    for blocks in (False, True):
+        runner = multi_runner(
+            tmp_path / str(blocks),
+            {"a": sae_cfg(), "b": sae_cfg()},
+            hooks,
+            "joint",
+            model=tiny_model(n_layers=4),
+            checkpoint_blocks=blocks,
+            loss="e2e_downstream",
+            n_eval_batches=0,
+        )
+        trainer = bare_trainer(runner)
+        trainer.step_pass.run(batch(), trainer.trainers)
+        got[blocks] = {name: grads(sae) for name, sae in runner.saes.items()}
+    assert calls == [2, 3]  # blocks 0 and 1 hold an SAE and run plainly
+    for name in hooks:
+        for param, value in got[False][name].items():
+            torch.testing.assert_close(got[True][name][param], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("splice", ["joint", "independent"])
+def test_a_bf16_model_trains_float32_saes_on_selected_positions(
+    tmp_path: Path, splice: str
+) -> None:
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"a": sae_cfg(), "b": sae_cfg()},
+        hooks,
+        splice,
+        lm_dtype="bfloat16",
+        seqpos_slice=(2, None),
+        training_tokens=2 * 4 * CONTEXT,
+        n_eval_batches=1,
+    )
+    runner.run()
+    assert runner.model.W_E.dtype == torch.bfloat16
+    for name, sae in runner.saes.items():
+        assert all(p.dtype == torch.float32 for p in sae.parameters()), name
+        assert all(torch.isfinite(p).all() for p in sae.parameters()), name
+        # Two of the 8 positions are never read: the dead-feature statistics count 6 per row.
+        assert runner.multi_trainer.trainers[name].n_frac_active_samples == 2 * 4 * 6
+        assert runner.eval_results[name].n_spliced == 4 * 6
+
+
+def test_sigint_finishes_the_step_checkpoints_every_sae_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = token_dataset(n_rows=64, seed=2)
+    saes = {"a": sae_cfg(), "b": sae_cfg()}
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    common: dict[str, Any] = dict(
+        training_tokens=5 * 4 * CONTEXT, n_eval_batches=0, dataset=dataset
+    )
+    real_step = E2EMultiSAETrainer.step
+
+    def sigint_during_third_step(trainer: E2EMultiSAETrainer, tokens: torch.Tensor) -> Any:
+        output = real_step(trainer, tokens)
+        if trainer.n_steps_taken == 3:
+            signal.raise_signal(signal.SIGINT)  # handled: the step finishes, then training stops
+        return output
+
+    monkeypatch.setattr(E2EMultiSAETrainer, "step", sigint_during_third_step)
+    interrupted = multi_runner(tmp_path / "a", saes, hooks, "joint", **common)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        interrupted.run()
+    checkpoint = stopped.value.checkpoint  # type: ignore[attr-defined]
+    assert checkpoint is not None and checkpoint.name == str(3 * 4 * CONTEXT)
+    monkeypatch.setattr(E2EMultiSAETrainer, "step", real_step)
+    resumed = multi_runner(
+        tmp_path / "b", saes, hooks, "joint", resume_from_checkpoint=str(checkpoint), **common
+    )
+    resumed.run()
+    uninterrupted = multi_runner(tmp_path / "c", saes, hooks, "joint", **common)
+    uninterrupted.run()
+    for name in saes:
+        for (key, a), (_, b) in zip(
+            uninterrupted.saes[name].state_dict().items(),
+            resumed.saes[name].state_dict().items(),
+            strict=True,
+        ):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
