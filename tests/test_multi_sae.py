@@ -621,3 +621,20 @@ def test_sigint_finishes_the_step_checkpoints_every_sae_and_resumes_exactly(
             strict=True,
         ):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_an_earlier_runs_sae_folder_is_refused_or_replaced_whole(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.1.hook_resid_pre", "b": "blocks.2.hook_resid_pre"}
+    saes = {"a": sae_cfg(), "b": sae_cfg()}
+    common: dict[str, Any] = dict(training_tokens=4 * CONTEXT, n_eval_batches=1)
+    multi_runner(tmp_path, saes, hooks, "independent", **common).run()
+    stale = tmp_path / "output" / "b" / "eval.json"
+    assert stale.is_file()
+    (tmp_path / "output" / "runner_cfg.json").unlink()  # the SAE folder alone still counts
+    with pytest.raises(ValueError, match=r"output_path='.*/output/a' holds a previous run"):
+        multi_runner(tmp_path, saes, hooks, "independent", **common)
+    again = multi_runner(
+        tmp_path, saes, hooks, "independent", overwrite_output=True, eval_at_end=False, **common
+    )
+    again.run()
+    assert not stale.exists() and (tmp_path / "output" / "b" / "cfg.json").is_file()

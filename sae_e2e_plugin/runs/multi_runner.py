@@ -27,7 +27,11 @@ from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.data_streams import TokenBatches
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
-from sae_e2e_plugin.runs.output_folder import export_atomically, remove_previous_run
+from sae_e2e_plugin.runs.output_folder import (
+    check_output_folder,
+    export_atomically,
+    remove_previous_run,
+)
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.checkpoints import (
     ResumeError,
@@ -69,8 +73,19 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
                 f"override_saes names SAEs {unknown} that are not in saes {list(cfg.saes)}; "
                 "use the names of saes."
             )
+        # Each SAE's folder is a run's output folder: never mixed with an earlier run's files.
+        previous = [
+            path
+            for name in cfg.saes
+            for path in check_output_folder(
+                None if cfg.output_path is None else str(Path(cfg.output_path) / name),
+                resuming=cfg.resume_from_checkpoint is not None,
+                overwrite=cfg.overwrite_output,
+            )
+        ]
         first = next(iter(cfg.saes))
         super().__init__(cfg, override_model, override_dataset, overrides.get(first))
+        self._previous_run += previous
         self.saes: dict[str, TrainingSAE[Any]] = {first: self.sae}
         """The SAEs by name, in the order of ``cfg.saes``."""
         for name, sae_cfg in list(cfg.saes.items())[1:]:

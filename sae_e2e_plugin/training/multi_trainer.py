@@ -99,14 +99,13 @@ class E2EMultiSAETrainer:
         while self.n_training_samples < self.cfg.total_training_samples:
             for trainer in self.trainers.values():
                 trainer.maybe_reset_sparsity()
-            outputs = self.step(next(self.tokens))
+            self.step(next(self.tokens))
             self._checkpoint_if_needed()
             for trainer in self.trainers.values():
                 trainer.n_training_steps += 1
             self.n_training_steps += 1
             pbar.update(self.cfg.train_batch_size_samples)
         pbar.close()
-        del outputs
         self._finish()
         if self.cfg.save_final_checkpoint:
             self.save_checkpoint(checkpoint_name=f"final_{self.n_training_samples}")
