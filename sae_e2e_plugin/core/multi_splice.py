@@ -158,27 +158,36 @@ class MultiCleanRun:
 
 @torch.no_grad()
 def run_clean_multi(
-    model: HookedTransformer, prefix: Prefix, plan: MultiSplicePlan, *, full: bool = True
+    model: HookedTransformer,
+    prefix: Prefix,
+    plan: MultiSplicePlan,
+    *,
+    full: bool = True,
+    inputs: bool = True,
 ) -> MultiCleanRun:
     """The clean run from the shared prefix, recording what every SAE's continuation needs.
 
     ``full=False``: stop after the latest SAE's block, record no downstream activation.
+    ``inputs=False`` (a joint step: the SAEs read the patched run): record neither the SAEs'
+    inputs nor their blocks' inputs, only the final residual and the downstream activations.
     """
     acts: dict[str, torch.Tensor] = {}
-    inputs: dict[str, torch.Tensor] = {}
+    block_inputs: dict[str, torch.Tensor] = {}
     downstream: dict[str, torch.Tensor] = {}
-    hooks: FwdHooks = [(h, partial(_capture, store=acts, flatten=True)) for h in _hooks(plan)]
-    hooks += [
-        (f"blocks.{layer}.hook_resid_pre", partial(_capture, store=inputs))
-        for layer in _layers(plan)
-    ]
+    hooks: FwdHooks = []
+    if inputs:
+        hooks += [(h, partial(_capture, store=acts, flatten=True)) for h in _hooks(plan)]
+        hooks += [
+            (f"blocks.{layer}.hook_resid_pre", partial(_capture, store=block_inputs))
+            for layer in _layers(plan)
+        ]
     if full:
         hooks += [(name, partial(_capture, store=downstream)) for name in plan.downstream_hooks]
     stop = model.cfg.n_layers if full or plan.last_layer is None else plan.last_layer + 1
     with model.hooks(fwd_hooks=hooks):
         resid = _run_from(model, prefix, stop)
-    block_inputs = {int(name.split(".")[1]): value for name, value in inputs.items()}
-    return MultiCleanRun(acts, block_inputs, resid if full else None, downstream)
+    by_block = {int(name.split(".")[1]): value for name, value in block_inputs.items()}
+    return MultiCleanRun(acts, by_block, resid if full else None, downstream)
 
 
 def prefix_for(prefix: Prefix, clean: MultiCleanRun, plan: SplicePlan) -> Prefix:

@@ -139,7 +139,7 @@ def evaluate_saes_jointly(
         for tokens in token_batches_checked(token_batches, max_batches):
             tokens = tokens.to(model.cfg.device)
             prefix = run_prefix(model, tokens, plan.start_layer)
-            clean = run_clean_multi(model, prefix, plan, full=True)
+            clean = run_clean_multi(model, prefix, plan, inputs=False)
             mask = None if positions.selects_all else selected_positions(tokens, positions)
             splices = {
                 plan.plans[name].hook_name: partial(_splice, sae, model, mask, totals, name)

@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, downstream_loss, mse_mean
 from sae_e2e_plugin.core.multi_splice import (
+    MultiCleanRun,
     MultiSplicePlan,
     prefix_for,
     run_clean_multi,
@@ -38,7 +39,7 @@ from sae_e2e_plugin.core.positions import (
     selected_rows,
     with_reconstruction,
 )
-from sae_e2e_plugin.core.splice import model_head, run_prefix
+from sae_e2e_plugin.core.splice import PatchedRun, Prefix, model_head, run_prefix
 from sae_e2e_plugin.training.objectives import (
     E2EDownstreamParams,
     E2EParams,
@@ -76,7 +77,7 @@ class MultiStepPass:
     def _independent(
         self,
         tokens: torch.Tensor,
-        prefix: Any,
+        prefix: Prefix,
         mask: torch.Tensor | None,
         trainers: Mapping[str, SAETrainer[Any, Any]],
     ) -> dict[str, TrainStepOutput]:
@@ -105,7 +106,7 @@ class MultiStepPass:
     def _joint(
         self,
         tokens: torch.Tensor,
-        prefix: Any,
+        prefix: Prefix,
         mask: torch.Tensor | None,
         trainers: Mapping[str, SAETrainer[Any, Any]],
     ) -> dict[str, TrainStepOutput]:
@@ -113,7 +114,7 @@ class MultiStepPass:
         clean = None
         if full:
             with self.timer.phase("clean continuation"), torch.no_grad():
-                clean = run_clean_multi(self.model, prefix, self.plan, full=True)
+                clean = run_clean_multi(self.model, prefix, self.plan, inputs=False)
         outputs: dict[str, TrainStepOutput] = {}
 
         def splice(name: str, act: torch.Tensor) -> torch.Tensor:
@@ -143,9 +144,10 @@ class MultiStepPass:
         # a run of that SAE alone with the others fixed.
         return {name: _with_shared(out, shared) for name, out in own.items()}
 
-    def _shared_terms(self, clean: Any, patched: Any) -> ObjectiveOutput:
+    def _shared_terms(self, clean: MultiCleanRun, patched: PatchedRun) -> ObjectiveOutput:
         params = self.objective.params
         assert isinstance(params, E2EParams) and clean.final_resid is not None
+        # One KL of the run with every SAE spliced in (the objective's own terms, once).
         tokens = "batch pos d_model -> (batch pos) d_model"
         with self.timer.phase("KL"):
             kl = chunked_kl_orig_to_patched(
