@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CONTEXT, D_MODEL, VOCAB, make_cfg, tiny_model, token_dataset
 from sae_lens import LoggingConfig, StandardTrainingSAEConfig
-from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 
 from sae_e2e_plugin import (
     E2EMultiRunnerConfig,
@@ -638,3 +638,38 @@ def test_an_earlier_runs_sae_folder_is_refused_or_replaced_whole(tmp_path: Path)
     )
     again.run()
     assert not stale.exists() and (tmp_path / "output" / "b" / "cfg.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("hooks", "splice", "fields", "match"),
+    [
+        (
+            {"a": "blocks.0.hook_resid_pre", "last": "blocks.2.hook_resid_post"},
+            "independent",
+            dict(loss="e2e_downstream"),
+            r"SAE 'last' at hook 'blocks.2.hook_resid_post' has no residual-stream hook after it",
+        ),
+        (
+            {"a": "blocks.0.hook_resid_pre", "b": "blocks.1.hook_resid_pre"},
+            "joint",
+            dict(loss="e2e_downstream", downstream_hooks=["blocks.0.hook_resid_post"]),
+            r"SAE 'b': downstream_hooks contains 'blocks.0.hook_resid_post', which runs at or "
+            r"before hook_names\['b'\]='blocks.1.hook_resid_pre'",
+        ),
+    ],
+)
+def test_downstream_hooks_that_cannot_be_compared_name_the_sae(
+    tmp_path: Path, hooks: dict[str, str], splice: str, fields: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        multi_runner(tmp_path, {name: sae_cfg() for name in hooks}, hooks, splice, **fields)
+
+
+def test_sae_or_unknown_override_saes_are_refused(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.0.hook_resid_pre", "b": "blocks.1.hook_resid_pre"}
+    with pytest.raises(ValueError, match=r"sae is set on an E2EMultiRunnerConfig"):
+        multi_cfg(tmp_path, {"a": sae_cfg()}, hooks["a"], "joint", sae=sae_cfg())
+    cfg = multi_cfg(tmp_path, {"a": sae_cfg(), "b": sae_cfg()}, hooks, "joint")
+    stray = TrainingSAE.from_dict(sae_cfg().to_dict())
+    with pytest.raises(ValueError, match=r"override_saes names SAEs \['c'\]"):
+        E2EMultiSAETrainingRunner(cfg, override_model=tiny_model(), override_saes={"c": stray})
