@@ -470,6 +470,11 @@ def test_cli_reads_saes_and_hook_names_from_yaml(
     assert printed["saes"]["early"]["k"] == 8
     assert printed["saes"]["late"]["l1_coefficient"] == 0.002
     assert printed["hook_names"]["late"] == "blocks.2.hook_resid_pre"
+    again = E2EMultiRunnerConfig.from_dict(printed)
+    assert isinstance(again.saes["early"], sae_lens.TopKTrainingSAEConfig)
+    assert again.saes["early"].k == 8 and again.saes["late"].l1_coefficient == 0.002
+    assert again.hook_names_per_sae == printed["hook_names"] and again.splice == "joint"
+    assert again.sae is again.saes["early"] and again.hook_name == "blocks.0.hook_resid_post"
 
     built: list[Any] = []
 

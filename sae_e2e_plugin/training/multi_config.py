@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sae_lens import LoggingConfig
+from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
 
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
@@ -77,6 +79,24 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
         d.pop("sae", None)
         d.pop("hook_names_per_sae", None)
         return d
+
+    @classmethod
+    def from_dict(cls, cfg_dict: dict[str, Any]) -> E2EMultiRunnerConfig[Any]:  # type: ignore[override]
+        """Rebuild a config from ``to_dict()`` output (e.g. a run's ``runner_cfg.json``)."""
+        fields = dict(cfg_dict)
+        saes = {
+            name: get_sae_training_class(sae["architecture"])[1].from_dict(sae)
+            for name, sae in fields.pop("saes").items()
+        }
+        if isinstance(fields.get("seqpos_slice"), list):
+            fields["seqpos_slice"] = tuple(fields["seqpos_slice"])
+        fields.pop("tokens_per_buffer", None)
+        logger = LoggingConfig(**fields.pop("logger"))
+        cfg = cls(saes=saes, logger=logger, **fields)
+        # __post_init__ moves a default checkpoint_path; keep the one the dict records.
+        if "checkpoint_path" in cfg_dict:
+            cfg.checkpoint_path = cfg_dict["checkpoint_path"]
+        return cfg
 
 
 def _hooks_per_sae(
