@@ -678,3 +678,23 @@ def test_sae_or_unknown_override_saes_are_refused(tmp_path: Path) -> None:
     stray = TrainingSAE.from_dict(sae_cfg().to_dict())
     with pytest.raises(ValueError, match=r"override_saes names SAEs \['c'\]"):
         E2EMultiSAETrainingRunner(cfg, override_model=tiny_model(), override_saes={"c": stray})
+
+
+def test_evaluation_during_training_measures_each_sae_and_the_joint_suite(tmp_path: Path) -> None:
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"a": sae_cfg(), "b": sae_cfg()},
+        hooks,
+        "joint",
+        training_tokens=4 * 4 * CONTEXT,
+        n_eval_batches=1,
+        eval_every_n_steps=2,
+    )
+    runner.run()
+    seen = [(step, name) for step, name, _ in runner.multi_eval_history]
+    assert seen == [(2, "a"), (2, "b"), (2, "joint"), (4, "a"), (4, "b"), (4, "joint")]
+    # After the last step the training SAEs are the exported ones: the same numbers.
+    last_joint = runner.multi_eval_history[-1][2]
+    assert runner.joint_eval is not None
+    assert last_joint.kl_orig_patched == pytest.approx(runner.joint_eval.kl_orig_patched, rel=1e-5)

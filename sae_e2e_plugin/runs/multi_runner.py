@@ -103,6 +103,8 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         self.multi_trainer: E2EMultiSAETrainer | None = None
         self.eval_results: dict[str, EvalResult] = {}
         """Each exported SAE's final evaluation alone, by name."""
+        self.multi_eval_history: list[tuple[int, str, EvalResult | JointEvalResult]] = []
+        """(step, SAE name or "joint", result) of each evaluation during training."""
         self.joint_eval: JointEvalResult | None = None
         """A joint run's final evaluation of every SAE spliced in together."""
 
@@ -156,6 +158,8 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             step_pass,
             max_grad_norm=cfg.max_grad_norm,
             training_log_path=log,
+            periodic_eval=self._evaluate_during_training,
+            eval_every_n_steps=cfg.eval_every_n_steps,
         )
         if self.resume_checkpoint is not None:
             logger.info(f"resuming from checkpoint {self.resume_checkpoint}")
@@ -189,6 +193,41 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             remove_local_paths(folder)
 
         export_atomically(str(Path(self.cfg.output_path) / name), write)
+
+    def _evaluate_during_training(self, trainer: E2EMultiSAETrainer) -> None:
+        """Each training SAE alone (with its activation scaler) and, for a joint run whose
+        SAEs hold their whole scaling, all together; logged and kept in ``eval_history``."""
+        if self.eval_tokens is None:
+            return
+        cfg, step = self.cfg, trainer.n_steps_taken
+        batches = self.eval_tokens.split(cfg.eval_sequences_per_batch)
+        for name, sae in self.saes.items():
+            result = evaluate_sae(
+                sae,
+                self.model,
+                batches,
+                hook_name=cfg.hook_names_per_sae[name],
+                alive_window_tokens=None,
+                logits_chunk_size=cfg.kl_chunk_size,
+                activation_scaler=trainer.trainers[name].activation_scaler,
+                positions=self.positions,
+            )
+            self.multi_eval_history.append((step, name, result))
+            logger.info(f"SAE {name!r} after step {step}:\n{result.format_table()}")
+        scaled = any(
+            t.activation_scaler.scaling_factor is not None for t in trainer.trainers.values()
+        )
+        if self.multi_plan.mode == "joint" and not scaled:
+            joint = evaluate_sae(
+                dict(self.saes),
+                self.model,
+                batches,
+                hook_names=cfg.hook_names_per_sae,
+                logits_chunk_size=cfg.kl_chunk_size,
+                positions=self.positions,
+            )
+            self.multi_eval_history.append((step, "joint", joint))
+            logger.info(f"the SAEs together after step {step}:\n{joint.format_table()}")
 
     def _final_evaluation(self) -> None:
         """Each SAE alone, as exported (``eval.json`` in its folder); for a joint run, all

@@ -168,11 +168,6 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
             "start several SAEs from pretrained ones with override_saes={name: TrainingSAE}",
         ),
         (
-            cfg.eval_every_n_steps != 0,
-            f"eval_every_n_steps={cfg.eval_every_n_steps}",
-            "set eval_every_n_steps=0; each SAE is evaluated at the end (eval_at_end)",
-        ),
-        (
             cfg.logger.log_to_wandb,
             "logger.log_to_wandb=True",
             "set log_to_wandb=False; each SAE's terms are in training_log.jsonl",

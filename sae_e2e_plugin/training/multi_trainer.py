@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ class E2EMultiSAETrainer:
         *,
         max_grad_norm: float | None = 1.0,
         training_log_path: Path | None = None,
+        periodic_eval: Callable[[E2EMultiSAETrainer], None] | None = None,
+        eval_every_n_steps: int = 0,
     ) -> None:
         self.cfg = cfg
         self.saes = dict(saes)
@@ -78,6 +80,9 @@ class E2EMultiSAETrainer:
             self.checkpoint_thresholds = list(range(0, cfg.total_training_samples, every))[1:]
         self.training_log_path = training_log_path
         """One JSON line per step: step, tokens, seconds and each SAE's terms as ``<name>/<term>``."""
+        self.periodic_eval = periodic_eval
+        """Called every ``eval_every_n_steps`` completed steps (held-out evaluation)."""
+        self.eval_every_n_steps = eval_every_n_steps
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
         self.last_checkpoint: Path | None = None
@@ -136,6 +141,9 @@ class E2EMultiSAETrainer:
         self.last_losses = {name: _terms(output) for name, output in outputs.items()}
         if self.training_log_path is not None:
             self._append_log_row(outputs)
+        every = self.eval_every_n_steps
+        if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
+            self.periodic_eval(self)
         return outputs
 
     def _apply_gradients(self, name: str) -> None:
