@@ -675,6 +675,8 @@ def test_sae_or_unknown_override_saes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"sae is set on an E2EMultiRunnerConfig"):
         multi_cfg(tmp_path, {"a": sae_cfg()}, hooks["a"], "joint", sae=sae_cfg())
     cfg = multi_cfg(tmp_path, {"a": sae_cfg(), "b": sae_cfg()}, hooks, "joint")
+    with pytest.raises(ValueError, match=r"E2EMultiRunnerConfig \(several SAEs\); train it with"):
+        E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
     stray = TrainingSAE.from_dict(sae_cfg().to_dict())
     with pytest.raises(ValueError, match=r"override_saes names SAEs \['c'\]"):
         E2EMultiSAETrainingRunner(cfg, override_model=tiny_model(), override_saes={"c": stray})

@@ -53,6 +53,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
     """Train several SAEs end to end in one run; ``run()`` returns them by name."""
 
     cfg: E2EMultiRunnerConfig[Any]
+    trains_several_saes = True
 
     def __init__(
         self,

@@ -46,6 +46,7 @@ from sae_e2e_plugin.runs.run_setup import (
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.objectives import resolve_objective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
@@ -59,6 +60,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
 
     cfg: E2ERunnerConfig[Any]
     model: HookedTransformer
+    trains_several_saes = False
+    """Whether the runner trains every SAE of an ``E2EMultiRunnerConfig`` (the multi runner)."""
 
     def __init__(
         self,
@@ -71,6 +74,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             raise ValueError(
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
+            )
+        if isinstance(cfg, E2EMultiRunnerConfig) and not self.trains_several_saes:
+            raise ValueError(
+                "cfg is an E2EMultiRunnerConfig (several SAEs); train it with "
+                "E2EMultiSAETrainingRunner, which trains every SAE in saes."
             )
         self.resume_checkpoint = (
             None
