@@ -258,6 +258,15 @@ def test_a_hook_not_in_the_model_names_the_sae_and_the_closest_hook(tmp_path: Pa
     assert "Did you mean 'blocks.2.hook_resid_pre'" in message
 
 
+def test_a_bad_first_sae_is_named_too(tmp_path: Path) -> None:
+    hooks = {"first": "blocks.1.hook_resid_pr", "b": "blocks.2.hook_resid_pre"}
+    with pytest.raises(ValueError, match=r"^SAE 'first': hook_names\['first'\]='blocks.1"):
+        multi_runner(tmp_path, {"first": sae_cfg(), "b": sae_cfg()}, hooks, "independent")
+    hooks = {"first": "blocks.1.hook_resid_pre", "b": "blocks.2.hook_resid_pre"}
+    with pytest.raises(ValueError, match=r"^SAE 'first': saes\['first'\].d_in is 8"):
+        multi_runner(tmp_path, {"first": sae_cfg(d_in=8), "b": sae_cfg()}, hooks, "joint")
+
+
 def test_a_width_that_does_not_match_its_hook_names_the_sae_and_the_fix(tmp_path: Path) -> None:
     hooks = {"a": "blocks.1.hook_resid_pre", "z": "blocks.1.attn.hook_z"}
     with pytest.raises(ValueError) as error:

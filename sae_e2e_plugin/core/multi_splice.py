@@ -131,10 +131,15 @@ def _plan_one(
     try:
         return plan_splice(model, hook, downstream_hooks, d_in=d_in, probe=probe)
     except ValueError as error:
-        # plan_splice names the single-SAE fields; say which SAE of the run they belong to.
-        message = str(error).replace("sae.d_in", f"saes[{name!r}].d_in")
-        message = message.replace("hook_name=", f"hook_names[{name!r}]=")
-        raise ValueError(f"SAE {name!r}: {message}") from None
+        raise naming_the_sae(error, name) from None
+
+
+def naming_the_sae(error: ValueError, name: str) -> ValueError:
+    """A single-SAE check's error with its fields (``sae.d_in``, ``hook_name``) named as the
+    fields of SAE ``name`` in a run of several (``saes[name].d_in``, ``hook_names[name]``)."""
+    message = str(error).replace("sae.d_in", f"saes[{name!r}].d_in")
+    message = message.replace("hook_name=", f"hook_names[{name!r}]=")
+    return ValueError(f"SAE {name!r}: {message}")
 
 
 @dataclass

@@ -20,7 +20,11 @@ from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.core.multi_splice import MultiSplicePlan, plan_multi_splice
+from sae_e2e_plugin.core.multi_splice import (
+    MultiSplicePlan,
+    naming_the_sae,
+    plan_multi_splice,
+)
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult
 from sae_e2e_plugin.evaluation.metrics import EvalResult
@@ -85,7 +89,13 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             )
         ]
         first = next(iter(cfg.saes))
-        super().__init__(cfg, override_model, override_dataset, overrides.get(first))
+        try:
+            # The single runner's set-up checks the first SAE as it would check a lone one.
+            super().__init__(cfg, override_model, override_dataset, overrides.get(first))
+        except ValueError as error:
+            if "hook_name=" not in str(error) and "sae.d_in" not in str(error):
+                raise
+            raise naming_the_sae(error, first) from None
         self._previous_run += previous
         self.saes: dict[str, TrainingSAE[Any]] = {first: self.sae}
         """The SAEs by name, in the order of ``cfg.saes``."""
