@@ -142,11 +142,20 @@ def test_one_sae_trains_the_single_runners_weights(
         assert torch.equal(a, b), name
 
 
-def test_independent_gradients_equal_single_runs_at_each_hook(tmp_path: Path) -> None:
-    hooks = {"mlp0": "blocks.0.hook_mlp_out", "resid2": "blocks.2.hook_resid_pre"}
+@pytest.mark.parametrize(
+    "hooks",
+    [
+        {"mlp0": "blocks.0.hook_mlp_out", "resid2": "blocks.2.hook_resid_pre"},
+        # No shared prefix (hook_embed is outside the blocks); heads flattened at hook_z.
+        {"z1": "blocks.1.attn.hook_z", "embed": "hook_embed"},
+    ],
+)
+def test_independent_gradients_equal_single_runs_at_each_hook(
+    tmp_path: Path, hooks: dict[str, str]
+) -> None:
     runner = multi_runner(
         tmp_path,
-        {"mlp0": sae_cfg(), "resid2": sae_cfg()},
+        {name: sae_cfg() for name in hooks},
         hooks,
         "independent",
         loss="e2e_downstream",
@@ -186,7 +195,8 @@ def test_independent_gradients_equal_single_runs_at_each_hook(tmp_path: Path) ->
         for param in expected:
             assert expected[param].abs().max() > 0, (name, param)
             torch.testing.assert_close(got[param], expected[param], rtol=1e-5, atol=1e-7)
-    assert runner.multi_plan.plans["mlp0"].downstream_hooks == tuple(
+    first = runner.multi_plan.names[0]  # the earliest hook: every block output after it
+    assert runner.multi_plan.plans[first].downstream_hooks == tuple(
         f"blocks.{k}.hook_resid_post" for k in range(3)
     )
 
@@ -709,3 +719,23 @@ def test_evaluation_during_training_measures_each_sae_and_the_joint_suite(tmp_pa
     last_joint = runner.multi_eval_history[-1][2]
     assert runner.joint_eval is not None
     assert last_joint.kl_orig_patched == pytest.approx(runner.joint_eval.kl_orig_patched, rel=1e-5)
+
+
+def test_independent_saes_at_one_hook_train_as_separate_runs(tmp_path: Path) -> None:
+    # Two copies of one SAE at one hook: independent splices cannot tell them apart.
+    runner = multi_runner(
+        tmp_path,
+        {"a": sae_cfg(), "b": sae_cfg()},
+        "blocks.1.hook_resid_pre",
+        "independent",
+        training_tokens=3 * 4 * CONTEXT,
+        n_eval_batches=0,
+    )
+    runner.saes["b"].load_state_dict(runner.saes["a"].state_dict())
+    before = runner.saes["a"].W_enc.detach().clone()
+    runner.run()
+    assert not torch.equal(runner.saes["a"].W_enc, before)
+    for (key, a), (_, b) in zip(
+        runner.saes["a"].state_dict().items(), runner.saes["b"].state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), key
