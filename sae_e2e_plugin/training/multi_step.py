@@ -140,8 +140,8 @@ class MultiStepPass:
         total = _sum([out.loss for out in own.values()] + list(shared.losses.values()))
         with self.timer.phase("backward"):
             total.backward()
-        # Each SAE's log shows the shared terms next to its own; its loss is then the loss of
-        # a run of that SAE alone with the others fixed.
+        # Each SAE's log shows the shared terms (the same numbers for every SAE) next to its
+        # own; its logged loss is the sum of both. The gradient came from ``total`` above.
         return {name: _with_shared(out, shared) for name, out in own.items()}
 
     def _shared_terms(self, clean: MultiCleanRun, patched: PatchedRun) -> ObjectiveOutput:
