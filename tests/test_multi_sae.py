@@ -739,3 +739,40 @@ def test_independent_saes_at_one_hook_train_as_separate_runs(tmp_path: Path) -> 
         runner.saes["a"].state_dict().items(), runner.saes["b"].state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), key
+
+
+def test_wandb_rows_carry_every_sae_under_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    calls: dict[str, list[Any]] = {"init": [], "log": [], "finish": []}
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls["init"].append(kw))
+    monkeypatch.setattr(wandb, "log", lambda row, step: calls["log"].append((step, row)))
+    monkeypatch.setattr(wandb, "finish", lambda: calls["finish"].append(True))
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"a": sae_cfg(), "b": sae_cfg()},
+        hooks,
+        "joint",
+        training_tokens=4 * 4 * CONTEXT,
+        n_eval_batches=1,
+        n_checkpoints=0,
+        logger=LoggingConfig(log_to_wandb=True, wandb_log_frequency=2, wandb_project="p"),
+    )
+    runner.run()
+    (init,) = calls["init"]
+    assert init["project"] == "p" and init["config"]["splice"] == "joint"
+    assert calls["finish"] == [True]
+    train_rows = [(step, row) for step, row in calls["log"] if "a/losses/kl_loss" in row]
+    assert [step for step, _ in train_rows] == [1, 3]  # every second step
+    for _, row in train_rows:
+        assert row["a/losses/kl_loss"] == row["b/losses/kl_loss"] > 0
+        assert row["b/metrics/l0"] >= 0 and row["a/details/n_training_samples"] > 0
+    evals = {key: value for _, row in calls["log"] for key, value in row.items() if "/eval/" in key}
+    assert evals["joint/eval/kl_orig_patched"] == pytest.approx(runner.joint_eval.kl_orig_patched)
+    assert evals["joint/eval/l0/b"] == pytest.approx(runner.joint_eval.l0["b"])
+    assert evals["a/eval/ce_loss_increase"] == pytest.approx(
+        runner.eval_results["a"].ce_loss_increase
+    )

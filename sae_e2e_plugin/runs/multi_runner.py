@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import wandb
 from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from safetensors.torch import save_file
@@ -152,6 +153,14 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         cfg = self.cfg
         remove_previous_run(self._previous_run)
         self._set_metadata()
+        if cfg.logger.log_to_wandb:
+            wandb.init(
+                project=cfg.logger.wandb_project,
+                entity=cfg.logger.wandb_entity,
+                config=cfg.to_dict(),
+                name=cfg.logger.run_name,
+                id=cfg.logger.wandb_id,
+            )
         tokens = TokenBatches(self.activations_store, cfg.sequences_per_batch)
         step_pass = MultiStepPass(
             self.model,
@@ -190,6 +199,8 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             logger.info(f"SAE {name!r} on the last training batch: {terms}")
         if cfg.eval_at_end and self.eval_tokens is not None:
             self._final_evaluation()
+        if cfg.logger.log_to_wandb:
+            wandb.finish()
         return self.saes
 
     def _export(self, name: str) -> None:
@@ -225,6 +236,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             )
             self.multi_eval_history.append((step, name, result))
             logger.info(f"SAE {name!r} after step {step}:\n{result.format_table()}")
+            self._log_evaluation(name, result, trainer.n_training_steps)
         scaled = any(
             t.activation_scaler.scaling_factor is not None for t in trainer.trainers.values()
         )
@@ -239,6 +251,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             )
             self.multi_eval_history.append((step, "joint", joint))
             logger.info(f"the SAEs together after step {step}:\n{joint.format_table()}")
+            self._log_evaluation("joint", joint, trainer.n_training_steps)
 
     def _final_evaluation(self) -> None:
         """Each SAE alone, as exported (``eval.json`` in its folder); for a joint run, all
@@ -261,6 +274,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             )
             self.eval_results[name] = result
             logger.info(f"final evaluation of SAE {name!r} alone:\n{result.format_table()}")
+            self._log_evaluation(name, result, self._steps_done())
             if folder is not None:
                 record_exported_l0(folder, result.l0)
                 result.save_json(Path(folder) / EVAL_FILENAME)
@@ -276,8 +290,25 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         )
         self.joint_eval = joint
         logger.info(f"final evaluation of the SAEs spliced together:\n{joint.format_table()}")
+        self._log_evaluation("joint", joint, self._steps_done())
         if cfg.output_path is not None:
             joint.save_json(Path(cfg.output_path) / JOINT_EVAL_FILENAME)
+
+    def _steps_done(self) -> int:
+        return 0 if self.multi_trainer is None else self.multi_trainer.n_training_steps
+
+    def _log_evaluation(self, name: str, result: EvalResult | JointEvalResult, step: int) -> None:
+        """An evaluation's numbers to wandb (when it is on) as ``<name>/eval/<metric>``."""
+        if not self.cfg.logger.log_to_wandb:
+            return
+        row = {}
+        for key, value in result.to_dict().items():
+            # A joint result holds one number per SAE under l0 and explained_variance.
+            values = value if isinstance(value, dict) else {"": value}
+            for sae, number in values.items():
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    row[f"{name}/eval/{key}" + (f"/{sae}" if sae else "")] = number
+        wandb.log(row, step=step)
 
     def _set_metadata(self) -> None:
         cfg, plan = self.cfg, self.multi_plan

@@ -168,11 +168,6 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
             "start several SAEs from pretrained ones with override_saes={name: TrainingSAE}",
         ),
         (
-            cfg.logger.log_to_wandb,
-            "logger.log_to_wandb=True",
-            "set log_to_wandb=False; each SAE's terms are in training_log.jsonl",
-        ),
-        (
             cfg.compile_sae,
             "compile_sae=True",
             "set compile_sae=False",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import wandb
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
@@ -102,9 +103,10 @@ class E2EMultiSAETrainer:
         )
         self._last_row_time = time.perf_counter()
         while self.n_training_samples < self.cfg.total_training_samples:
-            for trainer in self.trainers.values():
-                trainer.maybe_reset_sparsity()
-            self.step(next(self.tokens))
+            sparsity = {name: t.maybe_reset_sparsity() for name, t in self.trainers.items()}
+            outputs = self.step(next(self.tokens))
+            if self.cfg.logger.log_to_wandb:
+                self._log_to_wandb(outputs, sparsity)
             self._checkpoint_if_needed()
             for trainer in self.trainers.values():
                 trainer.n_training_steps += 1
@@ -145,6 +147,22 @@ class E2EMultiSAETrainer:
         if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
             self.periodic_eval(self)
         return outputs
+
+    @torch.no_grad()
+    def _log_to_wandb(
+        self, outputs: Mapping[str, TrainStepOutput], sparsity: Mapping[str, dict[str, Any]]
+    ) -> None:
+        """SAETrainer's wandb rows of every SAE in one row, each key under ``<name>/``."""
+        row: dict[str, Any] = {}
+        for name, log in sparsity.items():
+            row |= {f"{name}/{key}": value for key, value in log.items()}
+        if (self.n_training_steps + 1) % self.cfg.logger.wandb_log_frequency == 0:
+            row["details/n_training_samples"] = self.n_training_samples
+            for name, trainer in self.trainers.items():
+                log = trainer.build_train_step_log_dict(outputs[name], self.n_training_samples)
+                row |= {f"{name}/{key}": value for key, value in log.items()}
+        if row:
+            wandb.log(row, step=self.n_training_steps)
 
     def _apply_gradients(self, name: str) -> None:
         trainer = self.trainers[name]
