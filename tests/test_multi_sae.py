@@ -776,3 +776,34 @@ def test_wandb_rows_carry_every_sae_under_its_name(
     assert evals["a/eval/ce_loss_increase"] == pytest.approx(
         runner.eval_results["a"].ce_loss_increase
     )
+
+
+@pytest.mark.parametrize("splice", ["joint", "independent"])
+def test_compile_kl_reaches_the_kl_of_both_splices(
+    tmp_path: Path, splice: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Compiling needs a C++ compiler and tens of seconds; the flag's path is what is checked.
+    from sae_e2e_plugin.core import losses
+    from sae_e2e_plugin.training import multi_step, objectives
+
+    seen: list[bool] = []
+    real = losses.chunked_kl_orig_to_patched
+
+    def recording(*args: Any, compile_kernel: bool = False, **kw: Any) -> Any:
+        seen.append(compile_kernel)
+        return real(*args, compile_kernel=False, **kw)
+
+    monkeypatch.setattr(multi_step, "chunked_kl_orig_to_patched", recording)
+    monkeypatch.setattr(objectives, "chunked_kl_orig_to_patched", recording)
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(
+        tmp_path,
+        {"a": sae_cfg(), "b": sae_cfg()},
+        hooks,
+        splice,
+        compile_kl=True,
+        n_eval_batches=0,
+    )
+    trainer = bare_trainer(runner)
+    trainer.step_pass.run(batch(), trainer.trainers)
+    assert seen == ([True] if splice == "joint" else [True, True])
