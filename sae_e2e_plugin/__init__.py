@@ -13,14 +13,17 @@ from sae_e2e_plugin.assets.corpora import load_builtin_dataset
 from sae_e2e_plugin.assets.model import load_builtin_model
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
+from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult
 from sae_e2e_plugin.interop.reference import (
     convert_reference_checkpoint,
     reference_format_disk_loader,
 )
 from sae_e2e_plugin.interop.reference_hub import reference_format_loader
+from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.objectives import (
     ObjectiveInputs,
     ObjectiveOutput,
@@ -33,10 +36,13 @@ from sae_e2e_plugin.version import __version__
 
 __all__ = [
     "DownstreamMetrics",
+    "E2EMultiRunnerConfig",
+    "E2EMultiSAETrainingRunner",
     "E2ERunnerConfig",
     "E2ESAETrainer",
     "E2ESAETrainingRunner",
     "EvalResult",
+    "JointEvalResult",
     "NonFiniteLossError",
     "ObjectiveInputs",
     "ObjectiveOutput",
@@ -46,6 +52,7 @@ __all__ = [
     "chunked_kl_orig_to_patched",
     "convert_reference_checkpoint",
     "evaluate_sae",
+    "evaluate_saes_jointly",
     "kl_orig_to_patched",
     "load_builtin_dataset",
     "load_builtin_model",

@@ -52,3 +52,35 @@ def test_reference_side_runs_one_step_when_installed() -> None:
     assert result["status"] == "ok"
     plugin = run_bench("--impl", "plugin")
     assert result["weights_checksum"] == plugin["weights_checksum"]  # the same model weights
+
+
+@pytest.mark.parametrize("mode", ["singles", "independent", "joint"])
+def test_multi_sae_benchmark_runs_one_step(mode: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_multi.py"),
+            "--mode",
+            mode,
+            "--layers",
+            "0",
+            "1",
+            "--shape",
+            "tiny",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["tokens_per_s"] > 0
+    assert all(torch.isfinite(torch.tensor(result["losses"])))

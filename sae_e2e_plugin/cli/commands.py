@@ -208,15 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
     from sae_e2e_plugin.training.distributed import launcher_context, shutdown
-    from sae_e2e_plugin.training.fields import config_from_fields, load_config_file, merge_fields
+    from sae_e2e_plugin.training.fields import load_config_file, merge_fields
 
     if not launcher_context().is_main:  # under torchrun, rank 0 alone reports the run
         logging.getLogger("sae_e2e_plugin").setLevel(logging.WARNING)
 
     fields = load_config_file(args.config) if args.config else {}
     fields = merge_fields(fields, parse_field_flags(extra))
+    if "saes" in fields:  # several SAEs: saes.<name>.<field>, hook_names, splice
+        return _train_several(fields, args.print_config)
+    from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+    from sae_e2e_plugin.training.fields import config_from_fields
+
     cfg = config_from_fields(fields)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -226,6 +230,21 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     shutdown(runner.context)
     if cfg.output_path is not None and runner.context.is_main:
         print(f"saved the SAE (SAELens format) to {cfg.output_path}")
+    return 0
+
+
+def _train_several(fields: dict[str, Any], print_config: bool) -> int:
+    from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
+    from sae_e2e_plugin.training.fields import multi_config_from_fields
+
+    cfg = multi_config_from_fields(fields)
+    if print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        return 0
+    E2EMultiSAETrainingRunner(cfg).run()
+    if cfg.output_path is not None:
+        for name in cfg.saes:
+            print(f"saved SAE {name!r} (SAELens format) to {Path(cfg.output_path) / name}")
     return 0
 
 

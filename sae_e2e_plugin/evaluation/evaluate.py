@@ -12,17 +12,13 @@ averages over every token seen.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from sae_lens import SAE
-from sae_lens.saes.transcoder import Transcoder
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
@@ -43,9 +39,9 @@ from sae_e2e_plugin.core.splice import (
     run_patched,
     run_prefix,
 )
+from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import (
     DEFAULT_ALIVE_WINDOW_TOKENS,
-    IGNORE_TARGET,
     DownstreamMetrics,
     EvalResult,
     active_features_per_token,
@@ -53,24 +49,65 @@ from sae_e2e_plugin.evaluation.metrics import (
     next_token_targets,
     ratio,
 )
+from sae_e2e_plugin.evaluation.parts import (
+    ce_sum,
+    check_sae,
+    encode_decode,
+    eval_mode,
+    resolve_hook_name,
+    token_batches_checked,
+)
 
-_SCALED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
 
-
-@torch.no_grad()
+@overload
 def evaluate_sae(
     sae: SAE[Any],
     model: HookedTransformer,
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
+    hook_name: str | None = ...,
+    hook_names: Mapping[str, str] | None = ...,
+    downstream_hooks: Sequence[str] | None = ...,
+    alive_window_tokens: int | None = ...,
+    max_batches: int | None = ...,
+    logits_chunk_size: int = ...,
+    activation_scaler: ActivationScaler | None = ...,
+    positions: PositionFilter = ...,
+) -> EvalResult: ...
+
+
+@overload
+def evaluate_sae(
+    sae: Mapping[str, SAE[Any]],
+    model: HookedTransformer,
+    token_batches: Iterable[torch.Tensor] | torch.Tensor,
+    *,
+    hook_name: str | None = ...,
+    hook_names: Mapping[str, str] | None = ...,
+    downstream_hooks: Sequence[str] | None = ...,
+    alive_window_tokens: int | None = ...,
+    max_batches: int | None = ...,
+    logits_chunk_size: int = ...,
+    activation_scaler: ActivationScaler | None = ...,
+    positions: PositionFilter = ...,
+) -> JointEvalResult: ...
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae: SAE[Any] | Mapping[str, SAE[Any]],
+    model: HookedTransformer,
+    token_batches: Iterable[torch.Tensor] | torch.Tensor,
+    *,
     hook_name: str | None = None,
+    hook_names: Mapping[str, str] | None = None,
     downstream_hooks: Sequence[str] | None = None,
     alive_window_tokens: int | None = DEFAULT_ALIVE_WINDOW_TOKENS,
     max_batches: int | None = None,
     logits_chunk_size: int = 1024,
     activation_scaler: ActivationScaler | None = None,
     positions: PositionFilter = ALL_POSITIONS,
-) -> EvalResult:
+) -> EvalResult | JointEvalResult:
     """Evaluate ``sae`` spliced into ``model`` on held-out ``(batch, pos)`` token batches.
 
     Args:
@@ -78,12 +115,17 @@ def evaluate_sae(
             used, so its architecture, ``apply_b_dec_to_input`` and run-time
             normalisation apply as they do in the SAE. Put in eval mode for the
             evaluation; its previous mode is restored afterwards (so is the model's).
+            Several SAEs ``{name: SAE}``: all spliced in together
+            (``evaluation.joint.evaluate_saes_jointly``, at ``hook_names`` or each SAE's
+            metadata hook), returning a ``JointEvalResult``; ``downstream_hooks``,
+            ``alive_window_tokens`` and ``activation_scaler`` do not apply there.
         model: the language model, a ``HookedTransformer``.
         token_batches: an iterable of integer tensors of shape (batch, pos), pos ≥ 2,
             or one such tensor (one batch). Explained variance uses each batch's own
             mean, so batch size is part of the definition (the reference used its
             training batch size); ``tokens.split(n)`` makes batches of n sequences.
         hook_name: where the SAE sits; default ``sae.cfg.metadata.hook_name``.
+        hook_names: several SAEs only: where each sits, by name (default: their metadata).
         downstream_hooks: later hooks to compare; default every ``blocks.k.hook_resid_post``
             after the SAE's hook. ``()`` for none.
         alive_window_tokens: count a feature as alive if it fires on one of the first
@@ -103,12 +145,28 @@ def evaluate_sae(
         ValueError: for an SAE or token batch this function cannot evaluate; the
             message names the field and the fix.
     """
-    hook_name = _resolve_hook_name(sae, hook_name)
-    _check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens)
+    if isinstance(sae, Mapping):
+        if activation_scaler is not None or hook_name is not None:
+            raise ValueError(
+                "evaluate_sae got several SAEs with activation_scaler or hook_name set; give "
+                "each SAE's hook in hook_names={name: hook} and evaluate exported SAEs (their "
+                "scaling folded into the weights)."
+            )
+        return evaluate_saes_jointly(
+            sae,
+            model,
+            token_batches,
+            hook_names=hook_names,
+            max_batches=max_batches,
+            logits_chunk_size=logits_chunk_size,
+            positions=positions,
+        )
+    hook_name = resolve_hook_name(sae, hook_name)
+    check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens)
     plan = plan_splice(model, hook_name, downstream_hooks, d_in=sae.cfg.d_in)
     totals = _Totals(sae.cfg.d_sae, plan.downstream_hooks, alive_window_tokens)
-    with _eval_mode(sae, model):
-        for tokens in _token_batches(token_batches, max_batches):
+    with eval_mode(sae, model):
+        for tokens in token_batches_checked(token_batches, max_batches):
             _evaluate_batch(
                 sae,
                 model,
@@ -223,14 +281,14 @@ def _evaluate_batch(
     clean = run_clean(model, prefix, plan, full=True)
     if positions.selects_all:
         sae_in = clean.acts
-        feature_acts, sae_out = _encode_decode(sae, model, sae_in, scaler)
+        feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
         reconstruction = sae_out
     else:
         # The selected positions as one [1, selected, d_in] batch; the rest keep their clean
         # activation in the spliced run.
         mask = selected_positions(tokens, positions)
         sae_in = clean.acts[mask][None]
-        feature_acts, sae_out = _encode_decode(sae, model, sae_in, scaler)
+        feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
         reconstruction = with_reconstruction(clean.acts, mask, sae_out[0])
     spliced = run_patched(model, prefix, plan, reconstruction)
     ablated_final = _run_ablated(model, prefix, plan, clean.acts)
@@ -251,35 +309,6 @@ def _evaluate_batch(
     _add_output_metrics(
         model, tokens, clean.final_resid, spliced.final_resid, ablated_final, totals, chunk_size
     )
-
-
-def _encode_decode(
-    sae: SAE[Any],
-    model: HookedTransformer,
-    acts: torch.Tensor,
-    scaler: ActivationScaler | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SAE's features [batch, pos, d_sae] and reconstruction [batch, pos, d_in] (model scale).
-
-    ``acts`` is [batch, pos, d_in] with heads flattened for 4-D hooks. An inference
-    SAE with hook_z reshaping on expects the heads unflattened and returns them so.
-    """
-    batch, pos, _ = acts.shape
-    sae_in = rearrange(acts, "batch pos d_in -> (batch pos) d_in").to(sae.device)
-    if scaler is not None:
-        sae_in = scaler.scale(sae_in)
-    if getattr(sae, "hook_z_reshaping_mode", False):
-        sae_in = sae_in.unflatten(-1, (-1, model.cfg.d_head))
-    feature_acts = sae.encode(sae_in)
-    reconstruction = sae.decode(feature_acts).reshape(sae_in.shape[0], -1)
-    if scaler is not None:
-        reconstruction = scaler.unscale(reconstruction)
-    if feature_acts.is_sparse:  # e.g. TopKSAE(use_sparse_activations=True)
-        feature_acts = feature_acts.to_dense()
-    # Kept in the SAE's dtype: the splice casts to the model's, the EV is taken in float32.
-    unflatten = "(batch pos) width -> batch pos width"
-    reconstruction = rearrange(reconstruction, unflatten, batch=batch).to(acts.device)
-    return rearrange(feature_acts, unflatten, batch=batch), reconstruction
 
 
 def _run_ablated(
@@ -308,100 +337,8 @@ def _add_output_metrics(
     for target, *resids in chunk_rows(chunk_size, targets, *flat):
         # [chunk, vocab] float32 logits of the three runs; dropped at the end of the chunk.
         logits_clean, logits_spliced, logits_ablated = (head(r).float() for r in resids)
-        totals.ce_clean += _ce_sum(logits_clean, target)
-        totals.ce_spliced += _ce_sum(logits_spliced, target)
-        totals.ce_ablated += _ce_sum(logits_ablated, target)
+        totals.ce_clean += ce_sum(logits_clean, target)
+        totals.ce_spliced += ce_sum(logits_spliced, target)
+        totals.ce_ablated += ce_sum(logits_ablated, target)
         totals.kl_spliced += float(kl_orig_to_patched_sum(logits_clean, logits_spliced))
         totals.kl_ablated += float(kl_orig_to_patched_sum(logits_clean, logits_ablated))
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits, targets, ignore_index=IGNORE_TARGET, reduction="sum"))
-
-
-def _token_batches(
-    token_batches: Iterable[torch.Tensor] | torch.Tensor, max_batches: int | None
-) -> Iterator[torch.Tensor]:
-    batches: Iterable[Any] = (
-        [token_batches] if isinstance(token_batches, torch.Tensor) else token_batches
-    )
-    if max_batches is not None:
-        if max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}.")
-        batches = itertools.islice(batches, max_batches)
-    for index, tokens in enumerate(batches):
-        _check_tokens(index, tokens)
-        yield tokens
-
-
-def _check_tokens(index: int, tokens: Any) -> None:
-    integer = isinstance(tokens, torch.Tensor) and not (
-        tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool
-    )
-    if not integer or tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1:
-        described = (
-            f"a tensor of shape {tuple(tokens.shape)} and dtype {tokens.dtype}"
-            if isinstance(tokens, torch.Tensor)
-            else f"a {type(tokens).__name__}"
-        )
-        raise ValueError(
-            f"token_batches item {index} is {described}; each batch must be an integer "
-            "token tensor of shape (batch, pos) with pos >= 2 (CE needs a next token). "
-            "For one long 1-D sequence use tokens[None]; for many sequences, tokens.split(n)."
-        )
-
-
-def _resolve_hook_name(sae: SAE[Any], hook_name: str | None) -> str:
-    resolved = hook_name or sae.cfg.metadata.hook_name
-    if not resolved:
-        raise ValueError(
-            "hook_name is not set and sae.cfg.metadata.hook_name is empty: pass "
-            "hook_name='blocks.L.hook_resid_pre' (the hook the SAE was trained on)."
-        )
-    return resolved
-
-
-def _check_sae(
-    sae: SAE[Any],
-    scaler: ActivationScaler | None,
-    chunk_size: int,
-    alive_window_tokens: int | None,
-) -> None:
-    if isinstance(sae, Transcoder):
-        raise ValueError(
-            "sae is a transcoder (it writes to a different hook than it reads); "
-            "evaluate_sae splices an SAE's reconstruction back into its own hook."
-        )
-    if sae.cfg.metadata.hook_head_index is not None:
-        raise ValueError(
-            f"sae.cfg.metadata.hook_head_index={sae.cfg.metadata.hook_head_index}: single-head "
-            "SAEs are not supported; train the SAE on all heads (hook_head_index=None)."
-        )
-    norm = sae.cfg.normalize_activations
-    if norm in _SCALED_NORMALIZATIONS and (
-        scaler is None or (scaler.scaling_factor is None and scaler.whitening is None)
-    ):
-        raise ValueError(
-            f"sae.cfg.normalize_activations={norm!r}, but the scaling is not in the SAE: pass "
-            "activation_scaler=trainer.activation_scaler, or evaluate the exported inference "
-            "SAE (SAE.load_from_disk), whose weights have the scaling folded in."
-        )
-    if chunk_size < 1:
-        raise ValueError(f"logits_chunk_size must be >= 1, got {chunk_size}.")
-    if alive_window_tokens is not None and alive_window_tokens < 1:
-        raise ValueError(
-            f"alive_window_tokens must be >= 1 or None (all tokens), got {alive_window_tokens}."
-        )
-
-
-@contextmanager
-def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; each module's previous mode restored afterwards."""
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(modules, modes, strict=True):
-            module.train(mode)

@@ -21,6 +21,7 @@ import torch
 from sae_lens.training.activations_store import ActivationsStore
 
 from sae_e2e_plugin.training.checkpoints import ResumeError
+from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +111,22 @@ class BufferedActivations(Iterator[torch.Tensor]):
 
     def _digest(self) -> str:
         return hashlib.sha256(self._rng_state.numpy().tobytes()).hexdigest()[:16]
+
+
+def reposition(
+    trainer: E2ESAETrainer, tokens: TokenBatches, local: BufferedActivations | None
+) -> None:
+    """Put the data streams where the checkpointed run had them.
+
+    The store was read in this order: the normalisation estimate's token batches, the local
+    phase's buffer, the e2e phase's token batches. Before the switch the buffer's contents are
+    rebuilt by replaying it; after it only the number of sequences it read matters.
+    """
+    saved = trainer.saved_local_data
+    if local is None or saved is None:
+        tokens.skip(trainer.n_sequences_consumed)
+    elif trainer.schedule.phase(trainer.n_steps_taken) == "local":
+        tokens.skip(trainer.n_sequences_consumed)
+        local.replay(saved)
+    else:
+        tokens.skip(trainer.n_sequences_consumed + int(saved["sequences"]))

@@ -75,3 +75,35 @@ def position_filter(cfg: E2ERunnerConfig[Any], store: ActivationsStore) -> Posit
     excluded = store.exclude_special_tokens
     ids = () if excluded is None else tuple(int(i) for i in excluded.tolist())
     return PositionFilter(seqpos_slice=tuple(cfg.seqpos_slice), excluded_ids=ids)
+
+
+def held_out_tokens(
+    cfg: E2ERunnerConfig[Any],
+    model: HookedTransformer,
+    store: ActivationsStore,
+    *,
+    training_on_it: bool,
+) -> torch.Tensor | None:
+    """[n_eval_sequences, context_size] tokens the run evaluates on (None when there are none).
+
+    A built-in corpus has its own eval split; ``eval_dataset_path`` names another corpus;
+    otherwise the first sequences of the training stream are held out (``training_on_it``:
+    the store is the training one, and training starts after them).
+    """
+    n = cfg.n_eval_sequences
+    if n == 0:
+        return None
+    if cfg.eval_dataset_path is None and training_on_it:
+        return store.get_batch_tokens(n, move_to_model_device=False)
+    name = cfg.eval_dataset_path or cfg.dataset_path
+    if is_builtin_dataset(name):
+        rows = load_builtin_dataset(name, model.tokenizer, cfg.context_size, split="eval")
+        if len(rows) < n:
+            raise ValueError(
+                f"the eval split of {name!r} has {len(rows)} sequences of {cfg.context_size} "
+                f"tokens, fewer than n_eval_batches × eval_batch_size_prompts = {n}. "
+                "Lower n_eval_batches or eval_batch_size_prompts."
+            )
+        return torch.tensor(rows["tokens"][:n], dtype=torch.long)
+    eval_store = ActivationsStore.from_config(model, with_dataset(cfg, name))
+    return eval_store.get_batch_tokens(n, move_to_model_device=False)

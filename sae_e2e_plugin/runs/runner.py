@@ -22,17 +22,16 @@ from sae_lens import SAE, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activation_scaler import ActivationScaler
-from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
+from sae_e2e_plugin.assets.corpora import is_builtin_dataset
 from sae_e2e_plugin.core.splice import plan_splice
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
-from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches
+from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches, reposition
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import (
     check_output_folder,
@@ -41,10 +40,10 @@ from sae_e2e_plugin.runs.output_folder import (
     remove_previous_run,
 )
 from sae_e2e_plugin.runs.run_setup import (
+    held_out_tokens,
     position_filter,
     resolve_builtins,
     warn_if_bf16_is_emulated,
-    with_dataset,
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
 from sae_e2e_plugin.training.config import E2ERunnerConfig
@@ -53,6 +52,7 @@ from sae_e2e_plugin.training.data_parallel import (
     check_data_parallel_config,
 )
 from sae_e2e_plugin.training.distributed import barrier, from_main, setup_distributed
+from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.objectives import resolve_objective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
@@ -66,6 +66,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
 
     cfg: E2ERunnerConfig[Any]
     model: HookedTransformer
+    trains_several_saes = False
+    """Whether the runner trains every SAE of an ``E2EMultiRunnerConfig`` (the multi runner)."""
 
     def __init__(
         self,
@@ -79,6 +81,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"cfg is a {type(cfg).__name__}; E2ESAETrainingRunner needs an E2ERunnerConfig "
                 "(the same fields plus loss=...)."
             )
+        if isinstance(cfg, E2EMultiRunnerConfig) and not self.trains_several_saes:
+            raise ValueError(
+                "cfg is an E2EMultiRunnerConfig (several SAEs); train it with "
+                "E2EMultiSAETrainingRunner, which trains every SAE in saes."
+            )
         self.context = setup_distributed(
             cfg.distributed_backend, cfg.distributed_timeout_s, cfg.device
         )
@@ -89,7 +96,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         self.resume_checkpoint = (
             None
             if cfg.resume_from_checkpoint is None
-            else resolve_resume_checkpoint(cfg.resume_from_checkpoint)
+            else self._resolve_resume(cfg.resume_from_checkpoint)
         )
         """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
         self._previous_run = check_output_folder(
@@ -141,10 +148,16 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         self.trainer: E2ESAETrainer | None = None
         self.eval_history: list[tuple[int, EvalResult]] = []
         """(step, result) of each evaluation during training, and the final one."""
-        self.eval_tokens = self._held_out_tokens()
+        self.eval_tokens = held_out_tokens(
+            cfg, self.model, self.activations_store, training_on_it=not self._builtin_dataset
+        )
         """[n_eval_sequences, context_size] held-out tokens (None when n_eval_batches=0)."""
         self.timer: PhaseTimer = NO_TIMING
         """Passed to the trainer: set a ``PhaseTimer`` before ``run()`` to time a step's phases."""
+
+    def _resolve_resume(self, path: str) -> Path:
+        # A seam for runners whose checkpoints hold other files (several SAEs).
+        return resolve_resume_checkpoint(path)
 
     def run(self) -> TrainingSAE[Any]:
         """Train, write the final SAE to ``cfg.output_path`` (if set) and return it.
@@ -271,27 +284,6 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         if self.cfg.logger.log_to_wandb:
             wandb.log(_wandb_eval_dict(result), step=trainer.n_training_steps)
 
-    def _held_out_tokens(self) -> torch.Tensor | None:
-        cfg = self.cfg
-        n = cfg.n_eval_sequences
-        if n == 0:
-            return None
-        if cfg.eval_dataset_path is None and not self._builtin_dataset:
-            # The first n sequences of the training stream: training starts after them.
-            return self.activations_store.get_batch_tokens(n, move_to_model_device=False)
-        name = cfg.eval_dataset_path or cfg.dataset_path
-        if is_builtin_dataset(name):
-            rows = load_builtin_dataset(name, self.model.tokenizer, cfg.context_size, split="eval")
-            if len(rows) < n:
-                raise ValueError(
-                    f"the eval split of {name!r} has {len(rows)} sequences of {cfg.context_size} "
-                    f"tokens, fewer than n_eval_batches × eval_batch_size_prompts = {n}. "
-                    "Lower n_eval_batches or eval_batch_size_prompts."
-                )
-            return torch.tensor(rows["tokens"][:n], dtype=torch.long)
-        store = ActivationsStore.from_config(self.model, with_dataset(cfg, name))
-        return store.get_batch_tokens(n, move_to_model_device=False)
-
     def _resume(
         self,
         trainer: E2ESAETrainer,
@@ -311,7 +303,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"({type(error).__name__}: {str(error)[:200]}); a file in it is damaged. Resume "
                 "from an earlier checkpoint of the run."
             ) from error
-        _reposition(trainer, tokens, local)
+        reposition(trainer, tokens, local)
 
     def save_final_sae(
         self,
@@ -380,25 +372,6 @@ def _trainer_config(cfg: E2ERunnerConfig[Any], main: bool) -> SAETrainerConfig:
         return trainer_cfg
     quiet = dataclasses.replace(trainer_cfg.logger, log_to_wandb=False)
     return dataclasses.replace(trainer_cfg, logger=quiet)
-
-
-def _reposition(
-    trainer: E2ESAETrainer, tokens: TokenBatches, local: BufferedActivations | None
-) -> None:
-    """Put the data streams where the checkpointed run had them.
-
-    The store was read in this order: the normalisation estimate's token batches, the local
-    phase's buffer, the e2e phase's token batches. Before the switch the buffer's contents are
-    rebuilt by replaying it; after it only the number of sequences it read matters.
-    """
-    saved = trainer.saved_local_data
-    if local is None or saved is None:
-        tokens.skip(trainer.n_sequences_consumed)
-    elif trainer.schedule.phase(trainer.n_steps_taken) == "local":
-        tokens.skip(trainer.n_sequences_consumed)
-        local.replay(saved)
-    else:
-        tokens.skip(trainer.n_sequences_consumed + int(saved["sequences"]))
 
 
 def first_to_last(trainer: E2ESAETrainer) -> str:

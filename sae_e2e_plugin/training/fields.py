@@ -19,6 +19,7 @@ from sae_lens.registry import get_sae_training_class
 
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.field_types import coerce_fields
+from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -68,29 +69,70 @@ def config_from_fields(fields: dict[str, Any]) -> E2ERunnerConfig[Any]:
     _check_known(
         "", {k: v for k, v in fields.items() if k not in ("sae", "logger")}, E2ERunnerConfig
     )
-    sae_fields = dict(fields.pop("sae", None) or {})
+    sae = _sae_config(dict(fields.pop("sae", None) or {}), "sae.")
+    return E2ERunnerConfig(
+        sae=sae,
+        logger=_logger_config(fields.pop("logger", None)),
+        **coerce_fields(E2ERunnerConfig, fields),
+    )
+
+
+def multi_config_from_fields(fields: dict[str, Any]) -> E2EMultiRunnerConfig[Any]:
+    """Build an ``E2EMultiRunnerConfig`` from a nested mapping with ``saes: {name: {sae
+    fields}}`` and ``hook_names: {name: hook} | hook`` (a YAML file's or flags' fields)."""
+    fields = dict(fields)
+    saes = fields.pop("saes", None)
+    if not isinstance(saes, dict) or not saes:
+        raise ValueError(
+            f"saes={saes!r} is not a mapping of SAE names to SAE fields; give e.g. "
+            "saes: {layer2: {architecture: topk, d_in: 576, d_sae: 4608, k: 32}}."
+        )
+    if "sae" in fields:
+        raise ValueError(
+            "sae and saes are both set; with several SAEs give every SAE's fields under "
+            "saes.<name> and leave sae out."
+        )
+    if not isinstance(fields.get("logger") or {}, dict):
+        raise ValueError(f"logger={fields['logger']!r} is not a mapping of logger fields.")
+    _check_known("", {k: v for k, v in fields.items() if k != "logger"}, E2EMultiRunnerConfig)
+    configs = {}
+    for name, sae_fields in saes.items():
+        if not isinstance(sae_fields, dict):
+            raise ValueError(
+                f"saes.{name}={sae_fields!r} is not a mapping of SAE fields; give e.g. "
+                f"saes.{name}: {{d_in: 576, d_sae: 4608}}."
+            )
+        configs[str(name)] = _sae_config(dict(sae_fields), f"saes.{name}.")
+    return E2EMultiRunnerConfig(
+        saes=configs,
+        logger=_logger_config(fields.pop("logger", None)),
+        **coerce_fields(E2EMultiRunnerConfig, fields),
+    )
+
+
+def _sae_config(sae_fields: dict[str, Any], prefix: str) -> Any:
     architecture = sae_fields.pop("architecture", "standard")
     try:
         sae_cfg_class = get_sae_training_class(architecture)[1]
     except (KeyError, ValueError) as error:
         raise ValueError(
-            f"sae.architecture={architecture!r} is not a SAELens training architecture ({error})."
+            f"{prefix}architecture={architecture!r} is not a SAELens training architecture "
+            f"({error})."
         ) from None
-    _check_known("sae.", sae_fields, sae_cfg_class)
+    _check_known(prefix, sae_fields, sae_cfg_class)
     if "d_in" not in sae_fields or "d_sae" not in sae_fields:
         raise ValueError(
-            "sae.d_in and sae.d_sae are required, e.g. --sae.d_in 576 --sae.d_sae 9216."
+            f"{prefix}d_in and {prefix}d_sae are required, e.g. --{prefix}d_in 576 "
+            f"--{prefix}d_sae 9216."
         )
-    logger_fields = dict(fields.pop("logger", None) or {})
-    _check_known("logger.", logger_fields, LoggingConfig)
     # YAML 1.1 reads "lr: 1e-3" as a string and "training_tokens: 1e6" as a float.
-    sae_fields = coerce_fields(sae_cfg_class, sae_fields, "sae.")
-    logger_fields = coerce_fields(LoggingConfig, logger_fields, "logger.")
-    return E2ERunnerConfig(
-        sae=sae_cfg_class(**sae_fields),
-        logger=LoggingConfig(**logger_fields),
-        **coerce_fields(E2ERunnerConfig, fields),
-    )
+    return sae_cfg_class(**coerce_fields(sae_cfg_class, sae_fields, prefix))
+
+
+def _logger_config(logger_fields: dict[str, Any] | None) -> LoggingConfig:
+    logger_fields = dict(logger_fields or {})
+    _check_known("logger.", logger_fields, LoggingConfig)
+    return LoggingConfig(**coerce_fields(LoggingConfig, logger_fields, "logger."))
 
 
 def _check_known(prefix: str, fields: dict[str, Any], cls: type) -> None:

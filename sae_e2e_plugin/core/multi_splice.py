@@ -1,0 +1,312 @@
+"""Several SAEs in one model: where each sits, one clean run for all, and a joint patched run.
+
+Two ways to splice several SAEs (``MultiSplicePlan.mode``):
+
+- ``"joint"``: every SAE is spliced into the same patched run. Each SAE reads the activation
+  as it arrives at its hook in that run (after the reconstructions of the SAEs before it, as the
+  reference implementation's multi-position mode does) and its reconstruction replaces it.
+  The downstream hooks are compared after the latest SAE, so every term depends on all of them.
+- ``"independent"``: each SAE is spliced alone into its own continuation of the model. All of
+  them share the prefix up to the earliest SAE's block and one clean run, which records every
+  SAE's input and the residual stream entering each SAE's block (its own prefix). Each SAE's
+  downstream hooks are those a single run at its hook would compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from sae_e2e_plugin.core.splice import (
+    CleanRun,
+    FwdHooks,
+    HookProbe,
+    PatchedRun,
+    Prefix,
+    SplicePlan,
+    flatten_heads,
+    plan_splice,
+    probe_hooks,
+)
+
+SpliceMode = Literal["joint", "independent"]
+
+Splice = Callable[[torch.Tensor], torch.Tensor]
+"""Maps the activation arriving at a hook, [batch, pos, width] (heads flattened), to its
+replacement of the same shape."""
+
+
+@dataclass(frozen=True)
+class MultiSplicePlan:
+    """Where each SAE sits, in firing order, and which later activations are compared."""
+
+    mode: SpliceMode
+    plans: dict[str, SplicePlan]
+    """Each SAE's own plan (by SAE name, in the order their hooks fire): its hook, its block and,
+    in independent mode, its downstream hooks."""
+    start_layer: int | None
+    """The earliest SAE's block: the shared prefix stops there. None: an SAE's hook is outside
+    the blocks (e.g. ``hook_embed``), so there is no shared prefix."""
+    downstream_hooks: tuple[str, ...]
+    """Joint mode: the hooks after the latest SAE compared in the one patched run. Independent
+    mode: the union of every SAE's downstream hooks (all recorded by the one clean run)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """SAE names in the order their hooks fire."""
+        return tuple(self.plans)
+
+    @property
+    def last_layer(self) -> int | None:
+        """The latest SAE's block (None when a hook is outside the blocks)."""
+        layers = [plan.start_layer for plan in self.plans.values()]
+        return None if None in layers else max(layer for layer in layers if layer is not None)
+
+
+def plan_multi_splice(
+    model: HookedTransformer,
+    hook_names: Mapping[str, str],
+    d_ins: Mapping[str, int],
+    mode: SpliceMode,
+    downstream_hooks: list[str] | tuple[str, ...] | None,
+) -> MultiSplicePlan:
+    """Check every SAE's hook and width against the model and plan the runs.
+
+    ``downstream_hooks=()`` records none; None means every residual-stream hook after the
+    latest SAE (joint) or after each SAE's own hook (independent). Raises ValueError naming the
+    SAE, the value and the fix.
+    """
+    if mode not in ("joint", "independent"):
+        raise ValueError(f"splice={mode!r} is not a splice mode; use 'joint' or 'independent'.")
+    probe = probe_hooks(model)
+    if mode == "joint":
+        _refuse_shared_hooks(hook_names)
+    plans = {}
+    for name, hook in hook_names.items():
+        own = downstream_hooks if mode == "independent" else ()
+        plans[name] = _plan_one(model, name, hook, d_ins[name], own, probe)
+    order = sorted(plans, key=lambda name: probe.order.index(plans[name].hook_name))
+    plans = {name: plans[name] for name in order}
+    layers = [plan.start_layer for plan in plans.values()]
+    start_layer = None if None in layers else min(layer for layer in layers if layer is not None)
+    if mode == "joint":
+        latest = plans[order[-1]]
+        joint = _plan_one(model, order[-1], latest.hook_name, None, downstream_hooks, probe)
+        downstream = joint.downstream_hooks
+    else:
+        downstream = tuple(
+            dict.fromkeys(h for plan in plans.values() for h in plan.downstream_hooks)
+        )
+    return MultiSplicePlan(mode, plans, start_layer, downstream)
+
+
+def _refuse_shared_hooks(hook_names: Mapping[str, str]) -> None:
+    seen: dict[str, str] = {}
+    for name, hook in hook_names.items():
+        if hook in seen:
+            raise ValueError(
+                f"SAEs {seen[hook]!r} and {name!r} both sit at hook_names={hook!r}; in "
+                "splice='joint' one activation can be replaced by one SAE only. Move one SAE "
+                "to another hook, or use splice='independent' (each SAE spliced alone)."
+            )
+        seen[hook] = name
+
+
+def _plan_one(
+    model: HookedTransformer,
+    name: str,
+    hook: str,
+    d_in: int | None,
+    downstream_hooks: list[str] | tuple[str, ...] | None,
+    probe: HookProbe,
+) -> SplicePlan:
+    try:
+        return plan_splice(model, hook, downstream_hooks, d_in=d_in, probe=probe)
+    except ValueError as error:
+        raise naming_the_sae(error, name) from None
+
+
+def naming_the_sae(error: ValueError, name: str) -> ValueError:
+    """A single-SAE check's error with its fields (``sae.d_in``, ``hook_name``) named as the
+    fields of SAE ``name`` in a run of several (``saes[name].d_in``, ``hook_names[name]``)."""
+    message = str(error).replace("sae.d_in", f"saes[{name!r}].d_in")
+    message = message.replace("hook_name=", f"hook_names[{name!r}]=")
+    return ValueError(f"SAE {name!r}: {message}")
+
+
+@dataclass
+class MultiCleanRun:
+    """The one clean run of an independent step; nothing carries grad."""
+
+    acts: dict[str, torch.Tensor]
+    """[batch, pos, d_in] activation at each SAE's hook (heads flattened), by hook name."""
+    block_inputs: dict[int, torch.Tensor]
+    """[batch, pos, d_model] residual stream entering each SAE's block, by block."""
+    final_resid: torch.Tensor | None
+    """[batch, pos, d_model] residual after the last block; None when the run stopped early."""
+    downstream: dict[str, torch.Tensor]
+    """Activation at each downstream hook, by hook name."""
+
+    def for_sae(self, plan: SplicePlan) -> CleanRun:
+        """What a single run of the SAE at ``plan`` would have recorded."""
+        downstream = {name: self.downstream[name] for name in plan.downstream_hooks}
+        return CleanRun(self.acts[plan.hook_name], self.final_resid, downstream)
+
+
+@torch.no_grad()
+def run_clean_multi(
+    model: HookedTransformer,
+    prefix: Prefix,
+    plan: MultiSplicePlan,
+    *,
+    full: bool = True,
+    inputs: bool = True,
+) -> MultiCleanRun:
+    """The clean run from the shared prefix, recording what every SAE's continuation needs.
+
+    ``full=False``: stop after the latest SAE's block, record no downstream activation.
+    ``inputs=False`` (a joint step: the SAEs read the patched run): record neither the SAEs'
+    inputs nor their blocks' inputs, only the final residual and the downstream activations.
+    """
+    acts: dict[str, torch.Tensor] = {}
+    block_inputs: dict[str, torch.Tensor] = {}
+    downstream: dict[str, torch.Tensor] = {}
+    hooks: FwdHooks = []
+    if inputs:
+        hooks += [(h, partial(_capture, store=acts, flatten=True)) for h in _hooks(plan)]
+        hooks += [
+            (f"blocks.{layer}.hook_resid_pre", partial(_capture, store=block_inputs))
+            for layer in _layers(plan)
+        ]
+    if full:
+        hooks += [(name, partial(_capture, store=downstream)) for name in plan.downstream_hooks]
+    stop = model.cfg.n_layers if full or plan.last_layer is None else plan.last_layer + 1
+    with model.hooks(fwd_hooks=hooks):
+        resid = _run_from(model, prefix, stop)
+    by_block = {int(name.split(".")[1]): value for name, value in block_inputs.items()}
+    return MultiCleanRun(acts, by_block, resid if full else None, downstream)
+
+
+def prefix_for(prefix: Prefix, clean: MultiCleanRun, plan: SplicePlan) -> Prefix:
+    """The prefix a single run of the SAE at ``plan`` would start from: the shared one moved on
+    to the SAE's block with the clean run's residual stream entering it."""
+    if (
+        plan.start_layer is None
+        or prefix.residual is None
+        or plan.start_layer == prefix.start_layer
+    ):
+        return prefix
+    residual = clean.block_inputs[plan.start_layer]
+    return dataclasses.replace(prefix, residual=residual, start_layer=plan.start_layer)
+
+
+def run_joint_patched(
+    model: HookedTransformer,
+    prefix: Prefix,
+    plan: MultiSplicePlan,
+    splices: Mapping[str, Splice],
+    *,
+    full: bool = True,
+    checkpoint_blocks: bool = False,
+) -> PatchedRun:
+    """The run from the shared prefix with every SAE's splice at its hook (``splices`` by hook).
+
+    Grad flows through every splice and the activations between them. ``full=False``: stop
+    after the latest SAE's block (``final_resid`` is then that block's output). With
+    ``checkpoint_blocks`` the blocks that hold no SAE are recomputed in the backward pass (as
+    ``core.splice.run_patched`` does); blocks with an SAE run plainly, so no SAE's training
+    forward pass runs twice.
+    """
+    hooks: FwdHooks = [(hook, partial(_splice, fn=fn)) for hook, fn in splices.items()]
+    captured: dict[str, torch.Tensor] = {}
+    stop = model.cfg.n_layers if full or plan.last_layer is None else plan.last_layer + 1
+    if checkpoint_blocks and _can_checkpoint(prefix, plan):
+        resid = _blocks_checkpointed(model, prefix, plan, hooks, captured, stop)
+        return PatchedRun(final_resid=resid, downstream=captured)
+    hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
+    with model.hooks(fwd_hooks=hooks):
+        resid = _run_from(model, prefix, stop)
+    return PatchedRun(final_resid=resid, downstream=captured)
+
+
+def _can_checkpoint(prefix: Prefix, plan: MultiSplicePlan) -> bool:
+    return (
+        torch.is_grad_enabled()
+        and prefix.residual is not None
+        and all(name.endswith("hook_resid_post") for name in plan.downstream_hooks)
+    )
+
+
+def _blocks_checkpointed(
+    model: HookedTransformer,
+    prefix: Prefix,
+    plan: MultiSplicePlan,
+    hooks: FwdHooks,
+    captured: dict[str, torch.Tensor],
+    stop: int,
+) -> torch.Tensor:
+    assert prefix.start_layer is not None and prefix.residual is not None
+    with_sae = set(_layers(plan))
+    by_layer = {int(name.split(".")[1]): name for name in plan.downstream_hooks}
+    resid = prefix.residual
+    for layer in range(prefix.start_layer, stop):
+        if layer in with_sae:
+            with model.hooks(fwd_hooks=hooks):
+                resid = _one_block(model, prefix, layer, resid)
+        else:
+            resid = checkpoint(_one_block, model, prefix, layer, resid, use_reentrant=False)
+        if layer in by_layer:
+            captured[by_layer[layer]] = resid
+    return resid
+
+
+def _one_block(
+    model: HookedTransformer, prefix: Prefix, layer: int, resid: torch.Tensor
+) -> torch.Tensor:
+    return model(
+        resid,
+        start_at_layer=layer,
+        stop_at_layer=layer + 1,
+        shortformer_pos_embed=prefix.shortformer_pos_embed,
+        attention_mask=prefix.attention_mask,
+    )
+
+
+def _run_from(model: HookedTransformer, prefix: Prefix, stop: int) -> torch.Tensor:
+    if prefix.residual is None:
+        return model(prefix.tokens, stop_at_layer=stop)
+    return model(
+        prefix.residual,
+        start_at_layer=prefix.start_layer,
+        stop_at_layer=stop,
+        shortformer_pos_embed=prefix.shortformer_pos_embed,
+        attention_mask=prefix.attention_mask,
+    )
+
+
+def _hooks(plan: MultiSplicePlan) -> list[str]:
+    return list(dict.fromkeys(p.hook_name for p in plan.plans.values()))
+
+
+def _layers(plan: MultiSplicePlan) -> list[int]:
+    layers = (p.start_layer for p in plan.plans.values() if p.start_layer is not None)
+    return sorted(set(layers))
+
+
+def _capture(
+    act: torch.Tensor, hook: HookPoint, *, store: dict[str, torch.Tensor], flatten: bool = False
+) -> None:
+    assert hook.name is not None
+    store[hook.name] = flatten_heads(act) if flatten else act
+
+
+def _splice(act: torch.Tensor, hook: HookPoint, *, fn: Splice) -> torch.Tensor:
+    return fn(flatten_heads(act)).reshape(act.shape).to(act.dtype)

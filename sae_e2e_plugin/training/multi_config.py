@@ -1,0 +1,193 @@
+"""``E2EMultiRunnerConfig``: several SAEs in one e2e run, in the shape of SAELens' multi runner.
+
+SAELens' ``MultiSAETrainingRunnerConfig`` takes ``saes={name: TrainingSAEConfig}`` and
+``hook_names={name: hook} | hook``; this config takes the same two fields on top of every
+``E2ERunnerConfig`` field, plus ``splice`` (how the SAEs are spliced into the model). The
+single-SAE fields ``sae`` and ``hook_name`` are derived from the first entry: SAELens' own
+machinery (the activation store, the held-out tokens) reads them, and the first SAE of a
+one-SAE run is built exactly as a single run builds its SAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sae_lens import LoggingConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
+
+from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
+from sae_e2e_plugin.training.config import SUPPORTED_NORMALIZATIONS, E2ERunnerConfig
+
+_SAELENS_DEFAULT_HOOK = "blocks.0.hook_mlp_out"
+
+JOINT_OBJECTIVES = ("local", "e2e", "e2e_downstream")
+"""The objectives a joint splice computes (one patched run for all SAEs); any registered
+objective works with ``splice="independent"``."""
+
+
+@dataclass
+class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
+    """Several SAEs trained in one run; every ``E2ERunnerConfig`` field applies to each of them.
+
+    Each SAE keeps its own optimizer, LR and coefficient schedules, dead-feature statistics and
+    activation scaler, as in SAELens' ``MultiSAETrainingRunner``.
+    """
+
+    sae: T_TRAINING_SAE_CONFIG = None  # type: ignore[assignment]
+    """Derived: the first entry of ``saes`` (leave unset)."""
+
+    saes: Mapping[str, TrainingSAEConfig] = field(default_factory=dict)
+    """The SAEs by name. A name is the SAE's folder under ``output_path`` (``<output_path>/<name>``)."""
+
+    hook_names: Mapping[str, str] | str = field(default_factory=dict)
+    """Each SAE's hook by name, or one hook for every SAE (``splice="independent"`` only).
+    ``hook_name`` is derived from it (leave it unset)."""
+
+    splice: Literal["joint", "independent"] = "independent"
+    """"joint": every SAE spliced into one patched run, one KL for all; each SAE reads the
+    activation its predecessors' reconstructions produced. "independent": each SAE spliced
+    alone into its own continuation from a shared prefix and one shared clean run — the same
+    SAEs as one run per SAE, for less compute. See docs/multi_sae.md."""
+
+    def __post_init__(self) -> None:
+        if self.sae is not None:
+            raise ValueError(
+                "sae is set on an E2EMultiRunnerConfig; give every SAE in saes={name: config} "
+                "(sae is derived from its first entry)."
+            )
+        self.hook_names_per_sae = _hooks_per_sae(self.saes, self.hook_names)
+        """``hook_names`` as one hook per SAE name."""
+        first = next(iter(self.saes))
+        if self.hook_name not in (_SAELENS_DEFAULT_HOOK, self.hook_names_per_sae[first]):
+            raise ValueError(
+                f"hook_name={self.hook_name!r} is set on an E2EMultiRunnerConfig; hook_name is "
+                "derived from hook_names. Give each SAE's hook in hook_names={name: hook}."
+            )
+        self.sae = self.saes[first]  # type: ignore[assignment]
+        self.hook_name = self.hook_names_per_sae[first]
+        super().__post_init__()
+        validate_multi_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """SAELens' dict with each SAE's config as its own dict (JSON-ready)."""
+        d = super().to_dict()
+        d["saes"] = {name: cfg.to_dict() for name, cfg in self.saes.items()}
+        d["hook_names"] = dict(self.hook_names_per_sae)
+        d.pop("sae", None)
+        d.pop("hook_names_per_sae", None)
+        return d
+
+    @classmethod
+    def from_dict(cls, cfg_dict: dict[str, Any]) -> E2EMultiRunnerConfig[Any]:  # type: ignore[override]
+        """Rebuild a config from ``to_dict()`` output (e.g. a run's ``runner_cfg.json``)."""
+        fields = dict(cfg_dict)
+        saes = {
+            name: get_sae_training_class(sae["architecture"])[1].from_dict(sae)
+            for name, sae in fields.pop("saes").items()
+        }
+        if isinstance(fields.get("seqpos_slice"), list):
+            fields["seqpos_slice"] = tuple(fields["seqpos_slice"])
+        fields.pop("tokens_per_buffer", None)
+        logger = LoggingConfig(**fields.pop("logger"))
+        cfg = cls(saes=saes, logger=logger, **fields)
+        # __post_init__ moves a default checkpoint_path; keep the one the dict records.
+        if "checkpoint_path" in cfg_dict:
+            cfg.checkpoint_path = cfg_dict["checkpoint_path"]
+        return cfg
+
+
+def _hooks_per_sae(
+    saes: Mapping[str, TrainingSAEConfig], hook_names: Mapping[str, str] | str
+) -> dict[str, str]:
+    if not isinstance(saes, Mapping) or not saes:
+        raise ValueError(
+            f"saes={saes!r} is not a non-empty mapping; give saes={{name: TrainingSAEConfig}}, "
+            "e.g. saes={'layer2': StandardTrainingSAEConfig(d_in=768, d_sae=12288)}."
+        )
+    for name, cfg in saes.items():
+        _check_name(name)
+        if not isinstance(cfg, TrainingSAEConfig):
+            raise ValueError(
+                f"saes[{name!r}] is a {type(cfg).__name__}, not a SAELens TrainingSAEConfig "
+                "(e.g. StandardTrainingSAEConfig, TopKTrainingSAEConfig)."
+            )
+    if isinstance(hook_names, str):
+        return dict.fromkeys(saes, hook_names)
+    extra = sorted(set(hook_names) - set(saes))
+    missing = sorted(set(saes) - set(hook_names))
+    if extra or missing:
+        raise ValueError(
+            f"hook_names must name the same SAEs as saes; extra: {extra}, missing: {missing}. "
+            "Give one hook per SAE name, or a single hook string for all of them."
+        )
+    return {name: hook_names[name] for name in saes}
+
+
+def _check_name(name: Any) -> None:
+    # A name becomes a folder under output_path and under each checkpoint.
+    ok = (
+        isinstance(name, str)
+        and name not in ("", ".", "..", CHECKPOINTS_DIRNAME)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+    )
+    if not ok:
+        raise ValueError(
+            f"saes has the name {name!r}; a name is the SAE's folder under output_path, so use "
+            f"a plain folder name (no '/', not starting with '.', not {CHECKPOINTS_DIRNAME!r}), "
+            "e.g. 'layer6'."
+        )
+
+
+def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
+    """What several SAEs in one run cannot do (yet), naming the field and the fix."""
+    if cfg.splice not in ("joint", "independent"):
+        raise ValueError(
+            f"splice={cfg.splice!r} is not a splice mode; use 'joint' or 'independent'."
+        )
+    for name, sae_cfg in cfg.saes.items():
+        norm = sae_cfg.normalize_activations
+        if norm not in SUPPORTED_NORMALIZATIONS:
+            raise ValueError(
+                f"saes[{name!r}].normalize_activations={norm!r} is not supported by end-to-end "
+                f"training; use one of {list(SUPPORTED_NORMALIZATIONS)}."
+            )
+    refusals = [
+        (
+            cfg.e2e_fraction != 1.0,
+            f"e2e_fraction={cfg.e2e_fraction}",
+            "set e2e_fraction=1.0 (local-then-e2e schedules are single-SAE only so far)",
+        ),
+        (
+            cfg.pretrained_sae is not None or cfg.from_pretrained_path is not None,
+            "pretrained_sae / from_pretrained_path",
+            "start several SAEs from pretrained ones with override_saes={name: TrainingSAE}",
+        ),
+        (
+            cfg.compile_sae,
+            "compile_sae=True",
+            "set compile_sae=False",
+        ),
+    ]
+    if cfg.splice == "joint":
+        refusals += [
+            (
+                cfg.loss not in JOINT_OBJECTIVES,
+                f"loss={cfg.loss!r}",
+                f"a joint splice computes {list(JOINT_OBJECTIVES)}; use one of them or "
+                "splice='independent', which runs any registered objective per SAE",
+            ),
+            (
+                cfg.kl_mse_balance != "fixed",
+                f"kl_mse_balance={cfg.kl_mse_balance!r}",
+                "one KL is shared by every SAE, so there is no single MSE to balance it "
+                "against; use kl_mse_balance='fixed' or splice='independent'",
+            ),
+        ]
+    for refused, setting, fix in refusals:
+        if refused:
+            raise ValueError(f"{setting} is not supported with several SAEs per run: {fix}.")

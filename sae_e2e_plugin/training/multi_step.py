@@ -1,0 +1,223 @@
+"""The forward and backward passes of one step that trains several SAEs on one token batch.
+
+``MultiStepPass.run(tokens)`` leaves each SAE's gradient in its parameters and returns each
+SAE's training output; the coordinator (``training.multi_trainer``) checks the losses, updates
+the dead-feature statistics and steps each SAE's own optimizer.
+
+- Independent: one shared prefix and clean run; then, SAE by SAE, the SAE's training forward
+  pass on its hook's clean activation, the objective on its own continuation (exactly what a
+  single run computes), and its backward pass (so one SAE's graph is freed before the next).
+- Joint: one patched run from the shared prefix in which each SAE's training forward pass runs
+  at its hook on the activation arriving there; one KL (and downstream terms) for all; one
+  backward pass of the sum of every SAE's own terms and the shared ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.training.sae_trainer import SAETrainer
+from transformer_lens import HookedTransformer
+
+from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, downstream_loss, mse_mean
+from sae_e2e_plugin.core.multi_splice import (
+    MultiCleanRun,
+    MultiSplicePlan,
+    prefix_for,
+    run_clean_multi,
+    run_joint_patched,
+)
+from sae_e2e_plugin.core.positions import (
+    PositionFilter,
+    selected_positions,
+    selected_rows,
+    with_reconstruction,
+)
+from sae_e2e_plugin.core.splice import PatchedRun, Prefix, model_head, run_prefix
+from sae_e2e_plugin.training.objectives import (
+    E2EDownstreamParams,
+    E2EParams,
+    ObjectiveOutput,
+    ResolvedObjective,
+    combine_terms,
+)
+from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
+
+_NO_TERMS = ObjectiveOutput(losses={}, metrics={})
+
+
+@dataclass
+class MultiStepPass:
+    """What a step of several SAEs needs, resolved once by the runner."""
+
+    model: HookedTransformer
+    plan: MultiSplicePlan
+    objective: ResolvedObjective
+    kl_mse_balance: Literal["fixed", "adaptive"]
+    positions: PositionFilter
+    timer: PhaseTimer = NO_TIMING
+
+    def run(
+        self, tokens: torch.Tensor, trainers: Mapping[str, SAETrainer[Any, Any]]
+    ) -> dict[str, TrainStepOutput]:
+        """Each SAE's training output on ``tokens`` [batch, pos]; gradients left in the SAEs."""
+        mask = self._selected(tokens)
+        with self.timer.phase("shared prefix"):
+            prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+        if self.plan.mode == "joint":
+            return self._joint(tokens, prefix, mask, trainers)
+        return self._independent(tokens, prefix, mask, trainers)
+
+    def _independent(
+        self,
+        tokens: torch.Tensor,
+        prefix: Prefix,
+        mask: torch.Tensor | None,
+        trainers: Mapping[str, SAETrainer[Any, Any]],
+    ) -> dict[str, TrainStepOutput]:
+        with self.timer.phase("clean continuation"):
+            clean = run_clean_multi(
+                self.model, prefix, self.plan, full=self.objective.needs_full_run
+            )
+        outputs = {}
+        for name, plan in self.plan.plans.items():
+            trainer = trainers[name]
+            own_clean = clean.for_sae(plan)
+            with trainer.autocast_if_enabled:
+                output, reconstruction = self._sae_forward(trainer, own_clean.acts, mask)
+                own_prefix = prefix_for(prefix, clean, plan)
+                terms = self.objective(
+                    self.model, own_prefix, plan, own_clean, reconstruction, timer=self.timer
+                )
+            output = combine_terms(
+                output, terms, self.objective.local_mse_weight, self.kl_mse_balance
+            )
+            with self.timer.phase("backward"):
+                output.loss.backward()
+            outputs[name] = output
+        return outputs
+
+    def _joint(
+        self,
+        tokens: torch.Tensor,
+        prefix: Prefix,
+        mask: torch.Tensor | None,
+        trainers: Mapping[str, SAETrainer[Any, Any]],
+    ) -> dict[str, TrainStepOutput]:
+        full = self.objective.needs_full_run
+        clean = None
+        if full:
+            with self.timer.phase("clean continuation"), torch.no_grad():
+                clean = run_clean_multi(self.model, prefix, self.plan, inputs=False)
+        outputs: dict[str, TrainStepOutput] = {}
+
+        def splice(name: str, act: torch.Tensor) -> torch.Tensor:
+            trainer = trainers[name]
+            with trainer.autocast_if_enabled:
+                outputs[name], reconstruction = self._sae_forward(trainer, act, mask)
+            return reconstruction
+
+        splices = {plan.hook_name: partial(splice, name) for name, plan in self.plan.plans.items()}
+        params = self.objective.params
+        with self.timer.phase("patched continuation"):
+            patched = run_joint_patched(
+                self.model,
+                prefix,
+                self.plan,
+                splices,
+                full=full,
+                checkpoint_blocks=bool(getattr(params, "checkpoint_blocks", False)),
+            )
+        shared = _NO_TERMS if clean is None else self._shared_terms(clean, patched)
+        weight = self.objective.local_mse_weight
+        own = {name: combine_terms(out, _NO_TERMS, weight) for name, out in outputs.items()}
+        total = _sum([out.loss for out in own.values()] + list(shared.losses.values()))
+        with self.timer.phase("backward"):
+            total.backward()
+        # Each SAE's log shows the shared terms (the same numbers for every SAE) next to its
+        # own; its logged loss is the sum of both. The gradient came from ``total`` above.
+        return {name: _with_shared(out, shared) for name, out in own.items()}
+
+    def _shared_terms(self, clean: MultiCleanRun, patched: PatchedRun) -> ObjectiveOutput:
+        params = self.objective.params
+        assert isinstance(params, E2EParams) and clean.final_resid is not None
+        # One KL of the run with every SAE spliced in (the objective's own terms, once).
+        tokens = "batch pos d_model -> (batch pos) d_model"
+        with self.timer.phase("KL"):
+            kl = chunked_kl_orig_to_patched(
+                rearrange(clean.final_resid, tokens),
+                rearrange(patched.final_resid, tokens),
+                model_head(self.model),
+                chunk_size=params.kl_chunk_size,
+                compile_kernel=params.compile_kl,
+            )
+        losses = {"kl_loss": params.kl_coefficient * kl}
+        metrics = {"kl_orig_patched": kl.detach()}
+        if isinstance(params, E2EDownstreamParams):
+            terms = downstream_loss(
+                patched.downstream, clean.downstream, params.downstream_coefficient
+            )
+            losses |= {f"downstream_mse_loss/{name}": term for name, term in terms.items()}
+            for name in terms:
+                raw = mse_mean(patched.downstream[name].detach(), clean.downstream[name])
+                metrics[f"downstream_mse/{name}"] = raw
+        return ObjectiveOutput(losses=losses, metrics=metrics)
+
+    def _sae_forward(
+        self, trainer: SAETrainer[Any, Any], acts: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[TrainStepOutput, torch.Tensor]:
+        """The SAE's training output on ``acts`` [batch, pos, d_in] and its reconstruction on
+        the model's scale (the unselected positions keep ``acts``)."""
+        sae = trainer.sae
+        sae.train()
+        sae_in = trainer.activation_scaler(selected_rows(acts, mask).to(sae.device))
+        step_input = TrainStepInput(
+            sae_in=sae_in,
+            dead_neuron_mask=trainer.dead_neurons,
+            coefficients=trainer.get_coefficients(),
+            n_training_steps=trainer.n_training_steps,
+            is_logging_step=trainer._is_logging_step(),
+        )
+        with self.timer.phase("SAE training forward"):
+            output = sae.training_forward_pass(step_input=step_input)
+        rows = trainer.activation_scaler.unscale(output.sae_out).to(acts.device)
+        if mask is None:
+            shape = "(batch pos) d_in -> batch pos d_in"
+            return output, rearrange(rows, shape, batch=acts.shape[0])
+        return output, with_reconstruction(acts, mask, rows)
+
+    def _selected(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        if self.positions.selects_all:
+            return None
+        mask = selected_positions(tokens, self.positions)
+        if not mask.any():
+            raise ValueError(
+                f"no position of this batch is selected by seqpos_slice="
+                f"{self.positions.seqpos_slice} and exclude_special_tokens (ids "
+                f"{list(self.positions.excluded_ids)}): every token is excluded. Exclude fewer ids."
+            )
+        return mask
+
+
+def _with_shared(output: TrainStepOutput, shared: ObjectiveOutput) -> TrainStepOutput:
+    loss = output.loss.detach()
+    for name, term in shared.losses.items():
+        output.losses[name] = term.detach()
+        loss = loss + term.detach()
+    output.metrics.update(shared.metrics)
+    output.loss = loss
+    return output
+
+
+def _sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    # Left to right from the first term, as a single run adds its terms (same float rounding).
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
