@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sae_e2e_plugin.analysis.geometry import max_cosine_across, max_cosine_within, unit_directions
+from sae_e2e_plugin.analysis.matched_l0 import ce_increase_at, gap_closed
 
 
 def hand_cosine(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -57,3 +58,24 @@ def test_bad_inputs_raise() -> None:
         max_cosine_within(torch.ones(1, 3))
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         max_cosine_within(torch.ones(3, 3), chunk_size=0)
+
+
+def test_ce_increase_at_is_linear_in_log_l0_between_runs_and_none_outside() -> None:
+    points = [(100.0, 1.0), (10.0, 3.0), (1000.0, 0.5)]
+    # Halfway between L0 10 and 100 in log L0 is sqrt(10 * 100).
+    assert ce_increase_at(points, math.sqrt(1000.0)) == pytest.approx(2.0)
+    assert ce_increase_at(points, 10**2.25) == pytest.approx(1.0 - 0.25 * 0.5)
+    assert ce_increase_at(points, 100.0) == pytest.approx(1.0)
+    assert ce_increase_at(points, 1000.0) == pytest.approx(0.5)
+    assert ce_increase_at(points, 9.9) is None and ce_increase_at(points, 1001.0) is None
+    assert ce_increase_at([(50.0, 2.0)], 50.0) == 2.0
+
+
+def test_gap_closed_against_a_hand_computation() -> None:
+    local = [(40.0, 9.0), (160.0, 3.0)]
+    e2e = [(20.0, 2.0), (80.0, 1.0)]
+    # At L0 80, halfway in log L0 between local's runs: local 6.0; e2e's run there: 1.0.
+    assert gap_closed((80.0, 2.0), local, e2e) == pytest.approx((6.0 - 2.0) / (6.0 - 1.0))
+    assert gap_closed((80.0, 6.0), local, e2e) == pytest.approx(0.0)
+    assert gap_closed((80.0, 0.5), local, e2e) == pytest.approx(1.1)
+    assert gap_closed((100.0, 2.0), local, e2e) is None  # beyond e2e's runs: not extrapolated

@@ -226,3 +226,29 @@ def test_runs_with_other_grid_values_are_their_own_plot_series() -> None:
     }
     assert series_label(row) == "local"
     assert series_label({**row, "training_tokens": 409600}) == "local (training_tokens=409600)"
+
+
+def test_schedule_rows_gain_the_gap_they_close_and_the_table_shows_it() -> None:
+    from sae_e2e_plugin.analysis.results import results_markdown, with_gap_closed
+
+    def row(loss: str, l0: float, ce: float, **grid: Any) -> dict[str, Any]:
+        return {"run_id": f"{loss}{l0}", "loss": loss, **grid, "l0": l0, "ce_loss_increase": ce}
+
+    rows = [
+        row("local", 40.0, 9.0),
+        row("local", 160.0, 3.0),
+        row("e2e", 20.0, 2.0),
+        row("e2e", 320.0, 0.6),
+        row("e2e", 80.0, 1.0, e2e_fraction=0.1),
+        row("e2e", 10.0, 1.0, e2e_fraction=0.25),
+    ]
+    out = with_gap_closed(rows)
+    # At L0 80: local halfway (log L0) from 9 to 3 = 6; e2e halfway from 2 to 0.6 = 1.3.
+    assert out[4]["gap_closed"] == pytest.approx((6.0 - 1.0) / (6.0 - 1.3))
+    assert out[5]["gap_closed"] is None  # L0 10 is below every local run
+    assert all("gap_closed" not in r for r in out[:4]) and "gap_closed" not in rows[4]
+    table = results_markdown(out).splitlines()
+    assert table[0].endswith("| CE increase | gap closed |")
+    assert sorted(line.split(" | ")[-1] for line in table[2:]) == ["106% |"] + ["– |"] * 5
+    # Without schedule runs the column is left out.
+    assert "gap closed" not in results_markdown(rows[:4])

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from sae_e2e_plugin.analysis.matched_l0 import gap_closed
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 
 RESULTS_CSV = "results.csv"
@@ -59,8 +60,33 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]]) -> None:
         (output_dir / RESULTS_MD).write_text(results_markdown(rows))
 
 
-DERIVED_PREFIXES = ("l0_train_", "train_seconds", "step_seconds_")
-"""Keys of a results row read from the training log (not grid values, not eval.json metrics)."""
+DERIVED_PREFIXES = ("l0_train_", "train_seconds", "step_seconds_", "gap_closed")
+"""Keys of a results row computed here (not grid values, not eval.json metrics)."""
+
+
+def with_gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of schedule runs (``e2e_fraction`` < 1) gain ``gap_closed``: how much of the CE-loss
+    gap between the sweep's local and full-e2e runs they close at their L0
+    (``analysis.matched_l0``; None where those runs do not reach it). Other rows are unchanged.
+    """
+
+    def points(loss: str) -> list[tuple[float, float]]:
+        return [
+            (row["l0"], row["ce_loss_increase"])
+            for row in rows
+            if row.get("loss") == loss and row.get("e2e_fraction", 1.0) == 1.0
+            if row.get("l0") is not None and row.get("ce_loss_increase") is not None
+        ]
+
+    local, e2e = points("local"), points("e2e")
+    out = []
+    for row in rows:
+        if row.get("e2e_fraction", 1.0) < 1.0 and row.get("l0") is not None:
+            run = (row["l0"], row["ce_loss_increase"])
+            row = {**row, "gap_closed": gap_closed(run, local, e2e)}
+        out.append(row)
+    return out
+
 
 # (column title, results key, format) of the markdown table.
 _TABLE_COLUMNS = (
@@ -72,6 +98,7 @@ _TABLE_COLUMNS = (
     ("expl. var.", "explained_variance", "{:.3f}"),
     ("L0 drift, last tenth", "l0_train_drift", "{:+.1%}"),
     ("training time (s)", "train_seconds", "{:.0f}"),
+    ("gap closed", "gap_closed", "{:.0%}"),
 )
 
 
@@ -82,12 +109,14 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         for k in _all_keys(rows)
         if k != "run_id" and k not in RESULT_METRICS and not k.startswith(DERIVED_PREFIXES)
     ]
-    titles = [short_key(k) for k in grid_keys] + [title for title, _, _ in _TABLE_COLUMNS]
+    # A column no row has (no schedule runs, an old log without times) is left out.
+    columns = [c for c in _TABLE_COLUMNS if any(row.get(c[1]) is not None for row in rows)]
+    titles = [short_key(k) for k in grid_keys] + [title for title, _, _ in columns]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     ordered = sorted(rows, key=lambda r: (str(r.get("loss")), -(r.get("l0") or 0.0)))
     for row in ordered:
         cells = [str(row[k]) if k in row else "–" for k in grid_keys]
-        for _, key, fmt in _TABLE_COLUMNS:
+        for _, key, fmt in columns:
             value = row.get(key)
             cells.append("–" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from sae_e2e_plugin.analysis.plots import plot_sweep
-from sae_e2e_plugin.analysis.results import run_row, short_key, write_results
+from sae_e2e_plugin.analysis.results import run_row, short_key, with_gap_closed, write_results
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME
@@ -118,7 +118,7 @@ def _run_grid(
 def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
     """One row per finished run (grid values + metrics); written as CSV, JSON and markdown."""
     rows = [run_row(output_dir / "runs" / run.run_id, run.run_id, run.overrides) for run in runs]
-    finished = [row for row in rows if row is not None]
+    finished = with_gap_closed([row for row in rows if row is not None])
     write_results(output_dir, finished)
     return finished
 
