@@ -67,8 +67,10 @@ def test_ce_increase_at_is_linear_in_log_l0_between_runs_and_none_outside() -> N
     assert ce_increase_at(points, 10**2.25) == pytest.approx(1.0 - 0.25 * 0.5)
     assert ce_increase_at(points, 100.0) == pytest.approx(1.0)
     assert ce_increase_at(points, 1000.0) == pytest.approx(0.5)
-    assert ce_increase_at(points, 9.9) is None and ce_increase_at(points, 1001.0) is None
-    assert ce_increase_at([(50.0, 2.0)], 50.0) == 2.0
+    # Within 5% beyond the end runs their values stand; further out, no number.
+    assert ce_increase_at(points, 9.6) == 3.0 and ce_increase_at(points, 1049.0) == 0.5
+    assert ce_increase_at(points, 9.5) is None and ce_increase_at(points, 1051.0) is None
+    assert ce_increase_at([(50.0, 2.0)], 50.0) == 2.0 and ce_increase_at([], 50.0) is None
 
 
 def test_gap_closed_against_a_hand_computation() -> None:
@@ -79,3 +81,7 @@ def test_gap_closed_against_a_hand_computation() -> None:
     assert gap_closed((80.0, 6.0), local, e2e) == pytest.approx(0.0)
     assert gap_closed((80.0, 0.5), local, e2e) == pytest.approx(1.1)
     assert gap_closed((100.0, 2.0), local, e2e) is None  # beyond e2e's runs: not extrapolated
+    assert gap_closed((82.0, 2.0), local, e2e) == pytest.approx(  # 2.5% beyond: e2e's run
+        (9.0 - 6.0 * math.log(82 / 40) / math.log(4) - 2.0)
+        / (9.0 - 6.0 * math.log(82 / 40) / math.log(4) - 1.0)
+    )

@@ -2,8 +2,9 @@
 
 Runs of one objective at several sparsity coefficients trace a curve of CE-loss increase against
 L0. Between two neighbouring runs the curve is taken as straight in log L0 (L0 spans orders of
-magnitude and the sweeps space their coefficients geometrically); outside the runs nothing is
-assumed, so a comparison that would need an extrapolation has no number.
+magnitude and the sweeps space their coefficients geometrically). Beyond the runs only a step of
+``MATCH_TOLERANCE`` is allowed, where the end run's value stands (runs at nearly the same L0 are
+matched; a comparison that would need a real extrapolation has no number).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import math
 from collections.abc import Sequence
 from itertools import pairwise
 
+MATCH_TOLERANCE = 0.05
+"""How far (relative L0) beyond a family's sparsest or densest run it still counts as matched."""
+
 Point = tuple[float, float]
 """(L0, CE-loss increase) of one finished run."""
 
 
 def ce_increase_at(points: Sequence[Point], l0: float) -> float | None:
-    """The CE-loss increase of the curve through ``points`` at ``l0``; None outside their L0s."""
+    """The CE-loss increase of the curve through ``points`` at ``l0``; None beyond their L0s
+    (by more than ``MATCH_TOLERANCE``)."""
     ordered = sorted(points)
     for (l0_a, ce_a), (l0_b, ce_b) in pairwise(ordered):
         if l0_a <= l0 <= l0_b:
@@ -25,8 +30,14 @@ def ce_increase_at(points: Sequence[Point], l0: float) -> float | None:
                 return (ce_a + ce_b) / 2
             t = (math.log(l0) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a))
             return ce_a + t * (ce_b - ce_a)
-    exact = [ce for point_l0, ce in ordered if point_l0 == l0]
-    return exact[0] if exact else None
+    if not ordered:
+        return None
+    (low, ce_low), (high, ce_high) = ordered[0], ordered[-1]
+    if low / (1 + MATCH_TOLERANCE) <= l0 <= low:
+        return ce_low
+    if high <= l0 <= high * (1 + MATCH_TOLERANCE):
+        return ce_high
+    return None
 
 
 def gap_closed(run: Point, local: Sequence[Point], e2e: Sequence[Point]) -> float | None:
