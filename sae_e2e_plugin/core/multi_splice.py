@@ -33,6 +33,7 @@ from sae_e2e_plugin.core.splice import (
     Prefix,
     SplicePlan,
     flatten_heads,
+    one_block,
     plan_splice,
     probe_hooks,
 )
@@ -260,24 +261,12 @@ def _blocks_checkpointed(
     for layer in range(prefix.start_layer, stop):
         if layer in with_sae:
             with model.hooks(fwd_hooks=hooks):
-                resid = _one_block(model, prefix, layer, resid)
+                resid = one_block(model, prefix, layer, resid)
         else:
-            resid = checkpoint(_one_block, model, prefix, layer, resid, use_reentrant=False)
+            resid = checkpoint(one_block, model, prefix, layer, resid, use_reentrant=False)
         if layer in by_layer:
             captured[by_layer[layer]] = resid
     return resid
-
-
-def _one_block(
-    model: HookedTransformer, prefix: Prefix, layer: int, resid: torch.Tensor
-) -> torch.Tensor:
-    return model(
-        resid,
-        start_at_layer=layer,
-        stop_at_layer=layer + 1,
-        shortformer_pos_embed=prefix.shortformer_pos_embed,
-        attention_mask=prefix.attention_mask,
-    )
 
 
 def _run_from(model: HookedTransformer, prefix: Prefix, stop: int) -> torch.Tensor:

@@ -53,6 +53,24 @@ def selected_positions(
 
 
 @jaxtyped(typechecker=beartype)
+def step_mask(
+    tokens: Int[torch.Tensor, "batch pos"], positions: PositionFilter
+) -> Bool[torch.Tensor, "batch pos"] | None:
+    """A training step's positions: None when the SAE takes every one (no mask to apply); an
+    error when the filter leaves none in the batch (a step would train on nothing)."""
+    if positions.selects_all:
+        return None
+    mask = selected_positions(tokens, positions)
+    if not mask.any():
+        raise ValueError(
+            f"no position of this batch is selected by seqpos_slice={positions.seqpos_slice} "
+            f"and exclude_special_tokens (ids {list(positions.excluded_ids)}): every token is "
+            "excluded. Exclude fewer ids."
+        )
+    return mask
+
+
+@jaxtyped(typechecker=beartype)
 def with_reconstruction(
     clean: Float[torch.Tensor, "batch pos d_in"],
     mask: Bool[torch.Tensor, "batch pos"],

@@ -258,20 +258,21 @@ def _run_patched_checkpointed(
         # The hook is inside the block: run that block with the splice hook, not checkpointed.
         hooks: FwdHooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
         with model.hooks(fwd_hooks=hooks):
-            resid = _one_block(model, prefix, layer, prefix.residual)
+            resid = one_block(model, prefix, layer, prefix.residual)
         if layer in by_layer:
             captured[by_layer[layer]] = resid
         layer += 1
     for k in range(layer, model.cfg.n_layers):
-        resid = checkpoint(_one_block, model, prefix, k, resid, use_reentrant=False)
+        resid = checkpoint(one_block, model, prefix, k, resid, use_reentrant=False)
         if k in by_layer:
             captured[by_layer[k]] = resid
     return PatchedRun(final_resid=resid, downstream=captured)
 
 
-def _one_block(
+def one_block(
     model: HookedTransformer, prefix: Prefix, layer: int, resid: torch.Tensor
 ) -> torch.Tensor:
+    """Block ``layer`` alone on ``resid``: the unit ``checkpoint_blocks`` recomputes."""
     return model(
         resid,
         start_at_layer=layer,

@@ -38,7 +38,7 @@ from sae_e2e_plugin.runs.output_folder import (
     hold_folder,
     remove_previous_run,
 )
-from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
+from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner, objective_metadata
 from sae_e2e_plugin.training.checkpoints import (
     ResumeError,
     is_complete_checkpoint,
@@ -48,7 +48,6 @@ from sae_e2e_plugin.training.distributed import launcher_context
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
-from sae_e2e_plugin.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -344,16 +343,12 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             meta.disable_concat_sequences = cfg.disable_concat_sequences
             downstream = plan.downstream_hooks if plan.mode == "joint" else None
             meta.e2e_objective = {
-                "loss": self.objective.name,
-                "kl_coefficient": cfg.kl_coefficient,
-                "downstream_coefficient": cfg.downstream_coefficient,
-                "downstream_hooks": list(downstream or plan.plans[name].downstream_hooks),
-                "local_mse_coefficient": self.objective.local_mse_weight,
-                "seqpos_slice": list(self.positions.seqpos_slice),
-                "excluded_token_ids": list(self.positions.excluded_ids),
-                "e2e_fraction": cfg.e2e_fraction,
-                "kl_mse_balance": cfg.kl_mse_balance,
-                "trained_with": f"sae-e2e-plugin {__version__}",
+                **objective_metadata(
+                    cfg,
+                    self.objective,
+                    self.positions,
+                    downstream or plan.plans[name].downstream_hooks,
+                ),
                 # Several SAEs per run: how they were spliced, and where the others sat.
                 "splice": plan.mode,
                 "sae_name": name,

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,6 +26,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset
+from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.core.splice import plan_splice
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
@@ -53,7 +55,7 @@ from sae_e2e_plugin.training.data_parallel import (
 )
 from sae_e2e_plugin.training.distributed import barrier, from_main, setup_distributed
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
-from sae_e2e_plugin.training.objectives import resolve_objective
+from sae_e2e_plugin.training.objectives import ResolvedObjective, resolve_objective
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
 from sae_e2e_plugin.version import __version__
@@ -349,20 +351,31 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 signal.signal(sig, handler)
 
     def _set_objective_metadata(self) -> None:
-        cfg = self.cfg
-        self.sae.cfg.metadata.e2e_objective = {
-            "loss": self.objective.name,
-            "kl_coefficient": cfg.kl_coefficient,
-            "downstream_coefficient": cfg.downstream_coefficient,
-            "downstream_hooks": list(self.plan.downstream_hooks),
-            "local_mse_coefficient": self.objective.local_mse_weight,
-            # The positions the SAE was trained on (SAELens records seqpos_slice too).
-            "seqpos_slice": list(self.positions.seqpos_slice),
-            "excluded_token_ids": list(self.positions.excluded_ids),
-            "e2e_fraction": cfg.e2e_fraction,
-            "kl_mse_balance": cfg.kl_mse_balance,
-            "trained_with": f"sae-e2e-plugin {__version__}",
-        }
+        self.sae.cfg.metadata.e2e_objective = objective_metadata(
+            self.cfg, self.objective, self.positions, self.plan.downstream_hooks
+        )
+
+
+def objective_metadata(
+    cfg: E2ERunnerConfig[Any],
+    objective: ResolvedObjective,
+    positions: PositionFilter,
+    downstream_hooks: Sequence[str],
+) -> dict[str, Any]:
+    """What an exported SAE records of how it was trained (``metadata.e2e_objective``)."""
+    return {
+        "loss": objective.name,
+        "kl_coefficient": cfg.kl_coefficient,
+        "downstream_coefficient": cfg.downstream_coefficient,
+        "downstream_hooks": list(downstream_hooks),
+        "local_mse_coefficient": objective.local_mse_weight,
+        # The positions the SAE was trained on (SAELens records seqpos_slice too).
+        "seqpos_slice": list(positions.seqpos_slice),
+        "excluded_token_ids": list(positions.excluded_ids),
+        "e2e_fraction": cfg.e2e_fraction,
+        "kl_mse_balance": cfg.kl_mse_balance,
+        "trained_with": f"sae-e2e-plugin {__version__}",
+    }
 
 
 def _trainer_config(cfg: E2ERunnerConfig[Any], main: bool) -> SAETrainerConfig:

@@ -35,8 +35,8 @@ from sae_e2e_plugin.core.multi_splice import (
 )
 from sae_e2e_plugin.core.positions import (
     PositionFilter,
-    selected_positions,
     selected_rows,
+    step_mask,
     with_reconstruction,
 )
 from sae_e2e_plugin.core.splice import PatchedRun, Prefix, model_head, run_prefix
@@ -67,7 +67,7 @@ class MultiStepPass:
         self, tokens: torch.Tensor, trainers: Mapping[str, SAETrainer[Any, Any]]
     ) -> dict[str, TrainStepOutput]:
         """Each SAE's training output on ``tokens`` [batch, pos]; gradients left in the SAEs."""
-        mask = self._selected(tokens)
+        mask = step_mask(tokens, self.positions)
         with self.timer.phase("shared prefix"):
             prefix = run_prefix(self.model, tokens, self.plan.start_layer)
         if self.plan.mode == "joint":
@@ -191,18 +191,6 @@ class MultiStepPass:
             shape = "(batch pos) d_in -> batch pos d_in"
             return output, rearrange(rows, shape, batch=acts.shape[0])
         return output, with_reconstruction(acts, mask, rows)
-
-    def _selected(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        if self.positions.selects_all:
-            return None
-        mask = selected_positions(tokens, self.positions)
-        if not mask.any():
-            raise ValueError(
-                f"no position of this batch is selected by seqpos_slice="
-                f"{self.positions.seqpos_slice} and exclude_special_tokens (ids "
-                f"{list(self.positions.excluded_ids)}): every token is excluded. Exclude fewer ids."
-            )
-        return mask
 
 
 def _with_shared(output: TrainStepOutput, shared: ObjectiveOutput) -> TrainStepOutput:

@@ -34,8 +34,8 @@ from transformer_lens import HookedTransformer
 from sae_e2e_plugin.core.positions import (
     ALL_POSITIONS,
     PositionFilter,
-    selected_positions,
     selected_rows,
+    step_mask,
     with_reconstruction,
 )
 from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
@@ -222,7 +222,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         self.sae.train()
         prefix, clean = self._clean_pass(tokens)
-        mask = self._selected(tokens)
+        mask = step_mask(tokens, self.positions)
         sae_in = self.activation_scaler(selected_rows(clean.acts, mask).to(self.sae.device))
         with self.autocast_if_enabled:
             with self.timer.phase("SAE training forward"):
@@ -243,19 +243,6 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self._update_feature_statistics(output.feature_acts)
         self._apply_gradients(output.loss)
         return output
-
-    def _selected(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """[batch, pos] positions the SAE reads and replaces; None when it is every position."""
-        if self.positions.selects_all:
-            return None
-        mask = selected_positions(tokens, self.positions)
-        if not mask.any():
-            raise ValueError(
-                f"no position of this batch is selected by seqpos_slice="
-                f"{self.positions.seqpos_slice} and exclude_special_tokens (ids "
-                f"{list(self.positions.excluded_ids)}): every token is excluded. Exclude fewer ids."
-            )
-        return mask
 
     def _append_log_row(self, output: TrainStepOutput) -> None:
         assert self.training_log_path is not None
@@ -338,7 +325,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             with torch.no_grad():
                 prefix = run_prefix(self.model, tokens, self.plan.start_layer)
                 acts = run_clean(self.model, prefix, self.plan, full=False).acts
-            yield selected_rows(acts, self._selected(tokens))
+            yield selected_rows(acts, step_mask(tokens, self.positions))
 
     def save_checkpoint(
         self,
