@@ -308,6 +308,16 @@ def _nan_on_fifth_step(inputs: ObjectiveInputs) -> ObjectiveOutput:
 register_objective("test_nan_on_fifth_step", _nan_on_fifth_step, needs_full_run=False)
 
 
+def test_seed_fixes_the_initial_sae_whatever_ran_before(tmp_path: Path) -> None:
+    first = runner_for(tmp_path / "a", seed=3)
+    torch.rand(1000)  # what an earlier run of a sweep would have drawn
+    second = runner_for(tmp_path / "b", seed=3)
+    other = runner_for(tmp_path / "c", seed=4)
+    for name, weight in first.sae.state_dict().items():
+        assert torch.equal(weight, second.sae.state_dict()[name]), name
+    assert not torch.equal(first.sae.W_enc, other.sae.W_enc)
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     runner = runner_for(
         tmp_path, loss="test_nan_on_fifth_step", training_tokens=6 * 4 * CONTEXT, n_checkpoints=2
