@@ -88,9 +88,9 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
                 "cfg is an E2EMultiRunnerConfig (several SAEs); train it with "
                 "E2EMultiSAETrainingRunner, which trains every SAE in saes."
             )
-        # SAELens draws the SAE's initial weights and shuffles its activation buffer with
-        # torch's global generator: seeded here, a run is the same whatever ran before it in
-        # the process (a sweep's earlier runs, a notebook's cells).
+        # SAELens draws the SAE's initial weights from torch's global generator: seeded here,
+        # a run starts the same whatever ran before it in the process (a sweep's earlier runs,
+        # a notebook's cells).
         torch.manual_seed(cfg.seed)
         self.context = setup_distributed(
             cfg.distributed_backend, cfg.distributed_timeout_s, cfg.device
