@@ -471,8 +471,11 @@ def test_joint_evaluation_equals_a_hand_spliced_computation(tmp_path: Path) -> N
             kl += float(kl_orig_to_patched(clean, spliced)) * part.numel()
     assert result.ce_loss_clean == pytest.approx(ce_clean / (8 * (CONTEXT - 1)), rel=1e-5)
     assert result.ce_loss_spliced == pytest.approx(ce_spliced / (8 * (CONTEXT - 1)), rel=1e-5)
-    assert result.ce_loss_spliced > result.ce_loss_clean
+    # The splice changed the output (on this random model it may lower the CE loss as well as
+    # raise it, so only the KL has a sign).
     assert result.kl_orig_patched == pytest.approx(kl / (8 * CONTEXT), rel=1e-4)
+    assert result.kl_orig_patched > 1e-4
+    assert result.ce_loss_spliced != pytest.approx(result.ce_loss_clean, rel=1e-4)
     for name in hooks:
         assert result.l0[name] == pytest.approx(l0[name] / (8 * CONTEXT), rel=1e-6)
     # The run wrote the same kind of evaluation of its held-out tokens.
