@@ -36,6 +36,7 @@ from sae_e2e_plugin.core.splice import (
     one_block,
     plan_splice,
     probe_hooks,
+    run_from,
 )
 
 SpliceMode = Literal["joint", "independent"]
@@ -191,7 +192,7 @@ def run_clean_multi(
         hooks += [(name, partial(_capture, store=downstream)) for name in plan.downstream_hooks]
     stop = model.cfg.n_layers if full or plan.last_layer is None else plan.last_layer + 1
     with model.hooks(fwd_hooks=hooks):
-        resid = _run_from(model, prefix, stop)
+        resid = run_from(model, prefix, stop)
     by_block = {int(name.split(".")[1]): value for name, value in block_inputs.items()}
     return MultiCleanRun(acts, by_block, resid if full else None, downstream)
 
@@ -234,7 +235,7 @@ def run_joint_patched(
         return PatchedRun(final_resid=resid, downstream=captured)
     hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
-        resid = _run_from(model, prefix, stop)
+        resid = run_from(model, prefix, stop)
     return PatchedRun(final_resid=resid, downstream=captured)
 
 
@@ -267,18 +268,6 @@ def _blocks_checkpointed(
         if layer in by_layer:
             captured[by_layer[layer]] = resid
     return resid
-
-
-def _run_from(model: HookedTransformer, prefix: Prefix, stop: int) -> torch.Tensor:
-    if prefix.residual is None:
-        return model(prefix.tokens, stop_at_layer=stop)
-    return model(
-        prefix.residual,
-        start_at_layer=prefix.start_layer,
-        stop_at_layer=stop,
-        shortformer_pos_embed=prefix.shortformer_pos_embed,
-        attention_mask=prefix.attention_mask,
-    )
 
 
 def _hooks(plan: MultiSplicePlan) -> list[str]:

@@ -197,7 +197,7 @@ def run_clean(
         hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
         if full or prefix.residual is None:
-            final_resid = _run_to_final_resid(model, prefix)
+            final_resid = run_from(model, prefix, model.cfg.n_layers)
         else:
             _run_through_block(model, prefix)
             final_resid = None
@@ -232,7 +232,7 @@ def run_patched(
     hooks: FwdHooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
     hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
-        final_resid = _run_to_final_resid(model, prefix)
+        final_resid = run_from(model, prefix, model.cfg.n_layers)
     return PatchedRun(final_resid=final_resid, downstream=captured)
 
 
@@ -310,14 +310,14 @@ def _head(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
     return logits_from_final_resid(model, resid.unsqueeze(0)).squeeze(0)
 
 
-def _run_to_final_resid(model: HookedTransformer, prefix: Prefix) -> torch.Tensor:
-    n_layers = model.cfg.n_layers
+def run_from(model: HookedTransformer, prefix: Prefix, stop: int) -> torch.Tensor:
+    """The residual stream entering block ``stop``, run on from where ``prefix`` stopped."""
     if prefix.residual is None:
-        return model(prefix.tokens, stop_at_layer=n_layers)
+        return model(prefix.tokens, stop_at_layer=stop)
     return model(
         prefix.residual,
         start_at_layer=prefix.start_layer,
-        stop_at_layer=n_layers,
+        stop_at_layer=stop,
         shortformer_pos_embed=prefix.shortformer_pos_embed,
         attention_mask=prefix.attention_mask,
     )

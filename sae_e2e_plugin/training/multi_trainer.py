@@ -35,7 +35,12 @@ from sae_e2e_plugin.training.checkpoints import (
     staged_checkpoint,
 )
 from sae_e2e_plugin.training.multi_step import MultiStepPass
-from sae_e2e_plugin.training.trainer import NonFiniteLossError, TrainingInterrupted, freeze
+from sae_e2e_plugin.training.trainer import (
+    NonFiniteLossError,
+    TrainingInterrupted,
+    freeze,
+    update_feature_statistics,
+)
 from sae_e2e_plugin.training.training_log import append_row, batch_l0, truncate_after
 
 
@@ -137,7 +142,7 @@ class E2EMultiSAETrainer:
         outputs = self.step_pass.run(tokens, self.trainers)
         self._check_finite(outputs)
         for name, output in outputs.items():
-            _update_feature_statistics(self.trainers[name], output.feature_acts)
+            update_feature_statistics(self.trainers[name], output.feature_acts)
             self._apply_gradients(name)
         self.n_steps_taken += 1
         self.last_losses = {name: _terms(output) for name, output in outputs.items()}
@@ -318,16 +323,3 @@ def read_multi_state(checkpoint: Path, names: list[str], mode: str) -> dict[str,
 def _terms(output: TrainStepOutput) -> dict[str, float]:
     terms = {"total_loss": float(output.loss.detach())}
     return terms | {name: float(value.detach()) for name, value in output.losses.items()}
-
-
-@torch.no_grad()
-def _update_feature_statistics(trainer: SAETrainer[Any, Any], feature_acts: torch.Tensor) -> None:
-    # SAETrainer._train_step's bookkeeping, counting the rows the SAE saw (the selected positions).
-    firing = feature_acts.bool().float()
-    did_fire = firing.sum(-2).bool()
-    if did_fire.is_sparse:
-        did_fire = did_fire.to_dense()
-    trainer.n_forward_passes_since_fired += 1
-    trainer.n_forward_passes_since_fired[did_fire] = 0
-    trainer.act_freq_scores += firing.sum(0)
-    trainer.n_frac_active_samples += firing.shape[0]

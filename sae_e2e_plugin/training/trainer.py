@@ -292,18 +292,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             "or check the model's dtype."
         )
 
-    @torch.no_grad()
     def _update_feature_statistics(self, feature_acts: torch.Tensor) -> None:
-        # The same bookkeeping as SAETrainer._train_step: firing counts for dead features.
-        firing = feature_acts.bool().float()
-        did_fire = firing.sum(-2).bool()
-        if did_fire.is_sparse:
-            did_fire = did_fire.to_dense()
-        self.n_forward_passes_since_fired += 1
-        self.n_forward_passes_since_fired[did_fire] = 0
-        self.act_freq_scores += firing.sum(0)
-        # Rows the SAE saw: every token, or the positions seqpos_slice / excluded tokens select.
-        self.n_frac_active_samples += firing.shape[0]
+        update_feature_statistics(self, feature_acts)
 
     def _apply_gradients(self, loss: torch.Tensor) -> None:
         with self.timer.phase("backward"):
@@ -404,3 +394,18 @@ def freeze(model: HookedTransformer) -> HookedTransformer:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def update_feature_statistics(trainer: SAETrainer[Any, Any], feature_acts: torch.Tensor) -> None:
+    """SAETrainer._train_step's bookkeeping (firing counts for dead features) for a step that
+    does not go through it."""
+    firing = feature_acts.bool().float()
+    did_fire = firing.sum(-2).bool()
+    if did_fire.is_sparse:
+        did_fire = did_fire.to_dense()
+    trainer.n_forward_passes_since_fired += 1
+    trainer.n_forward_passes_since_fired[did_fire] = 0
+    trainer.act_freq_scores += firing.sum(0)
+    # Rows the SAE saw: every token, or the positions seqpos_slice / excluded tokens select.
+    trainer.n_frac_active_samples += firing.shape[0]
