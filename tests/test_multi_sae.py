@@ -830,3 +830,34 @@ def test_compile_kl_reaches_the_kl_of_both_splices(
     trainer = bare_trainer(runner)
     trainer.step_pass.run(batch(), trainer.trainers)
     assert seen == ([True] if splice == "joint" else [True, True])
+
+
+def test_independent_saes_share_the_clean_log_probs_with_the_same_gradients(
+    tmp_path: Path,
+) -> None:
+    # The clean head runs once per step instead of once per SAE; the numbers do not change.
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(tmp_path, {"a": sae_cfg(), "b": sae_cfg()}, hooks, "independent")
+    rows: list[int] = []
+    runner.model.ln_final.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[:-1].numel())
+    )
+    tokens = batch()
+    results = {}
+    for share in (True, False):
+        rows.clear()
+        trainer = bare_trainer(runner)
+        trainer.step_pass.share_clean_log_probs = share
+        for sae in runner.saes.values():
+            sae.zero_grad(set_to_none=True)
+        outputs = trainer.step_pass.run(tokens, trainer.trainers)
+        kls = {name: out.metrics["kl_orig_patched"] for name, out in outputs.items()}
+        results[share] = (sum(rows), kls, {n: grads(s) for n, s in runner.saes.items()})
+    n_tokens = tokens.numel()
+    # Forward passes of the head: the clean one once or per SAE, plus each SAE's patched one.
+    assert results[True][0] == 3 * n_tokens and results[False][0] == 4 * n_tokens
+    assert results[True][1] == results[False][1]
+    for name in hooks:
+        for param, grad in results[True][2][name].items():
+            assert grad.abs().max() > 0
+            assert torch.equal(grad, results[False][2][name][param]), (name, param)

@@ -184,6 +184,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             cfg.kl_mse_balance,
             self.positions,
             self.timer,
+            share_clean_log_probs=cfg.share_clean_log_probs,
         )
         log = None if cfg.output_path is None else Path(cfg.output_path) / TRAINING_LOG_FILENAME
         self.multi_trainer = trainer = E2EMultiSAETrainer(
