@@ -354,9 +354,7 @@ def test_each_sae_exports_to_its_folder_loadable_by_plain_sae_lens(tmp_path: Pat
     assert rows[0]["l1/kl_loss"] == rows[0]["l2/kl_loss"] > 0
 
 
-def test_a_multi_run_holds_its_output_path_and_refuses_torchrun(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_multi_run_holds_its_output_path(tmp_path: Path) -> None:
     saes = {"l1": sae_cfg(), "l2": sae_cfg()}
     hooks = {"l1": "blocks.1.hook_resid_pre", "l2": "blocks.2.hook_resid_pre"}
     runner = multi_runner(tmp_path, saes, hooks, "independent", training_tokens=4 * CONTEXT)
@@ -366,11 +364,6 @@ def test_a_multi_run_holds_its_output_path_and_refuses_torchrun(
         runner.run()
     assert sorted(p.name for p in output.iterdir()) == [LOCK_FILENAME]
     assert set(runner.run()) == {"l1", "l2"}
-    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    with pytest.raises(ValueError, match=r"saes=\['l1', 'l2'\].*without torchrun"):
-        multi_runner(tmp_path / "ddp", saes, hooks, "independent")
 
 
 def test_resume_ends_with_the_same_weights_for_every_sae(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ the dead-feature statistics and steps each SAE's own optimizer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -72,6 +72,9 @@ class MultiStepPass:
     timer: PhaseTimer = NO_TIMING
     share_clean_log_probs: bool = True
     """Independent splice: make the clean log-probabilities once for every SAE's KL."""
+    weigh_sae_terms: Callable[[TrainStepOutput], TrainStepOutput] | None = None
+    """Applied to each SAE's own output before its terms are combined (a data-parallel run
+    weighs them by this rank's share of the selected rows)."""
 
     def run(
         self, tokens: torch.Tensor, trainers: Mapping[str, SAETrainer[Any, Any]]
@@ -215,6 +218,8 @@ class MultiStepPass:
         )
         with self.timer.phase("SAE training forward"):
             output = sae.training_forward_pass(step_input=step_input)
+        if self.weigh_sae_terms is not None:
+            output = self.weigh_sae_terms(output)
         rows = trainer.activation_scaler.unscale(output.sae_out).to(acts.device)
         if mask is None:
             shape = "(batch pos) d_in -> batch pos d_in"
