@@ -32,6 +32,7 @@ from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
 from sae_e2e_plugin.runs import multi_runner as multi_runner_module
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
+from sae_e2e_plugin.training.distributed import SINGLE_PROCESS
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
@@ -514,6 +515,8 @@ def test_cli_reads_saes_and_hook_names_from_yaml(
     built: list[Any] = []
 
     class Recorder:
+        context = SINGLE_PROCESS
+
         def __init__(self, cfg: Any) -> None:
             built.append(cfg)
 
