@@ -76,11 +76,7 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         return super().fit()
 
     def _agree_on_stop(self) -> None:
-        # A stop request (SIGINT/SIGTERM) reaches the ranks at different moments; all stop
-        # before the same step, or the ranks would wait at different collectives.
-        stop = torch.tensor([float(self.stop_requested)], device=self.cfg.device)
-        all_reduce(stop, self.context, dist.ReduceOp.MAX, "agreeing whether to stop")
-        self.stop_requested = bool(stop.item())
+        self.stop_requested = any_rank_stops(self.stop_requested, self.context, self.cfg.device)
 
     def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
         self._agree_on_stop()
@@ -135,6 +131,16 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         base = base_path if base_path is not None else self.cfg.checkpoint_path
         if base is not None:
             self.last_checkpoint = Path(base) / checkpoint_name
+
+
+def any_rank_stops(requested: bool, context: DistributedContext, device: str) -> bool:
+    """Whether any rank was asked to stop (SIGINT/SIGTERM) before this step.
+
+    A stop request reaches the ranks at different moments; all stop before the same step, or
+    the ranks would wait at different collectives."""
+    stop = torch.tensor([float(requested)], device=device)
+    all_reduce(stop, context, dist.ReduceOp.MAX, "agreeing whether to stop")
+    return bool(stop.item())
 
 
 def global_loss_means(

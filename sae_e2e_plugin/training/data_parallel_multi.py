@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 
 from sae_e2e_plugin.training.data_parallel import (
+    any_rank_stops,
     average_gradient,
     global_loss_means,
     make_batch_level_state_global,
@@ -27,7 +27,6 @@ from sae_e2e_plugin.training.data_parallel import (
 )
 from sae_e2e_plugin.training.distributed import (
     DistributedContext,
-    all_reduce,
     barrier,
     broadcast_from_main,
     rank_share,
@@ -60,11 +59,7 @@ class DataParallelE2EMultiSAETrainer(E2EMultiSAETrainer):
 
     def step(self, tokens: torch.Tensor) -> dict[str, TrainStepOutput]:
         """One step of every SAE on this rank's share of the global ``tokens`` batch."""
-        # A stop request (SIGINT/SIGTERM) reaches the ranks at different moments; all stop
-        # before the same step, or the ranks would wait at different collectives.
-        stop = torch.tensor([float(self.stop_requested)], device=self.cfg.device)
-        all_reduce(stop, self.context, dist.ReduceOp.MAX, "agreeing whether to stop")
-        self.stop_requested = bool(stop.item())
+        self.stop_requested = any_rank_stops(self.stop_requested, self.context, self.cfg.device)
         return super().step(tokens)
 
     def _rows_of_this_process(self, tokens: torch.Tensor) -> torch.Tensor:
