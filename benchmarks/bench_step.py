@@ -64,7 +64,9 @@ from common import (  # noqa: E402
     limit_address_space,
     machine,
     package_version,
+    peak_device_memory_gib,
     peak_rss_bytes,
+    synchronize,
     token_batches,
     weights_checksum,
 )
@@ -84,7 +86,9 @@ WARMUP_SAMPLES = 20_000
 class PhaseTimer:
     """Wall seconds spent in named phases of a step (a phase may run several times a step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        """A GPU's queue is drained at each phase's ends, so a phase is charged its own work."""
         self.seconds: dict[str, float] = defaultdict(float)
         self.memory: dict[str, tuple[float, float]] = {}
         """Phase → (resident GiB at its end, peak resident GiB so far), first step timed."""
@@ -95,10 +99,12 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
+        synchronize(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            synchronize(self.device)
             self.seconds[name] += time.perf_counter() - start
             if name not in self.memory:
                 self.memory[name] = (
@@ -158,8 +164,10 @@ def reference_step_fn(
     tlens = gpt2_shaped_model(args.seed, args.shape)
     hook = f"blocks.{args.layer}.hook_resid_pre"
     torch.manual_seed(args.seed)
-    model = SAETransformer(tlens, raw_sae_positions=[hook], dict_size_to_input_ratio=DICT_RATIO)
-    model = model.to(device=torch.device("cpu"))
+    model = SAETransformer(
+        tlens, raw_sae_positions=[hook], dict_size_to_input_ratio=args.dict_ratio
+    )
+    model = model.to(device=torch.device(args.device))
     # As run_train_tlens_saes.train() sets up training:
     model.saes.train()
     for name, param in model.named_parameters():
@@ -227,6 +235,7 @@ def plugin_step_fn(
 
     model = gpt2_shaped_model(args.seed, args.shape)
     checksum = weights_checksum(model)
+    model.to(args.device)
     d_model = model.cfg.d_model
     n_tokens = args.batch * args.seq
     extra: dict[str, Any] = {}
@@ -241,7 +250,7 @@ def plugin_step_fn(
     cfg = E2ERunnerConfig(
         sae=StandardTrainingSAEConfig(
             d_in=d_model,
-            d_sae=DICT_RATIO * d_model,
+            d_sae=args.dict_ratio * d_model,
             l1_coefficient=SPARSITY_COEFF / d_model,  # the reference divides its Lp norm by d_in
             apply_b_dec_to_input=False,
         ),
@@ -256,7 +265,7 @@ def plugin_step_fn(
         n_batches_in_buffer=max(2, args.batch),
         store_batch_size_prompts=args.batch,
         lr=LR,
-        device="cpu",
+        device=args.device,
         seed=args.seed,
         checkpoint_path=None,
         n_checkpoints=0,
@@ -306,6 +315,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--layer", type=int, default=6, help="SAE at blocks.<layer>.hook_resid_pre")
+    p.add_argument(
+        "--dict-ratio",
+        type=int,
+        default=DICT_RATIO,
+        help=f"SAE features as a multiple of d_model (default {DICT_RATIO}; the paper: 60)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model, the SAE and the batches live (cpu, cuda, cuda:1, ...)",
+    )
     p.add_argument(
         "--lm-dtype",
         choices=("float32", "bfloat16"),
@@ -367,17 +387,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _profiled_activities(device: str) -> list[torch.profiler.ProfilerActivity]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     limit_address_space(args.mem_limit_gib)
-    timer = PhaseTimer()
+    timer = PhaseTimer(args.device)
     result: dict[str, Any] = {
         "impl": args.impl,
         "batch": args.batch,
         "seq": args.seq,
         "layer": args.layer,
+        "dict_ratio": args.dict_ratio,
+        "device": args.device,
         "shape": args.shape,
         "lm_dtype": args.lm_dtype or "float32",
         "kl_chunk_size": args.kl_chunk_size,
@@ -386,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compile_kl": args.compile_kl,
         "steps": args.steps,
         "warmup": args.warmup,
-        "machine": machine(),
+        "machine": machine(args.device),
         **package_version(),
         "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
     }
@@ -398,12 +427,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["setup_s"] = round(time.perf_counter() - t0, 3)
         result["peak_rss_after_setup_gib"] = round(peak_rss_bytes() / 2**30, 3)
         batches = token_batches(args.warmup + args.steps, args.batch, args.seq, model.cfg.d_vocab)
+        batches = batches.to(args.device)
         for i in range(args.warmup):
             step(batches[i])
+        synchronize(args.device)
         timer.enabled = args.phases
         step_seconds, losses = [], []
         profiler = (
-            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            torch.profiler.profile(activities=_profiled_activities(args.device))
             if args.torch_profile
             else None
         )
@@ -412,13 +443,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with OtherLoad() as other:
             for i in range(args.warmup, args.warmup + args.steps):
                 start = time.perf_counter()
-                losses.append(step(batches[i]))
+                losses.append(step(batches[i]))  # float(loss) waits for the step's work
+                synchronize(args.device)
                 step_seconds.append(time.perf_counter() - start)
         if profiler is not None:
             profiler.__exit__(None, None, None)
             print(
                 profiler.key_averages().table(
-                    sort_by="self_cpu_time_total", row_limit=args.torch_profile
+                    sort_by="self_cuda_time_total"
+                    if args.device.startswith("cuda")
+                    else "self_cpu_time_total",
+                    row_limit=args.torch_profile,
                 ),
                 file=sys.stderr,
             )
@@ -442,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["wall_s"] = round(time.perf_counter() - t0, 3)
     result["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 3)
+    result["peak_gpu_mem_gib"] = peak_device_memory_gib(args.device)
     print(json.dumps(result), flush=True)
     return result
 

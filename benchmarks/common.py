@@ -180,14 +180,35 @@ def package_version() -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop
+    before the work it times has run)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def peak_device_memory_gib(device: str) -> float | None:
+    """The peak GPU memory torch allocated in this process (None on the CPU: see peak RSS)."""
+    if not device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What the figures were measured on (and the GPU's name and memory when ``device`` is one)."""
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
+        "device": device,
     }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_mem_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        info["gpu_bf16"] = torch.cuda.is_bf16_supported()
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)

@@ -84,3 +84,37 @@ def test_multi_sae_benchmark_runs_one_step(mode: str) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["status"] == "ok" and result["tokens_per_s"] > 0
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def test_the_device_check_runs_quick_on_the_cpu_into_one_folder(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    command = [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--quick"]
+    proc = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "summary.md"]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_name = {r["variant"]: r for r in results}
+    assert list(by_name) == ["reference", "defaults", "fastest", "lean"]
+    for name in ("defaults", "fastest", "lean"):
+        result = by_name[name]
+        assert result["status"] == "ok" and result["device"] == "cpu", name
+        # The projection is the paper's 410M tokens at the measured speed.
+        hours = 410e6 / result["tokens_per_s"] / 3600
+        assert result["projected_paper_run_h"] == pytest.approx(hours, abs=0.01)
+    assert by_name["lean"]["checkpoint_blocks"] and by_name["lean"]["lm_dtype"] == "bfloat16"
+    assert by_name["fastest"]["kl_chunk_size"] == 8192
+    reference_installed = bool(os.environ.get("E2E_SAE_REF_PATH"))
+    assert by_name["reference"]["status"] == ("ok" if reference_installed else "skipped")
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| ok |") == 3 + reference_installed
+    # A second check into the same folder does not replace the first one's results.
+    again = subprocess.run(
+        [*command, "--out", str(out), "--variants", "defaults"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
