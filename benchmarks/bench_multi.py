@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": args.batch,
         "seq": args.seq,
         "shape": args.shape,
-        "lm_dtype": args.lm_dtype or "float32",
+        "lm_dtype": args.lm_dtype or "auto",
         "steps": args.steps,
         "warmup": args.warmup,
         "machine": machine(),

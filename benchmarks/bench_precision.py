@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.e2e_steps:
         trained: dict[str, Any] = {}
-        for name, extra in (("fp32", {}), ("bf16", {"lm_dtype": "bfloat16"})):
+        for name, extra in (("fp32", {"lm_dtype": "float32"}), ("bf16", {"lm_dtype": "bfloat16"})):
             start = time.perf_counter()
             lm = copy.deepcopy(model32)  # the runner casts the model in place
             trained[name] = train(args, lm, train_set, sae, "e2e", args.e2e_steps, **extra)

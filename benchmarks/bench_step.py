@@ -330,7 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lm-dtype",
         choices=("float32", "bfloat16"),
         default=None,
-        help="plugin: E2ERunnerConfig.lm_dtype (default: unset = fp32 as built)",
+        help="plugin: E2ERunnerConfig.lm_dtype (default: its default, 'auto': bf16 on a CUDA "
+        "GPU, fp32 as built on a CPU)",
     )
     p.add_argument(
         "--kl-chunk-size",
@@ -408,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dict_ratio": args.dict_ratio,
         "device": args.device,
         "shape": args.shape,
-        "lm_dtype": args.lm_dtype or "float32",
+        # The plugin's default is lm_dtype="auto" (bf16 on a CUDA GPU, float32 on a CPU).
+        "lm_dtype": args.lm_dtype or ("float32" if args.impl == "reference" else "auto"),
         "kl_chunk_size": args.kl_chunk_size,
         "autocast": args.autocast,
         "checkpoint_blocks": args.checkpoint_blocks,

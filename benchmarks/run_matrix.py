@@ -39,12 +39,12 @@ HERE = Path(__file__).resolve().parent
 
 VARIANTS: dict[str, str] = {
     "reference": "--impl reference",
-    "plugin-fp32": "--impl plugin",
+    "plugin-fp32": "--impl plugin --lm-dtype float32",
     "plugin-bf16": "--impl plugin --lm-dtype bfloat16",
     "plugin-bf16-autocast": "--impl plugin --lm-dtype bfloat16 --autocast",
     "plugin-fastest": "--impl plugin --lm-dtype bfloat16 --autocast --compile-kl",
-    "plugin-fp32-compiled": "--impl plugin --compile-kl",
-    "plugin-fp32-ckpt": "--impl plugin --checkpoint-blocks",
+    "plugin-fp32-compiled": "--impl plugin --lm-dtype float32 --compile-kl",
+    "plugin-fp32-ckpt": "--impl plugin --lm-dtype float32 --checkpoint-blocks",
     "plugin-fastest-ckpt": "--impl plugin --lm-dtype bfloat16 --autocast --compile-kl --checkpoint-blocks",
 }
 """Name → bench_step.py arguments. ``--variant NAME=ARGS`` adds or replaces one."""

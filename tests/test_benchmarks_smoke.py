@@ -96,8 +96,8 @@ def test_the_device_check_runs_quick_on_the_cpu_into_one_folder(tmp_path: Path) 
     assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "summary.md"]
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by_name = {r["variant"]: r for r in results}
-    assert list(by_name) == ["reference", "defaults", "fastest", "lean"]
-    for name in ("defaults", "fastest", "lean"):
+    assert list(by_name) == ["reference", "float32", "fastest", "lean"]
+    for name in ("float32", "fastest", "lean"):
         result = by_name[name]
         assert result["status"] == "ok" and result["device"] == "cpu", name
         # The projection is the paper's 410M tokens at the measured speed.
@@ -105,13 +105,14 @@ def test_the_device_check_runs_quick_on_the_cpu_into_one_folder(tmp_path: Path) 
         assert result["projected_paper_run_h"] == pytest.approx(hours, abs=0.01)
     assert by_name["lean"]["checkpoint_blocks"] and by_name["lean"]["lm_dtype"] == "bfloat16"
     assert by_name["fastest"]["kl_chunk_size"] == 8192
+    assert by_name["float32"]["lm_dtype"] == "float32"
     reference_installed = bool(os.environ.get("E2E_SAE_REF_PATH"))
     assert by_name["reference"]["status"] == ("ok" if reference_installed else "skipped")
     summary = (out / "summary.md").read_text()
     assert summary.count("| ok |") == 3 + reference_installed
     # A second check into the same folder does not replace the first one's results.
     again = subprocess.run(
-        [*command, "--out", str(out), "--variants", "defaults"],
+        [*command, "--out", str(out), "--variants", "float32"],
         capture_output=True,
         text=True,
         timeout=300,

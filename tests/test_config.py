@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import sae_lens
+import torch
 from conftest import D_MODEL, make_cfg, tiny_model, token_dataset
 
 from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainingRunner
@@ -145,3 +146,44 @@ def test_fp16_model_on_cpu_is_refused(tmp_path: Path) -> None:
         ValueError, match=r"lm_dtype='float16' is not supported on the CPU.*'bfloat16'"
     ):
         make_cfg(tmp_path, lm_dtype="float16")
+
+
+@pytest.mark.parametrize(
+    ("lm_dtype", "cuda", "bf16", "expected"),
+    [
+        ("auto", False, False, None),  # a CPU: the model as loaded (float32)
+        ("auto", True, True, "bfloat16"),  # a CUDA GPU with bf16
+        ("auto", True, False, None),  # a CUDA GPU without bf16 (e.g. pre-Ampere)
+        ("float32", True, True, "float32"),  # asked for: kept
+        (None, True, True, None),
+    ],
+)
+def test_lm_dtype_auto_is_bf16_on_a_cuda_gpu_that_has_it_and_as_loaded_elsewhere(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lm_dtype: str | None,
+    cuda: bool,
+    bf16: bool,
+    expected: str | None,
+) -> None:
+    from sae_e2e_plugin.runs.run_setup import model_dtype
+
+    cfg = make_cfg(tmp_path, lm_dtype=lm_dtype)
+    assert make_cfg(tmp_path).lm_dtype == "auto"  # the default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cfg.device = cfg.llm_device = "cuda:0" if cuda else "cpu"
+    assert model_dtype(cfg) == expected
+
+
+def test_the_default_lm_dtype_leaves_a_cpu_model_in_float32(tmp_path: Path) -> None:
+    runner = E2ESAETrainingRunner(
+        make_cfg(tmp_path), override_model=tiny_model(), override_dataset=token_dataset()
+    )
+    assert {p.dtype for p in runner.model.parameters()} == {torch.float32}
+    bf16 = E2ESAETrainingRunner(
+        make_cfg(tmp_path / "b", lm_dtype="bfloat16"),
+        override_model=tiny_model(),
+        override_dataset=token_dataset(),
+    )
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}

@@ -53,6 +53,16 @@ def with_dataset(cfg: E2ERunnerConfig[Any], dataset_path: str) -> E2ERunnerConfi
     return other
 
 
+def model_dtype(cfg: E2ERunnerConfig[Any]) -> str | None:
+    """The dtype ``lm_dtype`` asks for on this run's model device (None: as loaded)."""
+    if cfg.lm_dtype != "auto":
+        return cfg.lm_dtype
+    device = str(cfg.llm_device or cfg.device)
+    # GPUs run bf16 matrix products natively; CPUs mostly emulate them (warn_if_bf16_is_emulated).
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else None
+
+
 def warn_if_bf16_is_emulated(lm_dtype: str, device: str) -> None:
     # Without AVX-512-BF16 or AMX, a CPU emulates bf16 matrix products: on a 2-core AVX2 host
     # a [256, 576] × [576, 1536] product took 401 ms in bf16 against 17 ms in float32.

@@ -43,6 +43,7 @@ from sae_e2e_plugin.runs.output_folder import (
 )
 from sae_e2e_plugin.runs.run_setup import (
     held_out_tokens,
+    model_dtype,
     position_filter,
     resolve_builtins,
     warn_if_bf16_is_emulated,
@@ -132,9 +133,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         check_model_and_data(
             cfg, self.model, self.activations_store, data_name, builtin=self._builtin_dataset
         )
-        if cfg.lm_dtype is not None:
-            warn_if_bf16_is_emulated(cfg.lm_dtype, str(cfg.llm_device or cfg.device))
-            self.model.to(getattr(torch, cfg.lm_dtype))
+        dtype = model_dtype(cfg)
+        if dtype is not None:
+            warn_if_bf16_is_emulated(dtype, str(cfg.llm_device or cfg.device))
+            self.model.to(getattr(torch, dtype))
+            logger.info(f"the language model is held in {dtype} (lm_dtype={cfg.lm_dtype!r})")
         freeze(self.model)
         self.positions = position_filter(cfg, self.activations_store)
         """The positions the SAE reads and replaces, resolved once (``core.positions``)."""
