@@ -18,6 +18,7 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
+from sae_e2e_plugin.core.model_splice import check_model_class
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
 from sae_e2e_plugin.training.numbers import (
     check_coefficient,
@@ -284,6 +285,7 @@ def _check_devices(cfg: E2ERunnerConfig[Any]) -> None:
 
 
 def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
+    check_model_class(cfg.model_class_name)
     norm = cfg.sae.normalize_activations
     if norm not in SUPPORTED_NORMALIZATIONS:
         raise ValueError(
@@ -313,11 +315,6 @@ def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
             cfg.compile_llm,
             "compile_llm=True",
             "SAELens compiles run_with_cache, which e2e does not use; set compile_llm=False",
-        ),
-        (
-            cfg.model_class_name != "HookedTransformer",
-            f"model_class_name={cfg.model_class_name!r}",
-            "the shared-prefix splice needs TransformerLens' HookedTransformer",
         ),
     ]
     for refused, setting, fix in refusals:
