@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sae_e2e_plugin.core import hf_modules, hf_splice, splice
+from sae_e2e_plugin.core import hf_modules, hf_runs, hf_splice, splice
 from sae_e2e_plugin.core.splice import CleanRun, PatchedRun, SplicePlan
 
 SPLICEABLE_MODEL_CLASSES = ("HookedTransformer", "AutoModelForCausalLM")
@@ -88,15 +88,15 @@ def plan_splice(
 
 def run_prefix(model: Any, tokens: torch.Tensor, plan: SplicePlan) -> Any:
     """The state shared by the clean and patched runs (``splice.Prefix`` / ``hf_splice.HFPrefix``)."""
-    if isinstance(plan, hf_splice.HFSplicePlan):
-        return hf_splice.run_hf_prefix(model, tokens, plan)
+    if isinstance(plan, hf_runs.HFSplicePlan):
+        return hf_runs.run_hf_prefix(model, tokens, plan)
     return splice.run_prefix(model, tokens, plan.start_layer)
 
 
 def run_clean(model: Any, prefix: Any, plan: SplicePlan, *, full: bool = True) -> CleanRun:
     """The clean run from the prefix (``full=False``: stop after the SAE's hook)."""
-    if isinstance(plan, hf_splice.HFSplicePlan):
-        return hf_splice.run_hf_clean(model, prefix, plan, full=full)
+    if isinstance(plan, hf_runs.HFSplicePlan):
+        return hf_runs.run_hf_clean(model, prefix, plan, full=full)
     return splice.run_clean(model, prefix, plan, full=full)
 
 
@@ -109,8 +109,8 @@ def run_patched(
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
     """The run with ``replacement`` [batch, pos, d_in] spliced in at the hook."""
-    if isinstance(plan, hf_splice.HFSplicePlan):
-        return hf_splice.run_hf_patched(
+    if isinstance(plan, hf_runs.HFSplicePlan):
+        return hf_runs.run_hf_patched(
             model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks
         )
     return splice.run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks)
@@ -118,6 +118,6 @@ def run_patched(
 
 def model_head(model: Any, plan: SplicePlan) -> Callable[[torch.Tensor], torch.Tensor]:
     """The head: a run's ``final_resid`` rows [tokens, d] → logits [tokens, vocab]."""
-    if isinstance(plan, hf_splice.HFSplicePlan):
-        return hf_splice.hf_head(model, plan)
+    if isinstance(plan, hf_runs.HFSplicePlan):
+        return hf_runs.hf_head(model, plan)
     return splice.model_head(model)
