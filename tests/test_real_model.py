@@ -211,11 +211,12 @@ def test_hf_and_hooked_e2e_terms_and_sae_gradients_agree(
         terms[name] = torch.stack([losses[key].detach() for key in sorted(losses, key=_layer)])
         grads[name] = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     assert terms["ht"].shape == (16,) and float(terms["ht"][0]) > 0.1  # KL + 15 layers
-    torch.testing.assert_close(terms["hf"], terms["ht"], rtol=1e-3, atol=1e-6)
+    # Measured: terms agree to 4e-7 relative, gradients to 1.1e-6 of their largest entry.
+    torch.testing.assert_close(terms["hf"], terms["ht"], rtol=1e-5, atol=0)
     assert set(grads["hf"]) == set(grads["ht"]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name, grad in grads["ht"].items():
         torch.testing.assert_close(
-            grads["hf"][name], grad, rtol=1e-3, atol=1e-3 * float(grad.abs().max())
+            grads["hf"][name], grad, rtol=0, atol=1e-5 * float(grad.abs().max())
         )
 
 

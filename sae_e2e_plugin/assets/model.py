@@ -39,6 +39,7 @@ GGUF, so its weights and config are written by hand into an ordinary Hugging Fac
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -279,7 +280,7 @@ def _hf_cache_is_current(folder: Path, gguf: Path) -> bool:
 def _write_hf_cache(gguf: Path, target: Path) -> None:
     """Dequantise the GGUF and write it as a plain Hugging Face model folder, atomically."""
     hf_model, tokenizer = _dequantise_gguf(gguf)
-    config = hf_model.config
+    config = copy.deepcopy(hf_model.config)
     # The folder holds plain fp32 weights: nothing is quantised any more.
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
