@@ -10,7 +10,11 @@ No module of the package imports this one.
 """
 
 from sae_e2e_plugin.assets.corpora import load_builtin_dataset
-from sae_e2e_plugin.assets.model import load_builtin_model
+from sae_e2e_plugin.assets.model import (
+    builtin_hf_model_folder,
+    load_builtin_hf_model,
+    load_builtin_model,
+)
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
@@ -49,12 +53,14 @@ __all__ = [
     "PhaseTimer",
     "__version__",
     "available_objectives",
+    "builtin_hf_model_folder",
     "chunked_kl_orig_to_patched",
     "convert_reference_checkpoint",
     "evaluate_sae",
     "evaluate_saes_jointly",
     "kl_orig_to_patched",
     "load_builtin_dataset",
+    "load_builtin_hf_model",
     "load_builtin_model",
     "reference_format_disk_loader",
     "reference_format_loader",

@@ -18,9 +18,9 @@ from sae_e2e_plugin import (
     E2ERunnerConfig,
     E2ESAETrainingRunner,
     load_builtin_dataset,
+    load_builtin_hf_model,
     load_builtin_model,
 )
-from sae_e2e_plugin.assets.model import load_builtin_hf_model
 from sae_e2e_plugin.cli import main
 from sae_e2e_plugin.core import model_splice
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
