@@ -216,6 +216,13 @@ def test_evaluate_sae_on_a_hf_model_matches_whole_runs() -> None:
     )
 
 
+def test_the_plan_probes_in_eval_mode_and_restores_the_models_mode() -> None:
+    hf = tiny("gpt2").train()  # dropout 0.1: two runs in training mode differ
+    plan = model_splice.plan_splice(hf, "transformer.h.1", None, d_in=D)
+    assert plan.start_layer == 1 and plan.head_path == "lm_head"
+    assert hf.training
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

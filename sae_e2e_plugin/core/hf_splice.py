@@ -64,6 +64,18 @@ def plan_hf_splice(
     """
     hf = hf_model_of(model)
     check_module_name("hook_name", hook_name, hf)
+    # In eval mode: dropout would make the runs the plan compares differ.
+    training = hf.training
+    hf.eval()
+    try:
+        return _plan(hf, hook_name, downstream_hooks, d_in)
+    finally:
+        hf.train(training)
+
+
+def _plan(
+    hf: PreTrainedModel, hook_name: str, downstream_hooks: Sequence[str] | None, d_in: int | None
+) -> HFSplicePlan:
     probe = probe_modules(hf)
     first_of_tuple = _check_hook_output(hook_name, probe, d_in)
     layers_path = find_layers(hf)
