@@ -50,6 +50,12 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     trains on ``train_batch_size_tokens // context_size`` whole sequences.
     """
 
+    model_class_name: str = "HookedTransformer"
+    """How SAELens loads the model: "HookedTransformer" (TransformerLens; hooks such as
+    "blocks.6.hook_resid_pre") or "AutoModelForCausalLM" (a Hugging Face causal LM in
+    SAELens' HookedProxyLM; hooks are module paths such as "model.layers.14", whose output
+    the SAE reads and replaces; docs/hf_models.md). Other classes are refused."""
+
     loss: LossName = "e2e"
     """Training objective. "local": SAELens' reconstruction MSE at the hook.
     "e2e": KL(p_orig ‖ p_patched) of the next-token distributions with the SAE's
@@ -68,7 +74,8 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
     downstream_hooks: list[str] | None = None
     """Hooks compared in "e2e_downstream". None: every residual-stream hook after
-    the SAE's (``blocks.k.hook_resid_post`` for each later block output)."""
+    the SAE's (``blocks.k.hook_resid_post`` for each later block output; on a Hugging Face
+    model, each later decoder layer's output, ``model.layers.k``)."""
 
     local_mse_coefficient: float = 0.0
     """Weight of SAELens' local reconstruction MSE (summed over d_in, averaged over
