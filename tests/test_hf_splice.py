@@ -19,6 +19,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaModel,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -238,6 +239,13 @@ def test_the_plan_probes_in_eval_mode_and_restores_the_models_mode() -> None:
 def test_hooks_the_splice_cannot_use_are_refused(hook: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         model_splice.plan_splice(tiny("llama"), hook, None, d_in=D)
+
+
+def test_a_model_without_an_output_head_is_refused() -> None:
+    torch.manual_seed(0)
+    base = LlamaModel(LlamaConfig(**SIZES)).eval()  # hidden states out, no logits
+    with pytest.raises(ValueError, match=r"this LlamaModel has no output head .* not a base model"):
+        model_splice.plan_splice(base, "layers.1", None, d_in=D)
 
 
 def test_a_downstream_hook_before_the_sae_is_refused() -> None:

@@ -193,12 +193,21 @@ def _checked_head(hf: PreTrainedModel, plan: HFSplicePlan, probe: ModuleProbe) -
     reason = None
     if plan.head_path is None:
         reason = "no final norm and output embedding were found"
-    elif probe.logits is None or not isinstance(final, torch.Tensor):
-        reason = "the model's logits or its last decoder layer could not be read"
+    elif probe.logits is None:
+        reason = "its forward pass returns no logits to check the head against"
+    elif not isinstance(final, torch.Tensor):
+        reason = "its last decoder layer's output could not be read"
     elif not close_enough(apply_head(hf, plan, final), probe.logits, rel=1e-4):
         reason = f"{plan.norm_path} + {plan.head_path} do not reproduce the model's logits"
     if reason is None:
         return plan
+    if probe.logits is None:
+        raise ValueError(
+            f"model_class_name='AutoModelForCausalLM', but this {type(hf).__name__} has no output "
+            f"head the splice can use ({reason}) and its forward pass returns no logits, so there "
+            "is no next-token distribution to compute the KL from. Load a causal language model "
+            "(transformers' AutoModelForCausalLM, whose output has .logits), not a base model."
+        )
     logger.warning(
         f"the KL of this model is computed from full logits ({reason}): every step holds "
         "[batch, pos, vocab] logits of the clean and the patched run in memory."
