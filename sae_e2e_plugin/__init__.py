@@ -15,7 +15,12 @@ from sae_e2e_plugin.assets.model import (
     load_builtin_hf_model,
     load_builtin_model,
 )
-from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
+from sae_e2e_plugin.core.losses import (
+    CleanLogProbs,
+    chunked_kl_orig_to_patched,
+    clean_log_probs,
+    kl_orig_to_patched,
+)
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult
@@ -39,6 +44,7 @@ from sae_e2e_plugin.training.trainer import E2ESAETrainer, NonFiniteLossError
 from sae_e2e_plugin.version import __version__
 
 __all__ = [
+    "CleanLogProbs",
     "DownstreamMetrics",
     "E2EMultiRunnerConfig",
     "E2EMultiSAETrainingRunner",
@@ -55,6 +61,7 @@ __all__ = [
     "available_objectives",
     "builtin_hf_model_folder",
     "chunked_kl_orig_to_patched",
+    "clean_log_probs",
     "convert_reference_checkpoint",
     "evaluate_sae",
     "evaluate_saes_jointly",

@@ -157,11 +157,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(out: Path, mode: str, world_size: int = 2) -> list[subprocess.Popen[str]]:
-    """Start ``world_size`` ranks of the worker, as torchrun would, one thread each."""
+def launch(
+    out: Path, mode: str, world_size: int = 2, worker: str = WORKER
+) -> list[subprocess.Popen[str]]:
+    """Start ``world_size`` ranks of ``worker``, as torchrun would, one thread each."""
     out.mkdir(parents=True, exist_ok=True)
     script = out / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -186,19 +188,23 @@ def launch(out: Path, mode: str, world_size: int = 2) -> list[subprocess.Popen[s
     return procs
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One launch of two ranks training every case; the folder of their files."""
-    out = tmp_path_factory.mktemp("two_ranks")
-    procs = launch(out, "train")
+def wait_for(procs: list[subprocess.Popen[str]], timeout: float = 300) -> None:
+    """Every rank ends with exit status 0 (its stderr in the failure message otherwise)."""
     try:
         for rank, proc in enumerate(procs):
-            _, err = proc.communicate(timeout=300)
+            _, err = proc.communicate(timeout=timeout)
             assert proc.returncode == 0, f"rank {rank} failed:\n{err[-3000:]}"
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One launch of two ranks training every case; the folder of their files."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    wait_for(launch(out, "train"))
     return out
 
 
@@ -418,9 +424,9 @@ def test_the_command_line_reports_a_failed_peer_in_one_line_and_exits_1(
 
 
 def test_ranks_other_than_zero_log_nothing_to_wandb(tmp_path: Path) -> None:
-    from sae_e2e_plugin.runs.runner import _trainer_config
+    from sae_e2e_plugin.runs.runner import trainer_config_for_rank
 
     cfg = make_cfg(tmp_path, logger=sae_lens.LoggingConfig(log_to_wandb=True))
-    assert _trainer_config(cfg, main=True).logger.log_to_wandb is True
-    assert _trainer_config(cfg, main=False).logger.log_to_wandb is False
+    assert trainer_config_for_rank(cfg, main=True).logger.log_to_wandb is True
+    assert trainer_config_for_rank(cfg, main=False).logger.log_to_wandb is False
     assert cfg.logger.log_to_wandb is True  # the run's own config is left as it was

@@ -9,6 +9,7 @@ from jaxtyping import TypeCheckError
 
 from sae_e2e_plugin.core.losses import (
     chunked_kl_orig_to_patched,
+    clean_log_probs,
     downstream_loss,
     kl_orig_to_patched,
     kl_sum_and_logit_grad,
@@ -108,24 +109,72 @@ def test_written_out_logit_gradient_checks_its_shapes() -> None:
         kl_sum_and_logit_grad(torch.randn(4, 31), torch.randn(4, 30))
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_clean_log_probs_made_once_give_the_same_kl_and_gradient_bit_for_bit(
+    chunk_size: int,
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    head_weight = torch.randn(6, 40, generator=gen)
+
+    def head(resid: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(resid, (6,)) @ head_weight
+
+    orig = torch.randn(23, 6, generator=gen)
+    cache = clean_log_probs(orig, head, chunk_size)
+    kept = [chunk.clone() for chunk in cache.chunks]
+    assert [c.shape[0] for c in cache.chunks] == [
+        len(r) for r in torch.arange(23).split(chunk_size)
+    ]
+    for seed in (4, 5):  # two patched runs read one cache, as two independent SAEs do
+        results = []
+        for clean in (orig, cache):
+            patched = torch.randn(23, 6, generator=torch.Generator().manual_seed(seed))
+            patched.requires_grad_(True)
+            kl = chunked_kl_orig_to_patched(clean, patched, head, chunk_size=chunk_size)
+            kl.backward()
+            with torch.no_grad():
+                no_grad_kl = chunked_kl_orig_to_patched(clean, patched, head, chunk_size)
+            results.append((kl.detach(), no_grad_kl, patched.grad))
+        (kl_a, kl_a_nograd, grad_a), (kl_b, kl_b_nograd, grad_b) = results
+        assert kl_a > 0.1 and grad_a is not None and grad_b is not None
+        assert torch.equal(kl_a, kl_b) and torch.equal(kl_a_nograd, kl_b_nograd)
+        assert torch.equal(grad_a, grad_b)
+    # Reading the cache leaves it as it was (the kernel works in fresh buffers for it).
+    assert all(torch.equal(a, b) for a, b in zip(cache.chunks, kept, strict=True))
+    torch.testing.assert_close(
+        torch.cat(cache.chunks), torch.log_softmax(head(orig), dim=-1), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_clean_log_probs_of_another_batch_or_chunking_are_refused() -> None:
+    head_weight = torch.randn(6, 40)
+    cache = clean_log_probs(torch.randn(20, 6), lambda r: r @ head_weight, 8)
+    with pytest.raises(ValueError, match=r"20 tokens in chunks of 8.*kl_chunk_size=4"):
+        chunked_kl_orig_to_patched(cache, torch.randn(20, 6), lambda r: r @ head_weight, 4)
+    with pytest.raises(ValueError, match=r"patched run has 16 tokens"):
+        chunked_kl_orig_to_patched(cache, torch.randn(16, 6), lambda r: r @ head_weight, 8)
+
+
 def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
     gen = torch.Generator().manual_seed(5)
     head_weight = torch.randn(6, 40, generator=gen)
     orig = torch.randn(23, 6, generator=gen)
+    cache = clean_log_probs(orig, lambda r: r @ head_weight, 10)
     results = []
-    for compiled in (False, True):
+    for compiled, clean in ((False, orig), (True, orig), (True, cache)):
         patched = torch.randn(23, 6, generator=torch.Generator().manual_seed(6)).requires_grad_(
             True
         )
         kl = chunked_kl_orig_to_patched(
-            orig, patched, lambda r: r @ head_weight, chunk_size=10, compile_kernel=compiled
+            clean, patched, lambda r: r @ head_weight, chunk_size=10, compile_kernel=compiled
         )
         kl.backward()
         results.append((kl.detach(), patched.grad))
-    (eager_kl, eager_grad), (compiled_kl, compiled_grad) = results
+    (eager_kl, eager_grad), *compiled_results = results
     assert eager_kl > 0.1
-    torch.testing.assert_close(compiled_kl, eager_kl, rtol=1e-5, atol=0)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+    for compiled_kl, compiled_grad in compiled_results:
+        torch.testing.assert_close(compiled_kl, eager_kl, rtol=1e-5, atol=0)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_failed_compile_names_the_setting_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:

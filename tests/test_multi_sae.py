@@ -32,6 +32,7 @@ from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
 from sae_e2e_plugin.runs import multi_runner as multi_runner_module
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
+from sae_e2e_plugin.training.distributed import SINGLE_PROCESS
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
@@ -354,9 +355,7 @@ def test_each_sae_exports_to_its_folder_loadable_by_plain_sae_lens(tmp_path: Pat
     assert rows[0]["l1/kl_loss"] == rows[0]["l2/kl_loss"] > 0
 
 
-def test_a_multi_run_holds_its_output_path_and_refuses_torchrun(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_multi_run_holds_its_output_path(tmp_path: Path) -> None:
     saes = {"l1": sae_cfg(), "l2": sae_cfg()}
     hooks = {"l1": "blocks.1.hook_resid_pre", "l2": "blocks.2.hook_resid_pre"}
     runner = multi_runner(tmp_path, saes, hooks, "independent", training_tokens=4 * CONTEXT)
@@ -366,11 +365,6 @@ def test_a_multi_run_holds_its_output_path_and_refuses_torchrun(
         runner.run()
     assert sorted(p.name for p in output.iterdir()) == [LOCK_FILENAME]
     assert set(runner.run()) == {"l1", "l2"}
-    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    with pytest.raises(ValueError, match=r"saes=\['l1', 'l2'\].*without torchrun"):
-        multi_runner(tmp_path / "ddp", saes, hooks, "independent")
 
 
 def test_resume_ends_with_the_same_weights_for_every_sae(tmp_path: Path) -> None:
@@ -521,6 +515,8 @@ def test_cli_reads_saes_and_hook_names_from_yaml(
     built: list[Any] = []
 
     class Recorder:
+        context = SINGLE_PROCESS
+
         def __init__(self, cfg: Any) -> None:
             built.append(cfg)
 
@@ -830,3 +826,34 @@ def test_compile_kl_reaches_the_kl_of_both_splices(
     trainer = bare_trainer(runner)
     trainer.step_pass.run(batch(), trainer.trainers)
     assert seen == ([True] if splice == "joint" else [True, True])
+
+
+def test_independent_saes_share_the_clean_log_probs_with_the_same_gradients(
+    tmp_path: Path,
+) -> None:
+    # The clean head runs once per step instead of once per SAE; the numbers do not change.
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
+    runner = multi_runner(tmp_path, {"a": sae_cfg(), "b": sae_cfg()}, hooks, "independent")
+    rows: list[int] = []
+    runner.model.ln_final.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[:-1].numel())
+    )
+    tokens = batch()
+    results = {}
+    for share in (True, False):
+        rows.clear()
+        trainer = bare_trainer(runner)
+        trainer.step_pass.share_clean_log_probs = share
+        for sae in runner.saes.values():
+            sae.zero_grad(set_to_none=True)
+        outputs = trainer.step_pass.run(tokens, trainer.trainers)
+        kls = {name: out.metrics["kl_orig_patched"] for name, out in outputs.items()}
+        results[share] = (sum(rows), kls, {n: grads(s) for n, s in runner.saes.items()})
+    n_tokens = tokens.numel()
+    # Forward passes of the head: the clean one once or per SAE, plus each SAE's patched one.
+    assert results[True][0] == 3 * n_tokens and results[False][0] == 4 * n_tokens
+    assert results[True][1] == results[False][1]
+    for name in hooks:
+        for param, grad in results[True][2][name].items():
+            assert grad.abs().max() > 0
+            assert torch.equal(grad, results[False][2][name][param]), (name, param)

@@ -246,8 +246,12 @@ def _train_several(fields: dict[str, Any], print_config: bool) -> int:
     if print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
-    E2EMultiSAETrainingRunner(cfg).run()
-    if cfg.output_path is not None:
+    from sae_e2e_plugin.training.distributed import shutdown
+
+    runner = E2EMultiSAETrainingRunner(cfg)
+    runner.run()
+    shutdown(runner.context)
+    if cfg.output_path is not None and runner.context.is_main:
         for name in cfg.saes:
             print(f"saved SAE {name!r} (SAELens format) to {Path(cfg.output_path) / name}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,9 +68,42 @@ class _KLSum(torch.autograd.Function):
         return None, grad_output * logit_grad
 
 
+@dataclass(frozen=True)
+class CleanLogProbs:
+    """The clean run's next-token log-probabilities for one batch, a chunk of tokens at a time.
+
+    Made once (``clean_log_probs``) when several patched runs are compared with one clean
+    run, as the independent SAEs of a multi-SAE step are: each KL then reads its clean chunk
+    instead of running the head and the log-softmax on it again. It holds the batch's whole
+    [tokens, vocab] in float32 (4 bytes × tokens × vocab), which the chunked KL otherwise
+    never keeps.
+    """
+
+    chunks: tuple[torch.Tensor, ...]
+    """[chunk, vocab] float32 log-probabilities; every chunk but the last has ``chunk_size`` rows."""
+    chunk_size: int
+    n_tokens: int
+
+
+@jaxtyped(typechecker=beartype)
+def clean_log_probs(
+    resid_orig: Float[torch.Tensor, "tokens d_model"],
+    resid_to_logits: ResidToLogits,
+    chunk_size: int,
+) -> CleanLogProbs:
+    """The clean log-probabilities of ``resid_orig`` (final residuals), chunk by chunk."""
+    if chunk_size < 1:
+        raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
+    with torch.no_grad():
+        chunks = tuple(
+            _log_probs(resid_to_logits(c)) for (c,) in chunk_rows(chunk_size, resid_orig)
+        )
+    return CleanLogProbs(chunks, chunk_size, resid_orig.shape[0])
+
+
 @jaxtyped(typechecker=beartype)
 def chunked_kl_orig_to_patched(
-    resid_orig: Float[torch.Tensor, "tokens d_model"],
+    resid_orig: Float[torch.Tensor, "tokens d_model"] | CleanLogProbs,
     resid_patched: Float[torch.Tensor, "tokens d_model"],
     resid_to_logits: ResidToLogits,
     chunk_size: int,
@@ -89,22 +123,31 @@ def chunked_kl_orig_to_patched(
     The value and gradient equal ``kl_orig_to_patched`` on the full logits up to float
     summation order.
 
+    ``resid_orig`` may instead be the clean log-probabilities made by ``clean_log_probs``
+    with the same ``chunk_size``: the clean head then does not run, and value and gradient
+    are the same numbers bit for bit.
+
     ``compile_kernel=True`` runs that elementwise part (about ten passes over each
     [chunk, vocab] block in float32) through ``torch.compile``, which fuses it into a few;
     the first call compiles (tens of seconds on a CPU).
     """
     if chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
+    if isinstance(resid_orig, CleanLogProbs):
+        _check_cache_fits(resid_orig, resid_patched.shape[0], chunk_size)
     kernel = _compiled_kernel() if compile_kernel else _kl_kernel
     if resid_patched.requires_grad and torch.is_grad_enabled():
         # The inputs' shapes were checked on entry; the per-chunk kernel runs unchecked (the
         # autograd Function's forward runs without grad).
         return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size, kernel)
-    total = torch.zeros((), dtype=torch.float32, device=resid_orig.device)
+    total = torch.zeros((), dtype=torch.float32, device=resid_patched.device)
+    cached = isinstance(resid_orig, CleanLogProbs)
     with torch.no_grad():
-        for orig, patched in chunk_rows(chunk_size, resid_orig, resid_patched):
-            total += kernel(resid_to_logits(orig), resid_to_logits(patched), want_grad=False)[0]
-    return total / resid_orig.shape[0]
+        for index, (patched,) in enumerate(chunk_rows(chunk_size, resid_patched)):
+            orig = _clean_chunk(resid_orig, resid_to_logits, index, chunk_size)
+            logits = resid_to_logits(patched)
+            total += kernel(orig, logits, want_grad=False, cached=cached)[0]
+    return total / resid_patched.shape[0]
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -113,22 +156,25 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        resid_orig: torch.Tensor,
+        resid_orig: torch.Tensor | CleanLogProbs,
         resid_patched: torch.Tensor,
         resid_to_logits: ResidToLogits,
         chunk_size: int,
         kernel: KLKernel,
     ) -> torch.Tensor:
-        n_tokens = resid_orig.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=resid_orig.device)
+        n_tokens = resid_patched.shape[0]
+        cached = isinstance(resid_orig, CleanLogProbs)
+        total = torch.zeros((), dtype=torch.float32, device=resid_patched.device)
         grads = []
-        for orig, patched in chunk_rows(chunk_size, resid_orig, resid_patched):
-            logits_orig = resid_to_logits(orig)
+        for index, (patched,) in enumerate(chunk_rows(chunk_size, resid_patched)):
+            orig = _clean_chunk(resid_orig, resid_to_logits, index, chunk_size)
             with torch.enable_grad():
                 leaf = patched.detach().requires_grad_(True)
                 logits_patched = resid_to_logits(leaf)
-            chunk_sum, logit_grad = kernel(logits_orig, logits_patched.detach(), want_grad=True)
-            del logits_orig
+            chunk_sum, logit_grad = kernel(
+                orig, logits_patched.detach(), want_grad=True, cached=cached
+            )
+            del orig
             # Backward through the head only; the KL's own backward is written out above.
             (grad,) = torch.autograd.grad(logits_patched, leaf, grad_outputs=logit_grad)
             total = total + chunk_sum
@@ -140,6 +186,25 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         return None, grad_output * grad, None, None, None
+
+
+def _clean_chunk(
+    clean: torch.Tensor | CleanLogProbs, resid_to_logits: ResidToLogits, index: int, size: int
+) -> torch.Tensor:
+    """Chunk ``index``'s clean logits, or its log-probabilities when they were made already."""
+    if isinstance(clean, CleanLogProbs):
+        return clean.chunks[index]
+    return resid_to_logits(clean[index * size : (index + 1) * size])
+
+
+def _check_cache_fits(cache: CleanLogProbs, n_tokens: int, chunk_size: int) -> None:
+    if cache.n_tokens != n_tokens or cache.chunk_size != chunk_size:
+        raise ValueError(
+            f"the clean log-probabilities were made for {cache.n_tokens} tokens in chunks of "
+            f"{cache.chunk_size}, but the patched run has {n_tokens} tokens and "
+            f"kl_chunk_size={chunk_size}; make them with clean_log_probs(..., {chunk_size}) "
+            "from this batch's clean run."
+        )
 
 
 @jaxtyped(typechecker=beartype)
@@ -160,23 +225,31 @@ def kl_sum_and_logit_grad(
 
 
 def _kl_kernel(
-    logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool
+    logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool, cached: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # The one place the KL arithmetic is written: every KL function above calls it.
+    # ``cached``: ``logits_orig`` are already the clean log-probabilities (``CleanLogProbs``),
+    # which later patched runs read again, so they get a fresh buffer instead of ``sub_``.
     with torch.no_grad():
-        logp_orig = F.log_softmax(logits_orig.float(), dim=-1)
-        logp_patched = F.log_softmax(logits_patched.float(), dim=-1)
+        logp_orig = logits_orig if cached else _log_probs(logits_orig)
+        logp_patched = _log_probs(logits_patched)
         p_orig = logp_orig.exp()
-        kl_sum = logp_orig.sub_(logp_patched).mul_(p_orig).sum()
+        diff = logp_orig - logp_patched if cached else logp_orig.sub_(logp_patched)
+        kl_sum = diff.mul_(p_orig).sum()
         if not want_grad:
             return kl_sum, None
-        del logp_orig
+        del logp_orig, diff
         logit_grad = logp_patched.exp_().sub_(p_orig)
         return kl_sum, logit_grad.to(logits_patched.dtype)
 
 
 KLKernel = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
-"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad)."""
+"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad, cached)."""
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    # Float32 whatever the logits' dtype: the KL is made of small differences of these.
+    return F.log_softmax(logits.float(), dim=-1)
 
 
 @functools.cache
@@ -187,10 +260,13 @@ def _compiled_kernel() -> KLKernel:
     from torch._dynamo.exc import BackendCompilerFailed
 
     def run(
-        logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool
+        logits_orig: torch.Tensor,
+        logits_patched: torch.Tensor,
+        want_grad: bool,
+        cached: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
-            return compiled(logits_orig, logits_patched, want_grad)
+            return compiled(logits_orig, logits_patched, want_grad, cached)
         except BackendCompilerFailed as error:
             reason = str(error).strip().splitlines()[0][:300]
             raise RuntimeError(

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from sae_e2e_plugin.core.losses import CleanLogProbs
 from sae_e2e_plugin.core.splice import (
     CleanRun,
     FwdHooks,
@@ -156,11 +157,14 @@ class MultiCleanRun:
     """[batch, pos, d_model] residual after the last block; None when the run stopped early."""
     downstream: dict[str, torch.Tensor]
     """Activation at each downstream hook, by hook name."""
+    log_probs: CleanLogProbs | None = None
+    """``final_resid``'s log-probabilities, made once for every SAE's KL (None: not made)."""
 
     def for_sae(self, plan: SplicePlan) -> CleanRun:
-        """What a single run of the SAE at ``plan`` would have recorded."""
+        """What a single run of the SAE at ``plan`` would have recorded (and the shared
+        log-probabilities, which its KL reads instead of making them again)."""
         downstream = {name: self.downstream[name] for name in plan.downstream_hooks}
-        return CleanRun(self.acts[plan.hook_name], self.final_resid, downstream)
+        return CleanRun(self.acts[plan.hook_name], self.final_resid, downstream, self.log_probs)
 
 
 @torch.no_grad()

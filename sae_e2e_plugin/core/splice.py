@@ -32,6 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from sae_e2e_plugin.core.losses import CleanLogProbs
+
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 """(hook name, hook function) pairs for ``model.hooks(fwd_hooks=...)``."""
 
@@ -85,6 +87,9 @@ class CleanRun:
     None when the run stopped after the SAE's block."""
     downstream: dict[str, torch.Tensor]
     """Activation at each downstream hook, by hook name."""
+    log_probs: CleanLogProbs | None = None
+    """``final_resid``'s next-token log-probabilities when they were made once for several
+    patched runs (``core.losses.clean_log_probs``); None: each KL makes them a chunk at a time."""
 
 
 @dataclass

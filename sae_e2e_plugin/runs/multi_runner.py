@@ -38,13 +38,18 @@ from sae_e2e_plugin.runs.output_folder import (
     hold_folder,
     remove_previous_run,
 )
-from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner, objective_metadata
+from sae_e2e_plugin.runs.runner import (
+    E2ESAETrainingRunner,
+    objective_metadata,
+    trainer_config_for_rank,
+)
 from sae_e2e_plugin.training.checkpoints import (
     ResumeError,
     is_complete_checkpoint,
     latest_complete_checkpoint,
 )
-from sae_e2e_plugin.training.distributed import launcher_context
+from sae_e2e_plugin.training.data_parallel_multi import DataParallelE2EMultiSAETrainer
+from sae_e2e_plugin.training.distributed import barrier
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
@@ -72,12 +77,6 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             raise ValueError(
                 f"cfg is a {type(cfg).__name__}; E2EMultiSAETrainingRunner needs an "
                 "E2EMultiRunnerConfig (saes={name: config}, hook_names=..., splice=...)."
-            )
-        if launcher_context().is_distributed:
-            raise ValueError(
-                f"saes={list(cfg.saes)}: several SAEs per run train in one process only (not "
-                "yet data-parallel). Start this run without torchrun, or train each SAE in its "
-                "own data-parallel run."
             )
         overrides = dict(override_saes or {})
         unknown = sorted(set(overrides) - set(cfg.saes))
@@ -158,17 +157,23 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
     def run(self) -> dict[str, TrainingSAE[Any]]:  # type: ignore[override]
         """Train, write each SAE to ``<output_path>/<name>`` (if set) and return them by name.
 
-        ``output_path`` is held for the whole run, as a single SAE's run holds it."""
-        if self.cfg.output_path is None:
+        ``output_path`` is held for the whole run, as a single SAE's run holds it. Started by
+        torchrun, every rank trains its share of each batch and rank 0 alone writes files (and
+        holds the folder), as in a single SAE's data-parallel run."""
+        if self.cfg.output_path is None or not self.context.is_main:
             return self._train_all()
         with hold_folder(self.cfg.output_path, "output_path"):
             return self._train_all()
 
     def _train_all(self) -> dict[str, TrainingSAE[Any]]:
         cfg = self.cfg
-        remove_previous_run(self._previous_run)
+        # Every rank has checked the output folders before rank 0 may change them.
+        barrier(self.context, "checking the output folder")
+        main = self.context.is_main
+        if main:
+            remove_previous_run(self._previous_run)
         self._set_metadata()
-        if cfg.logger.log_to_wandb:
+        if cfg.logger.log_to_wandb and main:
             wandb.init(
                 project=cfg.logger.wandb_project,
                 entity=cfg.logger.wandb_entity,
@@ -184,17 +189,26 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             cfg.kl_mse_balance,
             self.positions,
             self.timer,
+            share_clean_log_probs=cfg.share_clean_log_probs,
         )
-        log = None if cfg.output_path is None else Path(cfg.output_path) / TRAINING_LOG_FILENAME
-        self.multi_trainer = trainer = E2EMultiSAETrainer(
-            cfg.to_sae_trainer_config(),
+        log = (
+            None
+            if cfg.output_path is None or not main
+            else Path(cfg.output_path) / TRAINING_LOG_FILENAME
+        )
+        parallel = {"context": self.context} if self.context.is_distributed else {}
+        trainer_class = DataParallelE2EMultiSAETrainer if parallel else E2EMultiSAETrainer
+        self.multi_trainer = trainer = trainer_class(
+            trainer_config_for_rank(cfg, main),
             self.saes,
             tokens,
             step_pass,
             max_grad_norm=cfg.max_grad_norm,
             training_log_path=log,
-            periodic_eval=self._evaluate_during_training,
+            # Evaluation is rank 0's alone: the others wait (within distributed_timeout_s).
+            periodic_eval=self._evaluate_during_training if main else None,
             eval_every_n_steps=cfg.eval_every_n_steps,
+            **parallel,
         )
         if self.resume_checkpoint is not None:
             logger.info(f"resuming from checkpoint {self.resume_checkpoint}")
@@ -204,6 +218,13 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             log.unlink(missing_ok=True)
         # The single runner's signal handling: finish the step, checkpoint, stop.
         self.run_trainer_with_interruption_handling(trainer)  # type: ignore[arg-type]
+        if main:
+            self._export_and_evaluate(trainer)
+        barrier(self.context, "rank 0 exporting and evaluating the SAEs")
+        return self.saes
+
+    def _export_and_evaluate(self, trainer: E2EMultiSAETrainer) -> None:
+        cfg = self.cfg
         if cfg.output_path is not None:
             for name in self.saes:
                 self._export(name)
@@ -216,7 +237,6 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             self._final_evaluation()
         if cfg.logger.log_to_wandb:
             wandb.finish()
-        return self.saes
 
     def _export(self, name: str) -> None:
         assert self.cfg.output_path is not None and self.multi_trainer is not None

@@ -205,7 +205,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         parallel = {"context": self.context} if self.context.is_distributed else {}
         trainer_class = DataParallelE2ESAETrainer if parallel else E2ESAETrainer
         self.trainer = trainer = trainer_class(
-            cfg=_trainer_config(self.cfg, main),
+            cfg=trainer_config_for_rank(self.cfg, main),
             sae=self.sae,
             data_provider=tokens,
             model=self.model,
@@ -383,7 +383,7 @@ def objective_metadata(
     }
 
 
-def _trainer_config(cfg: E2ERunnerConfig[Any], main: bool) -> SAETrainerConfig:
+def trainer_config_for_rank(cfg: E2ERunnerConfig[Any], main: bool) -> SAETrainerConfig:
     """The trainer's config; ranks other than 0 log nothing to wandb (rank 0 logs the run)."""
     trainer_cfg = cfg.to_sae_trainer_config()
     if main or not trainer_cfg.logger.log_to_wandb:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
+from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.distributed import (
@@ -75,11 +76,7 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         return super().fit()
 
     def _agree_on_stop(self) -> None:
-        # A stop request (SIGINT/SIGTERM) reaches the ranks at different moments; all stop
-        # before the same step, or the ranks would wait at different collectives.
-        stop = torch.tensor([float(self.stop_requested)], device=self.cfg.device)
-        all_reduce(stop, self.context, dist.ReduceOp.MAX, "agreeing whether to stop")
-        self.stop_requested = bool(stop.item())
+        self.stop_requested = any_rank_stops(self.stop_requested, self.context, self.cfg.device)
 
     def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
         self._agree_on_stop()
@@ -108,51 +105,18 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         return self._global_losses(output)
 
     def _global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
-        names = list(output.losses)
-        # One collective for the total and every term: [1 + terms] means over the ranks.
-        local = torch.stack([output.loss.detach(), *(output.losses[n].detach() for n in names)])
-        means = mean_over_ranks(local, self.context, "averaging the loss terms")
-        return dataclasses.replace(
-            output, loss=means[0], losses={n: means[1 + i] for i, n in enumerate(names)}
-        )
+        return global_loss_means({"": output}, self.context)[""]
 
     def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
-        # The SAE's terms are means over this rank's selected rows; with excluded token ids
-        # the ranks select different numbers of rows, and the global mean over rows weighs
-        # each rank's mean by its rows: n_rank × world / n_global (1 when all are equal).
         if not self.positions.selects_all:
-            rows = torch.tensor([float(output.feature_acts.shape[0])], device=output.loss.device)
-            total = all_reduce(rows.clone(), self.context, dist.ReduceOp.SUM, "counting rows")
-            weight = rows * self.context.world_size / total
-            output.loss = output.loss * weight[0]
-            output.losses = {name: term * weight[0] for name, term in output.losses.items()}
+            output = weigh_by_rows(output, self.context)
         return super()._combine(output, terms)
 
     def _average_gradient(self, parameter: torch.Tensor) -> None:
-        assert parameter.grad is not None
-        all_reduce(parameter.grad, self.context, dist.ReduceOp.SUM, "averaging gradients")
-        parameter.grad.div_(self.context.world_size)
+        average_gradient(parameter, self.context)
 
-    @torch.no_grad()
     def _update_feature_statistics(self, feature_acts: torch.Tensor) -> None:
-        # SAETrainer's bookkeeping with the counts of the global batch: [d_sae + 1] = per-
-        # feature firing counts, then the rows seen, summed over the ranks in one collective.
-        firing = feature_acts.bool().float()
-        per_feature = firing.sum(0)
-        if per_feature.is_sparse:
-            per_feature = per_feature.to_dense()
-        rows = torch.tensor([float(firing.shape[0])], device=per_feature.device)
-        counts = all_reduce(
-            torch.cat([per_feature, rows]),
-            self.context,
-            dist.ReduceOp.SUM,
-            "summing the firing statistics",
-        )
-        fired = counts[:-1]
-        since_fired: torch.Tensor = self.n_forward_passes_since_fired
-        since_fired.add_(1).masked_fill_(fired > 0, 0)
-        self.act_freq_scores += fired
-        self.n_frac_active_samples += int(counts[-1].item())
+        update_global_feature_statistics(self, feature_acts, self.context)
 
     def save_checkpoint(
         self,
@@ -167,6 +131,80 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         base = base_path if base_path is not None else self.cfg.checkpoint_path
         if base is not None:
             self.last_checkpoint = Path(base) / checkpoint_name
+
+
+def any_rank_stops(requested: bool, context: DistributedContext, device: str) -> bool:
+    """Whether any rank was asked to stop (SIGINT/SIGTERM) before this step.
+
+    A stop request reaches the ranks at different moments; all stop before the same step, or
+    the ranks would wait at different collectives."""
+    stop = torch.tensor([float(requested)], device=device)
+    all_reduce(stop, context, dist.ReduceOp.MAX, "agreeing whether to stop")
+    return bool(stop.item())
+
+
+def global_loss_means(
+    outputs: dict[str, TrainStepOutput], context: DistributedContext
+) -> dict[str, TrainStepOutput]:
+    """Each output's total and terms replaced by their means over the ranks (one collective
+    for every SAE's [1 + terms] numbers)."""
+    names = {key: list(output.losses) for key, output in outputs.items()}
+    local = torch.stack(
+        [
+            value.detach()
+            for key, output in outputs.items()
+            for value in (output.loss, *(output.losses[n] for n in names[key]))
+        ]
+    )
+    means = iter(mean_over_ranks(local, context, "averaging the loss terms"))
+    global_outputs = {}
+    for key, output in outputs.items():
+        loss = next(means)
+        losses = {name: next(means) for name in names[key]}
+        global_outputs[key] = dataclasses.replace(output, loss=loss, losses=losses)
+    return global_outputs
+
+
+def weigh_by_rows(output: TrainStepOutput, context: DistributedContext) -> TrainStepOutput:
+    """The SAE's terms weighted by this rank's share of the global batch's selected rows.
+
+    They are means over this rank's selected rows; with excluded token ids the ranks select
+    different numbers of rows, and the global mean over rows weighs each rank's mean by its
+    rows: n_rank × world / n_global (1 when all are equal)."""
+    rows = torch.tensor([float(output.feature_acts.shape[0])], device=output.loss.device)
+    total = all_reduce(rows.clone(), context, dist.ReduceOp.SUM, "counting rows")
+    weight = (rows * context.world_size / total)[0]
+    losses = {name: term * weight for name, term in output.losses.items()}
+    return dataclasses.replace(output, loss=output.loss * weight, losses=losses)
+
+
+def average_gradient(parameter: torch.Tensor, context: DistributedContext) -> None:
+    """A parameter's accumulated gradient replaced by its mean over the ranks (a
+    post-accumulate-grad hook, so the all-reduce overlaps the rest of the backward pass)."""
+    assert parameter.grad is not None
+    all_reduce(parameter.grad, context, dist.ReduceOp.SUM, "averaging gradients")
+    parameter.grad.div_(context.world_size)
+
+
+@torch.no_grad()
+def update_global_feature_statistics(
+    trainer: SAETrainer[Any, Any], feature_acts: torch.Tensor, context: DistributedContext
+) -> None:
+    """SAETrainer's dead-feature bookkeeping with the counts of the global batch."""
+    # [d_sae + 1] = per-feature firing counts, then the rows seen, summed in one collective.
+    firing = feature_acts.bool().float()
+    per_feature = firing.sum(0)
+    if per_feature.is_sparse:
+        per_feature = per_feature.to_dense()
+    rows = torch.tensor([float(firing.shape[0])], device=per_feature.device)
+    counts = all_reduce(
+        torch.cat([per_feature, rows]), context, dist.ReduceOp.SUM, "summing the firing statistics"
+    )
+    fired = counts[:-1]
+    since_fired: torch.Tensor = trainer.n_forward_passes_since_fired
+    since_fired.add_(1).masked_fill_(fired > 0, 0)
+    trainer.act_freq_scores += fired
+    trainer.n_frac_active_samples += int(counts[-1].item())
 
 
 def make_batch_level_state_global(sae: TrainingSAE[Any], context: DistributedContext) -> None:

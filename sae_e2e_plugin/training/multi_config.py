@@ -52,6 +52,14 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
     alone into its own continuation from a shared prefix and one shared clean run — the same
     SAEs as one run per SAE, for less compute. See docs/multi_sae.md."""
 
+    share_clean_log_probs: bool = True
+    """``splice="independent"`` with a KL objective: make the clean run's next-token
+    log-probabilities once per batch and let every SAE's KL read them, instead of each KL
+    running the model's head on the clean residual again (saves one head pass per chunk
+    for every SAE after the first; same numbers bit for bit). Costs 4 bytes × batch tokens
+    × vocab of memory for the step (e.g. 0.8 GiB for 4,096 tokens of a 49,152-token
+    vocabulary); set False where that does not fit."""
+
     def __post_init__(self) -> None:
         if self.sae is not None:
             raise ValueError(

@@ -4,9 +4,11 @@
 SAE's training output; the coordinator (``training.multi_trainer``) checks the losses, updates
 the dead-feature statistics and steps each SAE's own optimizer.
 
-- Independent: one shared prefix and clean run; then, SAE by SAE, the SAE's training forward
-  pass on its hook's clean activation, the objective on its own continuation (exactly what a
-  single run computes), and its backward pass (so one SAE's graph is freed before the next).
+- Independent: one shared prefix and clean run (and, for a KL objective, the clean
+  log-probabilities, made once for every SAE's KL); then, SAE by SAE, the SAE's training
+  forward pass on its hook's clean activation, the objective on its own continuation (exactly
+  what a single run computes), and its backward pass (so one SAE's graph is freed before the
+  next).
 - Joint: one patched run from the shared prefix in which each SAE's training forward pass runs
   at its hook on the activation arriving there; one KL (and downstream terms) for all; one
   backward pass of the sum of every SAE's own terms and the shared ones.
@@ -14,7 +16,8 @@ the dead-feature statistics and steps each SAE's own optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -25,7 +28,12 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, downstream_loss, mse_mean
+from sae_e2e_plugin.core.losses import (
+    chunked_kl_orig_to_patched,
+    clean_log_probs,
+    downstream_loss,
+    mse_mean,
+)
 from sae_e2e_plugin.core.multi_splice import (
     MultiCleanRun,
     MultiSplicePlan,
@@ -62,6 +70,11 @@ class MultiStepPass:
     kl_mse_balance: Literal["fixed", "adaptive"]
     positions: PositionFilter
     timer: PhaseTimer = NO_TIMING
+    share_clean_log_probs: bool = True
+    """Independent splice: make the clean log-probabilities once for every SAE's KL."""
+    weigh_sae_terms: Callable[[TrainStepOutput], TrainStepOutput] | None = None
+    """Applied to each SAE's own output before its terms are combined (a data-parallel run
+    weighs them by this rank's share of the selected rows)."""
 
     def run(
         self, tokens: torch.Tensor, trainers: Mapping[str, SAETrainer[Any, Any]]
@@ -85,6 +98,7 @@ class MultiStepPass:
             clean = run_clean_multi(
                 self.model, prefix, self.plan, full=self.objective.needs_full_run
             )
+        clean = self._with_log_probs(clean)
         outputs = {}
         for name, plan in self.plan.plans.items():
             trainer = trainers[name]
@@ -102,6 +116,24 @@ class MultiStepPass:
                 output.loss.backward()
             outputs[name] = output
         return outputs
+
+    def _with_log_probs(self, clean: MultiCleanRun) -> MultiCleanRun:
+        params = self.objective.params
+        shared = (
+            self.share_clean_log_probs
+            and len(self.plan.plans) > 1
+            and isinstance(params, E2EParams)
+            and clean.final_resid is not None
+        )
+        if not shared:
+            return clean
+        assert isinstance(params, E2EParams) and clean.final_resid is not None
+        tokens = "batch pos d_model -> (batch pos) d_model"
+        with self.timer.phase("clean log-probabilities"):
+            log_probs = clean_log_probs(
+                rearrange(clean.final_resid, tokens), model_head(self.model), params.kl_chunk_size
+            )
+        return dataclasses.replace(clean, log_probs=log_probs)
 
     def _joint(
         self,
@@ -186,6 +218,8 @@ class MultiStepPass:
         )
         with self.timer.phase("SAE training forward"):
             output = sae.training_forward_pass(step_input=step_input)
+        if self.weigh_sae_terms is not None:
+            output = self.weigh_sae_terms(output)
         rows = trainer.activation_scaler.unscale(output.sae_out).to(acts.device)
         if mask is None:
             shape = "(batch pos) d_in -> batch pos d_in"

@@ -139,10 +139,12 @@ class E2EMultiSAETrainer:
         self.n_training_samples += tokens.numel()
         for trainer in self.trainers.values():
             trainer.n_training_samples += tokens.numel()
-        outputs = self.step_pass.run(tokens, self.trainers)
+        outputs = self._global_outputs(
+            self.step_pass.run(self._rows_of_this_process(tokens), self.trainers)
+        )
         self._check_finite(outputs)
         for name, output in outputs.items():
-            update_feature_statistics(self.trainers[name], output.feature_acts)
+            self._update_feature_statistics(name, output.feature_acts)
             self._apply_gradients(name)
         self.n_steps_taken += 1
         self.last_losses = {name: _terms(output) for name, output in outputs.items()}
@@ -152,6 +154,17 @@ class E2EMultiSAETrainer:
         if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
             self.periodic_eval(self)
         return outputs
+
+    # Seams for a data-parallel subclass (training.data_parallel_multi): this process' rows of
+    # the batch, each SAE's logged terms over the whole batch, its firing statistics.
+    def _rows_of_this_process(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def _global_outputs(self, outputs: dict[str, TrainStepOutput]) -> dict[str, TrainStepOutput]:
+        return outputs
+
+    def _update_feature_statistics(self, name: str, feature_acts: torch.Tensor) -> None:
+        update_feature_statistics(self.trainers[name], feature_acts)
 
     @torch.no_grad()
     def _log_to_wandb(

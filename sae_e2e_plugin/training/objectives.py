@@ -331,9 +331,10 @@ def _run_patched(inputs: ObjectiveInputs[E2EParams]) -> PatchedRun:
 def _kl(inputs: ObjectiveInputs[E2EParams], patched_final_resid: torch.Tensor) -> torch.Tensor:
     assert inputs.clean.final_resid is not None  # needs_full_run: the clean run reached the end
     tokens = "batch pos d_model -> (batch pos) d_model"
+    clean = inputs.clean.log_probs
     with inputs.timer.phase("KL"):
         return chunked_kl_orig_to_patched(
-            rearrange(inputs.clean.final_resid, tokens),
+            rearrange(inputs.clean.final_resid, tokens) if clean is None else clean,
             rearrange(patched_final_resid, tokens),
             model_head(inputs.model, inputs.plan),
             chunk_size=inputs.params.kl_chunk_size,
