@@ -10,7 +10,11 @@ No module of the package imports this one.
 """
 
 from sae_e2e_plugin.assets.corpora import load_builtin_dataset
-from sae_e2e_plugin.assets.model import load_builtin_model
+from sae_e2e_plugin.assets.model import (
+    builtin_hf_model_folder,
+    load_builtin_hf_model,
+    load_builtin_model,
+)
 from sae_e2e_plugin.core.losses import (
     CleanLogProbs,
     chunked_kl_orig_to_patched,
@@ -55,6 +59,7 @@ __all__ = [
     "PhaseTimer",
     "__version__",
     "available_objectives",
+    "builtin_hf_model_folder",
     "chunked_kl_orig_to_patched",
     "clean_log_probs",
     "convert_reference_checkpoint",
@@ -62,6 +67,7 @@ __all__ = [
     "evaluate_saes_jointly",
     "kl_orig_to_patched",
     "load_builtin_dataset",
+    "load_builtin_hf_model",
     "load_builtin_model",
     "reference_format_disk_loader",
     "reference_format_loader",

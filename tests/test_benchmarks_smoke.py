@@ -119,3 +119,20 @@ def test_the_device_check_runs_quick_on_the_cpu_into_one_folder(tmp_path: Path) 
     )
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_hf_vs_hooked_benchmark_runs_one_step_on_each_path() -> None:
+    pytest.importorskip("gguf", reason="the bundled model needs the [demo] extra")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_hf.py"), "--batch", "1", "--seq", "8"]
+        + ["--layer", "2", "--steps", "1", "--reps", "1", "--warmup", "1", "--dict-ratio", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["hooks"] == {"hooked": "blocks.2.hook_resid_pre", "hf": "model.layers.1"}
+    first = result["first_step_losses"]
+    assert first["hf"]["kl_loss"] == pytest.approx(first["hooked"]["kl_loss"], rel=1e-4)
+    assert all(v > 0 for v in result["tokens_per_s_median"].values())

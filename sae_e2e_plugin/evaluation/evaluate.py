@@ -12,7 +12,7 @@ averages over every token seen.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -20,25 +20,24 @@ import torch
 from einops import rearrange
 from sae_lens import SAE
 from sae_lens.training.activation_scaler import ActivationScaler
-from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.losses import chunk_rows, kl_orig_to_patched_sum
-from sae_e2e_plugin.core.positions import (
-    ALL_POSITIONS,
-    PositionFilter,
-    selected_positions,
-    with_reconstruction,
-)
-from sae_e2e_plugin.core.splice import (
-    Prefix,
-    SplicePlan,
-    flatten_heads,
+from sae_e2e_plugin.core.model_splice import (
+    is_spliceable,
+    model_facts,
     model_head,
     plan_splice,
     run_clean,
     run_patched,
     run_prefix,
 )
+from sae_e2e_plugin.core.positions import (
+    ALL_POSITIONS,
+    PositionFilter,
+    selected_positions,
+    with_reconstruction,
+)
+from sae_e2e_plugin.core.splice import SplicePlan, flatten_heads
 from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import (
     DEFAULT_ALIVE_WINDOW_TOKENS,
@@ -62,7 +61,7 @@ from sae_e2e_plugin.evaluation.parts import (
 @overload
 def evaluate_sae(
     sae: SAE[Any],
-    model: HookedTransformer,
+    model: Any,
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_name: str | None = ...,
@@ -79,7 +78,7 @@ def evaluate_sae(
 @overload
 def evaluate_sae(
     sae: Mapping[str, SAE[Any]],
-    model: HookedTransformer,
+    model: Any,
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_name: str | None = ...,
@@ -96,7 +95,7 @@ def evaluate_sae(
 @torch.no_grad()
 def evaluate_sae(
     sae: SAE[Any] | Mapping[str, SAE[Any]],
-    model: HookedTransformer,
+    model: Any,
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_name: str | None = None,
@@ -119,7 +118,9 @@ def evaluate_sae(
             (``evaluation.joint.evaluate_saes_jointly``, at ``hook_names`` or each SAE's
             metadata hook), returning a ``JointEvalResult``; ``downstream_hooks``,
             ``alive_window_tokens`` and ``activation_scaler`` do not apply there.
-        model: the language model, a ``HookedTransformer``.
+        model: the language model: a ``HookedTransformer``, or a Hugging Face causal LM
+            (SAELens' ``HookedProxyLM`` or a bare ``transformers`` model; hook names are
+            module paths such as ``model.layers.14``).
         token_batches: an iterable of integer tensors of shape (batch, pos), pos ≥ 2,
             or one such tensor (one batch). Explained variance uses each batch's own
             mean, so batch size is part of the definition (the reference used its
@@ -161,6 +162,11 @@ def evaluate_sae(
             logits_chunk_size=logits_chunk_size,
             positions=positions,
         )
+    if not is_spliceable(model):
+        raise ValueError(
+            f"model is a {type(model).__name__}; evaluate_sae runs a HookedTransformer or a "
+            "Hugging Face causal LM (SAELens' HookedProxyLM). Load it with SAELens' load_model."
+        )
     hook_name = resolve_hook_name(sae, hook_name)
     check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens)
     plan = plan_splice(model, hook_name, downstream_hooks, d_in=sae.cfg.d_in)
@@ -171,7 +177,7 @@ def evaluate_sae(
                 sae,
                 model,
                 plan,
-                tokens.to(model.cfg.device),
+                tokens.to(model_facts(model).device),
                 totals,
                 activation_scaler,
                 logits_chunk_size,
@@ -267,7 +273,7 @@ class _Totals:
 
 def _evaluate_batch(
     sae: SAE[Any],
-    model: HookedTransformer,
+    model: Any,
     plan: SplicePlan,
     tokens: torch.Tensor,
     totals: _Totals,
@@ -277,7 +283,7 @@ def _evaluate_batch(
 ) -> None:
     """Clean, spliced and zero-ablated runs of one batch from a shared prefix; add to totals."""
     batch, pos = tokens.shape
-    prefix = run_prefix(model, tokens, plan.start_layer)
+    prefix = run_prefix(model, tokens, plan)
     clean = run_clean(model, prefix, plan, full=True)
     if positions.selects_all:
         sae_in = clean.acts
@@ -307,20 +313,24 @@ def _evaluate_batch(
     for name in plan.downstream_hooks:
         totals.add_downstream(name, spliced.downstream[name], clean.downstream[name])
     _add_output_metrics(
-        model, tokens, clean.final_resid, spliced.final_resid, ablated_final, totals, chunk_size
+        model_head(model, plan),
+        tokens,
+        clean.final_resid,
+        spliced.final_resid,
+        ablated_final,
+        totals,
+        chunk_size,
     )
 
 
-def _run_ablated(
-    model: HookedTransformer, prefix: Prefix, plan: SplicePlan, acts: torch.Tensor
-) -> torch.Tensor:
+def _run_ablated(model: Any, prefix: Any, plan: SplicePlan, acts: torch.Tensor) -> torch.Tensor:
     """Final residual [batch, pos, d_model] with the hook's activation replaced by zeros."""
     no_downstream = dataclasses.replace(plan, downstream_hooks=())
     return run_patched(model, prefix, no_downstream, torch.zeros_like(acts)).final_resid
 
 
 def _add_output_metrics(
-    model: HookedTransformer,
+    head: Callable[[torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
     clean: torch.Tensor,
     spliced: torch.Tensor,
@@ -329,8 +339,8 @@ def _add_output_metrics(
     chunk_size: int,
 ) -> None:
     """CE and KL sums over the batch, a chunk of tokens' logits at a time."""
-    head = model_head(model)
     targets = rearrange(next_token_targets(tokens), "batch pos -> (batch pos)")
+    targets = targets.to(clean.device)
     flat = (
         rearrange(r, "batch pos d_model -> (batch pos) d_model") for r in (clean, spliced, ablated)
     )

@@ -127,6 +127,12 @@ def evaluate_saes_jointly(
     """
     if not saes:
         raise ValueError("saes is empty; pass {name: SAE} with at least one SAE.")
+    if not isinstance(model, HookedTransformer):
+        raise ValueError(
+            f"model is a {type(model).__name__}; several SAEs spliced in together need a "
+            "HookedTransformer (model_class_name='HookedTransformer'). Evaluate each SAE alone "
+            "with evaluate_sae on a Hugging Face model."
+        )
     hooks = {
         name: resolve_hook_name(sae, (hook_names or {}).get(name)) for name, sae in saes.items()
     }

@@ -15,7 +15,6 @@ from einops import rearrange
 from sae_lens import SAE
 from sae_lens.saes.transcoder import Transcoder
 from sae_lens.training.activation_scaler import ActivationScaler
-from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.evaluation.metrics import IGNORE_TARGET
 
@@ -24,7 +23,7 @@ _SCALED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
 
 def encode_decode(
     sae: SAE[Any],
-    model: HookedTransformer,
+    model: Any,
     acts: torch.Tensor,
     scaler: ActivationScaler | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

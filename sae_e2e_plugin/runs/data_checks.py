@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens import HookedTransformer
+
+from sae_e2e_plugin.core.model_splice import model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +54,24 @@ def check_dataset(cfg: Any, dataset: Any, name: str) -> None:
 
 
 def check_model_and_data(
-    cfg: Any, model: HookedTransformer, store: ActivationsStore, name: str, builtin: bool
+    cfg: Any, model: Any, store: ActivationsStore, name: str, builtin: bool
 ) -> None:
     """Refuse a context longer than the model's, token ids outside its vocabulary and
     held-out sequences that do not fit in the dataset.
 
     ``builtin``: the data is a built-in corpus, whose held-out sequences come from its own
     eval split (checked where they are read), not from the training stream."""
-    if cfg.context_size > model.cfg.n_ctx:
+    facts = model_facts(model)
+    if facts.n_ctx is not None and cfg.context_size > facts.n_ctx:
         raise ValueError(
             f"context_size={cfg.context_size} is longer than the model's n_ctx="
-            f"{model.cfg.n_ctx} (the positions it was built for); use context_size <= "
-            f"{model.cfg.n_ctx}."
+            f"{facts.n_ctx} (the positions it was built for); use context_size <= "
+            f"{facts.n_ctx}."
         )
     dataset = store.dataset
     if dataset is None or not store.is_dataset_tokenized:
         return
-    check_token_range(_token_id_range(dataset, store.tokens_column), model.cfg.d_vocab, name)
+    check_token_range(_token_id_range(dataset, store.tokens_column), facts.d_vocab, name)
     if isinstance(dataset, Dataset) and cfg.eval_dataset_path is None and not builtin:
         _check_held_out_fits(cfg, len(dataset), name)
 

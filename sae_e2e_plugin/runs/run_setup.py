@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from sae_lens.config import HfDataset
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
 from sae_e2e_plugin.assets.language_model import load_language_model
@@ -23,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 def resolve_builtins(
     cfg: E2ERunnerConfig[Any],
-    model: HookedTransformer | None,
+    model: Any,
     dataset: HfDataset | None,
-) -> tuple[HookedTransformer | None, HfDataset | None]:
+) -> tuple[Any, HfDataset | None]:
     """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one.
 
     SAELens loads any other model itself; a built-in corpus needs the model's tokenizer, so
@@ -89,7 +88,7 @@ def position_filter(cfg: E2ERunnerConfig[Any], store: ActivationsStore) -> Posit
 
 def held_out_tokens(
     cfg: E2ERunnerConfig[Any],
-    model: HookedTransformer,
+    model: Any,
     store: ActivationsStore,
     *,
     training_on_it: bool,

@@ -23,11 +23,10 @@ from sae_lens import SAE, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activation_scaler import ActivationScaler
-from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset
+from sae_e2e_plugin.core.model_splice import is_spliceable, plan_splice
 from sae_e2e_plugin.core.positions import PositionFilter
-from sae_e2e_plugin.core.splice import plan_splice
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
@@ -68,14 +67,15 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
     """Train an SAE with an end-to-end objective; ``run()`` returns it and writes it to ``output_path``."""
 
     cfg: E2ERunnerConfig[Any]
-    model: HookedTransformer
+    model: Any
+    """A ``HookedTransformer``, or SAELens' ``HookedProxyLM`` around a Hugging Face model."""
     trains_several_saes = False
     """Whether the runner trains every SAE of an ``E2EMultiRunnerConfig`` (the multi runner)."""
 
     def __init__(
         self,
         cfg: E2ERunnerConfig[Any],
-        override_model: HookedTransformer | None = None,
+        override_model: Any = None,
         override_dataset: HfDataset | None = None,
         override_sae: TrainingSAE[Any] | None = None,
     ) -> None:
@@ -125,10 +125,11 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             override_model=override_model,
             override_sae=override_sae,
         )
-        if not isinstance(self.model, HookedTransformer):
+        if not is_spliceable(self.model):
             raise ValueError(
                 f"the model is a {type(self.model).__name__}; end-to-end training needs a "
-                "TransformerLens HookedTransformer (start_at_layer)."
+                "TransformerLens HookedTransformer or a Hugging Face causal LM "
+                "(model_class_name='AutoModelForCausalLM')."
             )
         check_model_and_data(
             cfg, self.model, self.activations_store, data_name, builtin=self._builtin_dataset

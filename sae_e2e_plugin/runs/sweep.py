@@ -154,9 +154,14 @@ def _default_runner_factory() -> Callable[[Any], Any]:
         # Built-in models load once and are shared by every run of the sweep.
         model = None
         if is_builtin_model(cfg.model_name):
-            if cfg.model_name not in models:
-                models[cfg.model_name] = load_language_model(cfg.model_name, device=cfg.llm_device)
-            model = models[cfg.model_name]
+            key = f"{cfg.model_name}/{cfg.model_class_name}"
+            if key not in models:
+                models[key] = load_language_model(
+                    cfg.model_name,
+                    model_class_name=cfg.model_class_name,
+                    device=cfg.llm_device,
+                )
+            model = models[key]
         return E2ESAETrainingRunner(cfg, override_model=model)
 
     return make

@@ -18,6 +18,7 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
+from sae_e2e_plugin.core.model_splice import check_model_class
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
 from sae_e2e_plugin.training.numbers import (
     check_coefficient,
@@ -49,6 +50,12 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     trains on ``train_batch_size_tokens // context_size`` whole sequences.
     """
 
+    model_class_name: str = "HookedTransformer"
+    """How SAELens loads the model: "HookedTransformer" (TransformerLens; hooks such as
+    "blocks.6.hook_resid_pre") or "AutoModelForCausalLM" (a Hugging Face causal LM in
+    SAELens' HookedProxyLM; hooks are module paths such as "model.layers.14", whose output
+    the SAE reads and replaces; docs/hf_models.md). Other classes are refused."""
+
     loss: LossName = "e2e"
     """Training objective. "local": SAELens' reconstruction MSE at the hook.
     "e2e": KL(p_orig ‖ p_patched) of the next-token distributions with the SAE's
@@ -67,7 +74,8 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
     downstream_hooks: list[str] | None = None
     """Hooks compared in "e2e_downstream". None: every residual-stream hook after
-    the SAE's (``blocks.k.hook_resid_post`` for each later block output)."""
+    the SAE's (``blocks.k.hook_resid_post`` for each later block output; on a Hugging Face
+    model, each later decoder layer's output, ``model.layers.k``)."""
 
     local_mse_coefficient: float = 0.0
     """Weight of SAELens' local reconstruction MSE (summed over d_in, averaged over
@@ -286,6 +294,7 @@ def _check_devices(cfg: E2ERunnerConfig[Any]) -> None:
 
 
 def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
+    check_model_class(cfg.model_class_name)
     norm = cfg.sae.normalize_activations
     if norm not in SUPPORTED_NORMALIZATIONS:
         raise ValueError(
@@ -315,11 +324,6 @@ def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
             cfg.compile_llm,
             "compile_llm=True",
             "SAELens compiles run_with_cache, which e2e does not use; set compile_llm=False",
-        ),
-        (
-            cfg.model_class_name != "HookedTransformer",
-            f"model_class_name={cfg.model_class_name!r}",
-            "the shared-prefix splice needs TransformerLens' HookedTransformer",
         ),
     ]
     for refused, setting, fix in refusals:

@@ -180,6 +180,12 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
             "compile_sae=True",
             "set compile_sae=False",
         ),
+        (
+            cfg.model_class_name != "HookedTransformer",
+            f"model_class_name={cfg.model_class_name!r}",
+            "several SAEs per run splice into a HookedTransformer only so far; use "
+            "model_class_name='HookedTransformer' or train each SAE in its own run",
+        ),
     ]
     if cfg.splice == "joint":
         refusals += [

@@ -22,7 +22,6 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 from einops import rearrange
 from sae_lens.saes.sae import TrainStepOutput
-from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.losses import (
     adaptive_kl_mse,
@@ -30,14 +29,8 @@ from sae_e2e_plugin.core.losses import (
     downstream_loss,
     mse_mean,
 )
-from sae_e2e_plugin.core.splice import (
-    CleanRun,
-    PatchedRun,
-    Prefix,
-    SplicePlan,
-    model_head,
-    run_patched,
-)
+from sae_e2e_plugin.core.model_splice import model_head, run_patched
+from sae_e2e_plugin.core.splice import CleanRun, PatchedRun, SplicePlan
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 
 P_co = TypeVar("P_co", covariant=True)
@@ -74,10 +67,10 @@ class E2EDownstreamParams(E2EParams):
 class ObjectiveInputs(Generic[P_co]):
     """What an objective sees in one training step."""
 
-    model: HookedTransformer
-    """The frozen language model."""
-    prefix: Prefix
-    """The shared state entering the SAE's block (pass it to ``run_patched``)."""
+    model: Any
+    """The frozen language model (a ``HookedTransformer`` or a Hugging Face model)."""
+    prefix: Any
+    """The shared state entering the SAE's block (pass it to ``core.model_splice.run_patched``)."""
     plan: SplicePlan
     """The SAE's hook and the downstream hooks."""
     clean: CleanRun
@@ -143,8 +136,8 @@ class ResolvedObjective:
 
     def __call__(
         self,
-        model: HookedTransformer,
-        prefix: Prefix,
+        model: Any,
+        prefix: Any,
         plan: SplicePlan,
         clean: CleanRun,
         reconstruction: torch.Tensor,
@@ -260,7 +253,8 @@ def combine_terms(
         else:
             output.losses["mse_loss"] = local_mse_weight * mse
     for name, term in terms.losses.items():
-        loss = loss + term
+        # With a device_map the objective's terms sit where the model's head does.
+        loss = loss + term.to(loss.device)
         output.losses[name] = term
     output.metrics.update(terms.metrics)
     output.loss = loss
@@ -342,7 +336,7 @@ def _kl(inputs: ObjectiveInputs[E2EParams], patched_final_resid: torch.Tensor) -
         return chunked_kl_orig_to_patched(
             rearrange(inputs.clean.final_resid, tokens) if clean is None else clean,
             rearrange(patched_final_resid, tokens),
-            model_head(inputs.model),
+            model_head(inputs.model, inputs.plan),
             chunk_size=inputs.params.kl_chunk_size,
             compile_kernel=inputs.params.compile_kl,
         )

@@ -29,8 +29,8 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer, SaveCheckpointFn
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from sae_e2e_plugin.core.model_splice import model_facts, run_clean, run_prefix
 from sae_e2e_plugin.core.positions import (
     ALL_POSITIONS,
     PositionFilter,
@@ -38,7 +38,7 @@ from sae_e2e_plugin.core.positions import (
     step_mask,
     with_reconstruction,
 )
-from sae_e2e_plugin.core.splice import CleanRun, Prefix, SplicePlan, run_clean, run_prefix
+from sae_e2e_plugin.core.splice import CleanRun, SplicePlan
 from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME
 from sae_e2e_plugin.training.checkpoints import (
     read_e2e_trainer_state,
@@ -79,7 +79,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         cfg: SAETrainerConfig,
         sae: TrainingSAE[Any],
         data_provider: Iterator[torch.Tensor],
-        model: HookedTransformer,
+        model: Any,
         plan: SplicePlan,
         e2e_cfg: E2ERunnerConfig[Any],
         objective: ResolvedObjective,
@@ -116,6 +116,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         self.last_phase: Phase = self.schedule.phase(0)
         """The phase of the latest step (progress bar, wandb)."""
         self.model = freeze(model)
+        """The frozen language model: a ``HookedTransformer`` or a Hugging Face model."""
+        self.model_facts = model_facts(model)
+        """Where tokens go and the vocabulary size (``core.model_splice.model_facts``)."""
         self.plan = plan
         self.e2e_cfg = e2e_cfg
         self.objective = objective
@@ -204,17 +207,18 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             )
         # An id outside the vocabulary would fail as an IndexError inside the embedding.
         low, high = (int(v) for v in torch.aminmax(batch))
-        if low < 0 or high >= self.model.cfg.d_vocab:
+        d_vocab = self.model_facts.d_vocab
+        if low < 0 or high >= d_vocab:
             raise ValueError(
                 f"token id {low if low < 0 else high} in this batch is outside the model's "
-                f"vocabulary of d_vocab={self.model.cfg.d_vocab}; tokenize the data with the "
+                f"vocabulary of d_vocab={d_vocab}; tokenize the data with the "
                 "model's own tokenizer."
             )
         if self.stop_requested:
             raise TrainingInterrupted(
                 f"training stopped on request before step {self.n_training_steps}"
             )
-        tokens = batch.to(self.model.cfg.device)
+        tokens = batch.to(self.model_facts.device)
         self.n_training_samples += tokens.numel()
         self.n_sequences_consumed += tokens.shape[0]
         return self._e2e_train_step(tokens)
@@ -228,7 +232,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
             with self.timer.phase("SAE training forward"):
                 output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
             # The SAE trains on scaled inputs; the model needs its own scale back.
-            recon_rows = self.activation_scaler.unscale(output.sae_out).to(self.model.cfg.device)
+            recon_rows = self.activation_scaler.unscale(output.sae_out).to(clean.acts.device)
             if mask is None:
                 reconstruction = rearrange(
                     recon_rows, "(batch pos) d_in -> batch pos d_in", batch=tokens.shape[0]
@@ -255,9 +259,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         append_row(self.training_log_path, row)
 
     @torch.no_grad()
-    def _clean_pass(self, tokens: torch.Tensor) -> tuple[Prefix, CleanRun]:
+    def _clean_pass(self, tokens: torch.Tensor) -> tuple[Any, CleanRun]:
         with self.timer.phase("shared prefix"):
-            prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+            prefix = run_prefix(self.model, tokens, self.plan)
         with self.timer.phase("clean continuation"):
             clean = run_clean(self.model, prefix, self.plan, full=self.objective.needs_full_run)
         return prefix, clean
@@ -310,10 +314,10 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def _activation_batches(self) -> Iterator[torch.Tensor]:
         """Activations at the SAE's hook, [tokens, d_in], for normalisation estimates."""
         while True:
-            tokens = next(self.tokens).to(self.model.cfg.device)
+            tokens = next(self.tokens).to(self.model_facts.device)
             self.n_sequences_consumed += tokens.shape[0]
             with torch.no_grad():
-                prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+                prefix = run_prefix(self.model, tokens, self.plan)
                 acts = run_clean(self.model, prefix, self.plan, full=False).acts
             yield selected_rows(acts, step_mask(tokens, self.positions))
 
@@ -388,7 +392,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         return row | {"details/e2e_phase": int(self.last_phase == "e2e")}
 
 
-def freeze(model: HookedTransformer) -> HookedTransformer:
+def freeze(model: Any) -> Any:
     """Put the language model in eval mode with no parameter requiring grad."""
     model.eval()
     for parameter in model.parameters():
