@@ -264,32 +264,46 @@ def test_hf_chunked_kl_equals_the_full_logits_kl(hf_model: Any, short_tokens: to
     )
 
 
+def hf_run_config(
+    sae: Any, *, context: int, rows: int, steps: int, **fields: Any
+) -> E2ERunnerConfig[Any]:
+    """A run on the built-in model loaded as a Hugging Face model: ``rows`` sequences of
+    ``context`` tokens per step for ``steps`` steps, at ``HF_HOOK``."""
+    defaults: dict[str, Any] = dict(
+        model_name="smollm2-135m",
+        model_class_name="AutoModelForCausalLM",
+        hook_name=HF_HOOK,
+        dataset_path="in-memory",
+        context_size=context,
+        prepend_bos=False,
+        train_batch_size_tokens=rows * context,
+        training_tokens=steps * rows * context,
+        store_batch_size_prompts=rows,
+        n_batches_in_buffer=4,
+        n_eval_batches=0,
+        checkpoint_path=None,
+        output_path=None,
+        logger=LoggingConfig(log_to_wandb=False),
+        verbose=False,
+    )
+    return E2ERunnerConfig(sae=sae, **(defaults | fields))
+
+
 def test_a_few_e2e_steps_on_the_hf_model_reduce_kl_and_the_export_loads_in_sae_lens(
     hf_model: Any, fixed_batch: Dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tokens = token_rows(fixed_batch)
     out = tmp_path / "out"
-    cfg = E2ERunnerConfig(
-        sae=sae_lens.StandardTrainingSAEConfig(
+    cfg = hf_run_config(
+        sae_lens.StandardTrainingSAEConfig(
             d_in=576, d_sae=1152, l1_coefficient=1e-4, apply_b_dec_to_input=False
         ),
-        model_name="smollm2-135m",
-        model_class_name="AutoModelForCausalLM",
-        hook_name=HF_HOOK,
-        dataset_path="in-memory",
-        context_size=CONTEXT,
-        prepend_bos=False,
-        train_batch_size_tokens=4 * CONTEXT,
-        training_tokens=8 * 4 * CONTEXT,
-        store_batch_size_prompts=4,
-        n_batches_in_buffer=4,
+        context=CONTEXT,
+        rows=4,
+        steps=8,
         lr=2e-3,
         loss="e2e",
-        n_eval_batches=0,
-        checkpoint_path=None,
         output_path=str(out),
-        logger=LoggingConfig(log_to_wandb=False),
-        verbose=False,
     )
     runner = E2ESAETrainingRunner(cfg, override_model=hf_model, override_dataset=fixed_batch)
     before = _hf_kl(hf_model, runner.sae, tokens)
@@ -320,27 +334,17 @@ def test_pretrained_sae_fine_tunes_on_the_hf_model(
     start = random_sae(seed=2)
     start.cfg.metadata.hook_name = HF_HOOK
     start.save_inference_model(str(tmp_path / "start"))
-    cfg = E2ERunnerConfig(
-        sae=sae_lens.StandardTrainingSAEConfig(d_in=576, d_sae=256, apply_b_dec_to_input=False),
-        model_name="smollm2-135m",
-        model_class_name="AutoModelForCausalLM",
-        hook_name=HF_HOOK,
-        pretrained_sae=str(tmp_path / "start"),
-        dataset_path="in-memory",
-        context_size=SHORT,
-        prepend_bos=False,
-        train_batch_size_tokens=2 * SHORT,
-        training_tokens=2 * 2 * SHORT,
-        store_batch_size_prompts=2,
-        n_batches_in_buffer=4,
+    cfg = hf_run_config(
+        sae_lens.StandardTrainingSAEConfig(d_in=576, d_sae=256, apply_b_dec_to_input=False),
+        context=SHORT,
+        rows=2,
+        steps=2,
         lr=1e-3,
         loss="e2e_downstream",
+        pretrained_sae=str(tmp_path / "start"),
         n_eval_batches=1,
         eval_batch_size_prompts=1,
-        checkpoint_path=None,
         output_path=str(tmp_path / "tuned"),
-        logger=LoggingConfig(log_to_wandb=False),
-        verbose=False,
     )
     rows = Dataset.from_dict({"tokens": token_rows(fixed_batch)[:, :SHORT].tolist() * 2})
     runner = E2ESAETrainingRunner(cfg, override_model=hf_model, override_dataset=rows)
@@ -365,27 +369,15 @@ def _hf_kl(hf_model: Any, sae: Any, tokens: torch.Tensor) -> float:
 
 def test_local_loss_trains_on_the_hf_model(hf_model: Any, fixed_batch: Dataset) -> None:
     rows = Dataset.from_dict({"tokens": token_rows(fixed_batch)[:2, :SHORT].tolist() * 4})
-    cfg = E2ERunnerConfig(
-        sae=sae_lens.StandardTrainingSAEConfig(
+    cfg = hf_run_config(
+        sae_lens.StandardTrainingSAEConfig(
             d_in=576, d_sae=256, l1_coefficient=1e-6, apply_b_dec_to_input=False
         ),
-        model_name="smollm2-135m",
-        model_class_name="AutoModelForCausalLM",
-        hook_name=HF_HOOK,
-        dataset_path="in-memory",
-        context_size=SHORT,
-        prepend_bos=False,
-        train_batch_size_tokens=2 * SHORT,
-        training_tokens=6 * 2 * SHORT,
-        store_batch_size_prompts=2,
-        n_batches_in_buffer=4,
+        context=SHORT,
+        rows=2,
+        steps=6,
         lr=3e-3,
         loss="local",
-        n_eval_batches=0,
-        checkpoint_path=None,
-        output_path=None,
-        logger=LoggingConfig(log_to_wandb=False),
-        verbose=False,
     )
     runner = E2ESAETrainingRunner(cfg, override_model=hf_model, override_dataset=rows)
     runner.run()
