@@ -414,6 +414,29 @@ def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None
     assert combined.metrics["local_mse"].item() == 3.0e6
 
 
+def test_logged_terms_are_each_terms_float_read_in_one_transfer() -> None:
+    from sae_lens.saes.sae import TrainStepOutput
+
+    from sae_e2e_plugin.training.training_log import logged_terms
+
+    mse, l1 = torch.tensor(3.0e6), torch.tensor(0.1234, dtype=torch.float64)
+    output = TrainStepOutput(
+        sae_in=torch.zeros(1),
+        sae_out=torch.zeros(1),
+        feature_acts=torch.zeros(1, 1),
+        hidden_pre=torch.zeros(1),
+        loss=(mse + l1.float()).requires_grad_(True),
+        losses={"mse_loss": mse, "l1_loss": l1},
+    )
+    terms = logged_terms(output)
+    assert list(terms) == ["total_loss", "mse_loss", "l1_loss"]
+    assert terms == {
+        "total_loss": float(output.loss.detach()),
+        "mse_loss": 3.0e6,
+        "l1_loss": float(l1.float()),  # read in float32, as the loss itself
+    }
+
+
 _sigint_calls = itertools.count()
 
 

@@ -41,7 +41,12 @@ from sae_e2e_plugin.training.trainer import (
     freeze,
     update_feature_statistics,
 )
-from sae_e2e_plugin.training.training_log import append_row, batch_l0, truncate_after
+from sae_e2e_plugin.training.training_log import (
+    append_row,
+    batch_l0,
+    logged_terms,
+    truncate_after,
+)
 
 
 class E2EMultiSAETrainer:
@@ -147,7 +152,7 @@ class E2EMultiSAETrainer:
             self._update_feature_statistics(name, output.feature_acts)
             self._apply_gradients(name)
         self.n_steps_taken += 1
-        self.last_losses = {name: _terms(output) for name, output in outputs.items()}
+        self.last_losses = {name: logged_terms(output) for name, output in outputs.items()}
         if self.training_log_path is not None:
             self._append_log_row(outputs)
         every = self.eval_every_n_steps
@@ -196,7 +201,7 @@ class E2EMultiSAETrainer:
         for name, output in outputs.items():
             if torch.isfinite(output.loss).item():
                 continue
-            terms = _terms(output)
+            terms = logged_terms(output)
             where = self.cfg.checkpoint_path or "(checkpointing is off)"
             raise NonFiniteLossError(
                 f"the training loss of SAE {name!r} became {terms['total_loss']} at step "
@@ -331,8 +336,3 @@ def read_multi_state(checkpoint: Path, names: list[str], mode: str) -> dict[str,
     if missing:
         raise ResumeError(f"{field} lacks the folders of SAEs {missing}; it is damaged.")
     return state
-
-
-def _terms(output: TrainStepOutput) -> dict[str, float]:
-    terms = {"total_loss": float(output.loss.detach())}
-    return terms | {name: float(value.detach()) for name, value in output.losses.items()}

@@ -52,6 +52,7 @@ from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.training_log import (
     append_row,
     batch_l0,
+    logged_terms,
     progress_summary,
     truncate_after,
 )
@@ -173,8 +174,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         else:
             output = self._e2e_step(batch)
         self.n_steps_taken += 1
-        self.last_losses = {"total_loss": float(output.loss.detach())}
-        self.last_losses |= {name: float(v.detach()) for name, v in output.losses.items()}
+        self.last_losses = logged_terms(output)
         self.first_losses = self.first_losses or dict(self.last_losses)
         if self.training_log_path is not None:
             self._append_log_row(output)

@@ -34,6 +34,16 @@ def truncate_after(path: Path | None, last_step: int) -> None:
 
 
 @torch.no_grad()
+def logged_terms(output: TrainStepOutput) -> dict[str, float]:
+    """The step's total loss (``total_loss``) and each term as floats, read in one transfer
+    (on a GPU each separate read would wait for the device)."""
+    names = ["total_loss", *output.losses]
+    terms = [output.loss, *output.losses.values()]
+    values = torch.stack([t.detach().float().to(output.loss.device) for t in terms]).tolist()
+    return dict(zip(names, values, strict=True))
+
+
+@torch.no_grad()
 def batch_l0(output: TrainStepOutput) -> float:
     """Mean number of active features per token in the step's batch."""
     return float((output.feature_acts > 0).float().sum(-1).mean())
