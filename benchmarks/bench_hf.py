@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OtherLoad, machine, package_version  # noqa: E402
+from common import OtherLoad, bare_trainer, machine, package_version  # noqa: E402
 
 PATHS = ("hooked", "hf")
 
@@ -53,10 +53,9 @@ def load(path: str, layer: int) -> tuple[Any, str]:
 
 def step_fn(args: argparse.Namespace, model: Any, hook: str, path: str) -> Callable[..., Any]:
     """One training step of a fresh runner's trainer on ``model``; same SAE seed for each path."""
-    from datasets import Dataset
     from sae_lens import LoggingConfig, StandardTrainingSAEConfig
 
-    from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainer, E2ESAETrainingRunner
+    from sae_e2e_plugin import E2ERunnerConfig
 
     n_tokens = args.batch * args.seq
     cfg = E2ERunnerConfig(
@@ -86,18 +85,7 @@ def step_fn(args: argparse.Namespace, model: Any, hook: str, path: str) -> Calla
         kl_chunk_size=args.kl_chunk_size,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    # The store needs a dataset; the steps are fed the benchmark's own batches.
-    dataset = Dataset.from_dict({"tokens": [[0] * args.seq] * max(2, args.batch)})
-    runner = E2ESAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
-    trainer = E2ESAETrainer(
-        cfg=cfg.to_sae_trainer_config(),
-        sae=runner.sae,
-        data_provider=iter(()),
-        model=runner.model,
-        plan=runner.plan,
-        e2e_cfg=cfg,
-        objective=runner.objective,
-    )
+    trainer = bare_trainer(cfg, model, args.batch)
 
     def step(tokens: torch.Tensor) -> dict[str, float]:
         trainer.maybe_reset_sparsity()

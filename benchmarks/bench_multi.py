@@ -39,10 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DICT_RATIO,
     OtherLoad,
+    bare_trainer,
     gpt2_shaped_model,
     machine,
     package_version,
     peak_rss_bytes,
+    placeholder_dataset,
     token_batches,
 )
 
@@ -91,13 +93,6 @@ def sae_config(d_model: int) -> Any:
     )
 
 
-def placeholder_dataset(args: argparse.Namespace) -> Any:
-    # The store needs a dataset; the steps are fed the benchmark's own batches.
-    from datasets import Dataset
-
-    return Dataset.from_dict({"tokens": [[0] * args.seq] * max(2, args.batch)})
-
-
 def multi_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], float], int]:
     from sae_e2e_plugin import E2EMultiRunnerConfig, E2EMultiSAETrainingRunner
     from sae_e2e_plugin.training.multi_step import MultiStepPass
@@ -116,7 +111,7 @@ def multi_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], fl
         **config_fields(args, d_model),
     )
     runner = E2EMultiSAETrainingRunner(
-        cfg, override_model=model, override_dataset=placeholder_dataset(args)
+        cfg, override_model=model, override_dataset=placeholder_dataset(args.batch, args.seq)
     )
     step_pass = MultiStepPass(
         runner.model, runner.multi_plan, runner.objective, "fixed", runner.positions
@@ -139,7 +134,7 @@ def multi_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], fl
 
 
 def singles_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], float], int]:
-    from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainer, E2ESAETrainingRunner
+    from sae_e2e_plugin import E2ERunnerConfig
 
     model = gpt2_shaped_model(args.seed, args.shape)
     d_model = model.cfg.d_model
@@ -150,20 +145,7 @@ def singles_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], 
             hook_name=f"blocks.{layer}.hook_resid_pre",
             **config_fields(args, d_model),
         )
-        runner = E2ESAETrainingRunner(
-            cfg, override_model=model, override_dataset=placeholder_dataset(args)
-        )
-        trainers.append(
-            E2ESAETrainer(
-                cfg=cfg.to_sae_trainer_config(),
-                sae=runner.sae,
-                data_provider=iter(()),
-                model=runner.model,
-                plan=runner.plan,
-                e2e_cfg=cfg,
-                objective=runner.objective,
-            )
-        )
+        trainers.append(bare_trainer(cfg, model, args.batch))
 
     def step(tokens: torch.Tensor) -> float:
         total = 0.0

@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DICT_RATIO,
     OtherLoad,
+    bare_trainer,
     current_rss_bytes,
     gpt2_shaped_model,
     limit_address_space,
@@ -228,10 +229,9 @@ def reference_step_fn(
 def plugin_step_fn(
     args: argparse.Namespace, timer: PhaseTimer
 ) -> tuple[Callable[[torch.Tensor], float], torch.nn.Module]:
-    from datasets import Dataset
     from sae_lens import LoggingConfig, StandardTrainingSAEConfig
 
-    from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainer, E2ESAETrainingRunner
+    from sae_e2e_plugin import E2ERunnerConfig
 
     model = gpt2_shaped_model(args.seed, args.shape)
     checksum = weights_checksum(model)
@@ -279,20 +279,8 @@ def plugin_step_fn(
         logger=LoggingConfig(log_to_wandb=False),
         **extra,
     )
-    # The store needs a dataset; the step itself is fed the benchmark's own batches.
-    dataset = Dataset.from_dict({"tokens": [[0] * args.seq] * max(2, args.batch)})
-    runner = E2ESAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
-    trainer = E2ESAETrainer(
-        cfg=cfg.to_sae_trainer_config(),
-        sae=runner.sae,
-        data_provider=iter(()),
-        model=runner.model,
-        plan=runner.plan,
-        e2e_cfg=cfg,
-        objective=runner.objective,
-        # The trainer names its phases (sae_e2e_plugin.training.timing); --phases times them.
-        timer=timer,
-    )
+    # The trainer names its phases (sae_e2e_plugin.training.timing); --phases times them.
+    trainer = bare_trainer(cfg, model, args.batch, timer)
     trainer.sae.to(cfg.device)
 
     def step(tokens: torch.Tensor) -> float:

@@ -56,6 +56,32 @@ def gpt2_shaped_model(seed: int = 0, shape: str = "gpt2-small") -> HookedTransfo
     return model.eval()
 
 
+def placeholder_dataset(batch: int, seq: int) -> Any:
+    """The dataset a runner's activation store needs; the benchmarks feed their own batches."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"tokens": [[0] * seq] * max(2, batch)})
+
+
+def bare_trainer(cfg: Any, model: Any, batch: int, timer: Any = None) -> Any:
+    """An ``E2ESAETrainer`` set up as ``E2ESAETrainingRunner(cfg)`` sets it up for ``model``,
+    with no data provider (the benchmark calls ``step`` on its own batches) and no files."""
+    from sae_e2e_plugin import E2ESAETrainer, E2ESAETrainingRunner
+
+    dataset = placeholder_dataset(batch, cfg.context_size)
+    runner = E2ESAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+    return E2ESAETrainer(
+        cfg=cfg.to_sae_trainer_config(),
+        sae=runner.sae,
+        data_provider=iter(()),
+        model=runner.model,
+        plan=runner.plan,
+        e2e_cfg=cfg,
+        objective=runner.objective,
+        **({} if timer is None else {"timer": timer}),
+    )
+
+
 def weights_checksum(model: torch.nn.Module) -> float:
     """A float that changes with any weight: sum over parameters of (index+1) · mean(parameter)."""
     with torch.no_grad():

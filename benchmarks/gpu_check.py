@@ -31,9 +31,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from sae_e2e_plugin.run_files import atomic_write_text
 
 BENCH_STEP = Path(__file__).resolve().parent / "bench_step.py"
 PAPER_TOKENS = 410_000_000
@@ -130,12 +131,6 @@ def summary(results: list[dict[str, Any]], device: str, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:1, cpu, ...")
@@ -162,9 +157,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         result["projected_paper_run_h"] = projected_hours(result)
         results.append(result)
         print(f"{name}: {result.get('status')} {result.get('tokens_per_s')} tokens/s", flush=True)
-    write_atomically(results_path, "".join(json.dumps(r) + "\n" for r in results))
+    atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in results))
     table = summary(results, args.device, args.quick)
-    write_atomically(args.out / "summary.md", table)
+    atomic_write_text(args.out / "summary.md", table)
     print(table)
     return results
 

@@ -57,7 +57,7 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
     log-probabilities once per batch and let every SAE's KL read them, instead of each KL
     running the model's head on the clean residual again (saves one head pass per chunk
     for every SAE after the first; same numbers bit for bit). Costs 4 bytes × batch tokens
-    × vocab of memory for the step (e.g. 0.8 GiB for 4,096 tokens of a 49,152-token
+    × vocab of memory for the step (e.g. 0.75 GiB for 4,096 tokens of a 49,152-token
     vocabulary); set False where that does not fit."""
 
     def __post_init__(self) -> None:

@@ -118,20 +118,16 @@ class MultiStepPass:
         return outputs
 
     def _with_log_probs(self, clean: MultiCleanRun) -> MultiCleanRun:
-        params = self.objective.params
-        shared = (
-            self.share_clean_log_probs
-            and len(self.plan.plans) > 1
-            and isinstance(params, E2EParams)
-            and clean.final_resid is not None
-        )
-        if not shared:
+        params, final_resid = self.objective.params, clean.final_resid
+        # Shared only where a KL reads them, and worth it only for a second SAE.
+        if not self.share_clean_log_probs or len(self.plan.plans) < 2:
             return clean
-        assert isinstance(params, E2EParams) and clean.final_resid is not None
+        if not isinstance(params, E2EParams) or final_resid is None:
+            return clean
         tokens = "batch pos d_model -> (batch pos) d_model"
         with self.timer.phase("clean log-probabilities"):
             log_probs = clean_log_probs(
-                rearrange(clean.final_resid, tokens), model_head(self.model), params.kl_chunk_size
+                rearrange(final_resid, tokens), model_head(self.model), params.kl_chunk_size
             )
         return dataclasses.replace(clean, log_probs=log_probs)
 
