@@ -68,6 +68,16 @@ def test_the_schedule_switches_at_a_whole_step(steps: int, fraction: float, firs
     )
 
 
+def test_the_log_line_names_the_objective_not_end_to_end_for_local_runs() -> None:
+    whole = plan_schedule(10 * BATCH, BATCH, 1.0)
+    assert whole.describe("local") == f"all 10 steps with loss='local' ({10 * BATCH} tokens)"
+    split = plan_schedule(10 * BATCH, BATCH, 0.5).describe("e2e_downstream")
+    assert split == (
+        f"steps 0-4 local ({5 * BATCH} activations from the activation buffer), "
+        f"steps 5-9 with loss='e2e_downstream' ({5 * BATCH} tokens)"
+    )
+
+
 def test_e2e_fraction_one_is_the_all_e2e_run(tmp_path: Path) -> None:
     # Checked once against the code before e2e_fraction existed (commit a2206ff): the same
     # weights bit for bit for e2e and e2e_downstream with checkpoints and a cosine schedule.

@@ -87,9 +87,12 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
         .splitlines()[0]
         .startswith("run_id,loss,sae.l1_coefficient,l0")
     )
-    table = (tmp_path / "results.md").read_text().splitlines()
+    table, *sections = (tmp_path / "results.md").read_text().split("\n\n## ")
+    table = table.splitlines()
     assert table[0].startswith("| loss | l1_coefficient | L0 | alive | CE increase |")
     assert len(table) == 2 + 4
+    # No seeds repeated; local and e2e compared at each local run's L0.
+    assert len(sections) == 1 and sections[0].startswith("At matched L0")
     first_e2e = next(r for r in sorted(rows, key=lambda r: -r["l0"]) if r["loss"] == "e2e")
     assert f"| e2e | {first_e2e['sae.l1_coefficient']} | {first_e2e['l0']:.1f} |" in table[2]
     for row in rows:  # 4 steps per run: too few tenths to judge settling
@@ -214,7 +217,7 @@ def test_grids_setting_different_fields_share_one_table(tmp_path: Path) -> None:
 
 
 def test_runs_with_other_grid_values_are_their_own_plot_series() -> None:
-    from sae_e2e_plugin.analysis.plots import series_label
+    from sae_e2e_plugin.analysis.results import series_label
 
     row = {
         "run_id": "x",

@@ -1,7 +1,8 @@
 """Plots of a sweep: the paper's Pareto curves and dictionary geometry (PNG, matplotlib).
 
 ``plot_sweep`` draws, from a sweep's results and its exported SAEs:
-  * ``pareto_l0.png``: L0 against CE-loss increase, one line per objective;
+  * ``pareto_l0.png``: L0 against CE-loss increase, one line per objective (runs repeated with
+    other seeds: their mean, with bars over the seeds' range);
   * ``pareto_alive.png``: alive features against CE-loss increase;
   * ``cosine_within.png``: each dictionary's distribution of max cosine similarity between a
     feature and the other features (one run per objective, the runs closest in L0);
@@ -11,14 +12,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sae_e2e_plugin.analysis.geometry import max_cosine_across, max_cosine_within
-from sae_e2e_plugin.analysis.results import DERIVED_PREFIXES, RESULT_METRICS, read_training_log
-from sae_e2e_plugin.run_files import TRAINING_LOG_FILENAME
+from sae_e2e_plugin.analysis.results import read_training_log, series_label
+from sae_e2e_plugin.analysis.seeds import seed_means
+from sae_e2e_plugin.run_files import TRAINING_LOG_FILENAME, atomic_write_bytes
 
 
 def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -77,25 +80,37 @@ def runs_closest_in_l0(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
-    """``y`` against ``x``, one marker line per objective (``loss``), points sorted by ``x``."""
+    """``y`` against ``x``, one marker line per curve (``series_label``) through its grid
+    points' seed means, sorted by ``x``; a point run with several seeds has bars from its
+    seeds' min to max on both axes."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for label in sorted({series_label(r) for r in rows}):
-        points = sorted(
-            (r[x], r[y])
-            for r in rows
-            if series_label(r) == label and r.get(x) is not None and r.get(y) is not None
-        )
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    points = seed_means(rows)
+    for label in sorted({series_label(p) for p in points}):
+        ordered = sorted((p for p in points if series_label(p) == label), key=lambda p: p[x])
+        if ordered:
+            ax.errorbar(
+                [p[x] for p in ordered],
+                [p[y] for p in ordered],
+                xerr=_bars(ordered, x),
+                yerr=_bars(ordered, y),
+                marker="o",
+                capsize=3,
+                label=label,
+            )
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
+    # matplotlib's asymmetric error bars: distances below and above the mean.
+    below = [p[metric] - p["spread"][metric][1] for p in points]
+    above = [p["spread"][metric][2] - p[metric] for p in points]
+    return [below, above]
 
 
 def plot_training_l0(
@@ -126,23 +141,7 @@ def plot_training_l0(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def series_label(row: dict[str, Any]) -> str:
-    """The line a run belongs to: its objective, plus any grid value other than the sparsity
-    coefficient (e.g. ``local (training_tokens=409600)``)."""
-    others = [
-        f"{key.split('.')[-1]}={value}"
-        for key, value in row.items()
-        if key not in ("run_id", "loss", "sae.l1_coefficient")
-        and key not in RESULT_METRICS
-        and not key.startswith(DERIVED_PREFIXES)
-    ]
-    loss = str(row.get("loss", "run"))
-    return f"{loss} ({', '.join(others)})" if others else loss
+    return _save(fig, path)
 
 
 def plot_histograms(series: dict[str, torch.Tensor], path: Path, xlabel: str) -> Path:
@@ -155,9 +154,7 @@ def plot_histograms(series: dict[str, torch.Tensor], path: Path, xlabel: str) ->
     ax.set_ylabel("density")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 _LABELS = {
@@ -172,6 +169,14 @@ def _decoder(output_dir: Path, run_id: str) -> torch.Tensor:
 
     weights = load_file(output_dir / "runs" / run_id / "sae_weights.safetensors")
     return weights["W_dec"].float()
+
+
+def _save(fig: Any, path: Path) -> Path:
+    # Rendered in memory and renamed into place: a sweep killed mid-plot leaves the old PNG.
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def _pyplot() -> Any:

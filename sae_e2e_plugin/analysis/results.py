@@ -7,13 +7,14 @@ Sweeps write these files and the plots read them; both take the file names from 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from sae_e2e_plugin.analysis.matched_l0 import gap_closed
-from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
+from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -47,21 +48,33 @@ def run_row(run_dir: Path, run_id: str, overrides: dict[str, Any]) -> dict[str, 
     return row
 
 
-def write_results(output_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """``results.json`` always; ``results.csv`` and ``results.md`` when there are rows."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
+def write_results(output_dir: Path, rows: list[dict[str, Any]], sections: str = "") -> None:
+    """``results.json`` always; ``results.csv`` and ``results.md`` (the table, then
+    ``sections``, more markdown) when there are rows."""
+    atomic_write_text(output_dir / RESULTS_JSON, json.dumps(rows, indent=2) + "\n")
     if rows:
-        with open(output_dir / RESULTS_CSV, "w", newline="") as handle:
-            # Grids of a list may set different fields: every column, blank where unset.
-            writer = csv.DictWriter(handle, fieldnames=_all_keys(rows), restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        (output_dir / RESULTS_MD).write_text(results_markdown(rows))
+        table = io.StringIO(newline="")
+        # Grids of a list may set different fields: every column, blank where unset.
+        writer = csv.DictWriter(table, fieldnames=_all_keys(rows), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(output_dir / RESULTS_CSV, table.getvalue())
+        atomic_write_text(output_dir / RESULTS_MD, results_markdown(rows) + sections)
 
 
-DERIVED_PREFIXES = ("l0_train_", "train_seconds", "step_seconds_", "gap_closed")
-"""Keys of a results row computed here (not grid values, not eval.json metrics)."""
+DERIVED_PREFIXES = (
+    "l0_train_",
+    "train_seconds",
+    "step_seconds_",
+    "gap_closed",
+    "n_seeds",
+    "spread",
+)
+"""Keys of a results row computed here or from several rows (``analysis.seeds``): not grid
+values, not eval.json metrics."""
+
+SEED_KEY = "seed"
+"""The grid field that repeats a run (SAELens' ``seed``: SAE initialisation, batch order)."""
 
 
 def with_gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,23 +117,29 @@ _TABLE_COLUMNS = (
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table: grid values, then metrics; by objective, then L0."""
-    grid_keys = [
-        k
-        for k in _all_keys(rows)
-        if k != "run_id" and k not in RESULT_METRICS and not k.startswith(DERIVED_PREFIXES)
-    ]
+    keys = grid_keys(rows)
     # A column no row has (no schedule runs, an old log without times) is left out.
     columns = [c for c in _TABLE_COLUMNS if any(row.get(c[1]) is not None for row in rows)]
-    titles = [short_key(k) for k in grid_keys] + [title for title, _, _ in columns]
+    titles = [short_key(k) for k in keys] + [title for title, _, _ in columns]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     ordered = sorted(rows, key=lambda r: (str(r.get("loss")), -(r.get("l0") or 0.0)))
     for row in ordered:
-        cells = [str(row[k]) if k in row else "–" for k in grid_keys]
+        cells = [str(row[k]) if k in row else "–" for k in keys]
         for _, key, fmt in columns:
             value = row.get(key)
             cells.append("–" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def grid_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The grid fields the rows set (not ``run_id``, metrics or derived keys), in first-seen
+    order."""
+    return [
+        key
+        for key in _all_keys(rows)
+        if key != "run_id" and key not in RESULT_METRICS and not key.startswith(DERIVED_PREFIXES)
+    ]
 
 
 def _all_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -167,6 +186,18 @@ def training_time_summary(path: Path) -> dict[str, float | None]:
         times = [row["seconds"] for row in rows if row.get("phase", "e2e") == phase]
         summary[f"step_seconds_{phase}"] = statistics.median(times) if times else None
     return summary
+
+
+def series_label(row: dict[str, Any]) -> str:
+    """The curve a run belongs to: its objective, plus any grid value other than the sparsity
+    coefficient and the seed (e.g. ``local (training_tokens=409600)``)."""
+    others = [
+        f"{short_key(key)}={row[key]}"
+        for key in grid_keys([row])
+        if key not in ("loss", "sae.l1_coefficient", SEED_KEY)
+    ]
+    loss = str(row.get("loss", "run"))
+    return f"{loss} ({', '.join(others)})" if others else loss
 
 
 def short_key(key: str) -> str:

@@ -26,6 +26,7 @@ from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 
 from sae_e2e_plugin.interop.local_paths import check_relative_id, path_inside, scrub_json_file
+from sae_e2e_plugin.run_files import atomic_write_text
 
 # The files SAELens' uploader sends for each SAE (its allow-list).
 UPLOADED_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "runner_cfg.json")
@@ -158,5 +159,5 @@ def _write_dry_run(folder: Path, repo_id: str, sae_id: str, target: Path) -> lis
 
     written = _stage(folder, path_inside(target, sae_id, f"sae_id={sae_id!r}"))
     readme = target / "README.md"
-    readme.write_text(_create_default_readme(repo_id, [sae_id]))
+    atomic_write_text(readme, _create_default_readme(repo_id, [sae_id]))
     return [*written, readme]

@@ -227,7 +227,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             local_data=local,
             **parallel,
         )
-        logger.info(f"training schedule: {trainer.schedule.describe()}")
+        logger.info(f"training schedule: {trainer.schedule.describe(self.cfg.loss)}")
         if self.resume_checkpoint is not None:
             self._resume(trainer, tokens, local, self.resume_checkpoint)
         elif trainer.training_log_path is not None:

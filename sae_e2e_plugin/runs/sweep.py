@@ -24,6 +24,7 @@ import yaml
 
 from sae_e2e_plugin.analysis.plots import plot_sweep
 from sae_e2e_plugin.analysis.results import run_row, short_key, with_gap_closed, write_results
+from sae_e2e_plugin.analysis.seeds import seed_sections
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME
@@ -119,7 +120,7 @@ def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, An
     """One row per finished run (grid values + metrics); written as CSV, JSON and markdown."""
     rows = [run_row(output_dir / "runs" / run.run_id, run.run_id, run.overrides) for run in runs]
     finished = with_gap_closed([row for row in rows if row is not None])
-    write_results(output_dir, finished)
+    write_results(output_dir, finished, seed_sections(finished))
     return finished
 
 

@@ -51,14 +51,15 @@ class PhaseSchedule:
         """The phase of step ``step`` (counted from 0)."""
         return "local" if step < self.first_e2e_step else "e2e"
 
-    def describe(self) -> str:
-        """One line for the log: steps and tokens of each phase."""
+    def describe(self, loss: str) -> str:
+        """One line for the log: steps and tokens of each phase (``loss``: the run's objective)."""
+        # With loss="local" the "e2e" phase is the local objective spliced in, not end to end.
         if self.local_steps == 0:
-            return f"all {self.total_steps} steps end to end ({self.e2e_tokens} tokens)"
+            return f"all {self.total_steps} steps with loss={loss!r} ({self.e2e_tokens} tokens)"
         return (
             f"steps 0-{self.first_e2e_step - 1} local ({self.local_tokens} activations from the "
-            f"activation buffer), steps {self.first_e2e_step}-{self.total_steps - 1} end to end "
-            f"({self.e2e_tokens} tokens)"
+            f"activation buffer), steps {self.first_e2e_step}-{self.total_steps - 1} with "
+            f"loss={loss!r} ({self.e2e_tokens} tokens)"
         )
 
 

@@ -379,8 +379,10 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         pbar.update(self.cfg.train_batch_size_samples)
         switched = self.n_training_steps == self.schedule.first_e2e_step + 1
         if self.n_training_steps % update_interval == 0 or self.n_training_steps == 1 or switched:
+            # The spliced phase is named by its objective: "e2e" would mislabel loss="local".
+            label = self.objective.name if self.last_phase == "e2e" else "local"
             pbar.set_description(
-                f"{self.n_training_steps}| {self.last_phase} | {progress_summary(step_output)}"
+                f"{self.n_training_steps}| {label} | {progress_summary(step_output)}"
             )
 
     @torch.no_grad()
