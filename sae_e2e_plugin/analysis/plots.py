@@ -88,15 +88,19 @@ def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
     points = seed_means(rows)
     for label in sorted({series_label(p) for p in points}):
         ordered = sorted((p for p in points if series_label(p) == label), key=lambda p: p[x])
-        if ordered:
+        if not ordered:
+            continue
+        (line,) = ax.plot([p[x] for p in ordered], [p[y] for p in ordered], marker="o", label=label)
+        repeated = [p for p in ordered if p["n_seeds"] > 1]
+        if repeated:
             ax.errorbar(
-                [p[x] for p in ordered],
-                [p[y] for p in ordered],
-                xerr=_bars(ordered, x),
-                yerr=_bars(ordered, y),
-                marker="o",
+                [p[x] for p in repeated],
+                [p[y] for p in repeated],
+                xerr=_bars(repeated, x),
+                yerr=_bars(repeated, y),
+                fmt="none",
+                ecolor=line.get_color(),
                 capsize=3,
-                label=label,
             )
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
