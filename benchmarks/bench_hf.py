@@ -35,7 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OtherLoad, bare_trainer, machine, package_version  # noqa: E402
+from common import (  # noqa: E402
+    OtherLoad,
+    bare_trainer,
+    machine,
+    package_version,
+    step_only_fields,
+)
 
 PATHS = ("hooked", "hf")
 
@@ -53,11 +59,10 @@ def load(path: str, layer: int) -> tuple[Any, str]:
 
 def step_fn(args: argparse.Namespace, model: Any, hook: str, path: str) -> Callable[..., Any]:
     """One training step of a fresh runner's trainer on ``model``; same SAE seed for each path."""
-    from sae_lens import LoggingConfig, StandardTrainingSAEConfig
+    from sae_lens import StandardTrainingSAEConfig
 
     from sae_e2e_plugin import E2ERunnerConfig
 
-    n_tokens = args.batch * args.seq
     cfg = E2ERunnerConfig(
         sae=StandardTrainingSAEConfig(
             d_in=576, d_sae=args.dict_ratio * 576, l1_coefficient=1e-4, apply_b_dec_to_input=False
@@ -65,25 +70,11 @@ def step_fn(args: argparse.Namespace, model: Any, hook: str, path: str) -> Calla
         model_name="smollm2-135m",
         model_class_name="HookedTransformer" if path == "hooked" else "AutoModelForCausalLM",
         hook_name=hook,
-        dataset_path="unused",
-        is_dataset_tokenized=True,
-        context_size=args.seq,
-        prepend_bos=False,
-        train_batch_size_tokens=n_tokens,
-        training_tokens=n_tokens * 1000,
-        n_batches_in_buffer=max(2, args.batch),
-        store_batch_size_prompts=args.batch,
         lr=1e-3,
         device="cpu",
-        seed=args.seed,
-        checkpoint_path=None,
-        n_checkpoints=0,
-        n_eval_batches=0,
-        output_path=None,
-        verbose=False,
         loss=args.loss,
         kl_chunk_size=args.kl_chunk_size,
-        logger=LoggingConfig(log_to_wandb=False),
+        **step_only_fields(args.batch, args.seq, steps=1000, seed=args.seed),
     )
     trainer = bare_trainer(cfg, model, args.batch)
 

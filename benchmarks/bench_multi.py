@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     package_version,
     peak_rss_bytes,
     placeholder_dataset,
+    step_only_fields,
     token_batches,
 )
 
@@ -55,30 +56,13 @@ MAX_GRAD_NORM = 10.0
 
 def config_fields(args: argparse.Namespace, d_model: int) -> dict[str, Any]:
     """The fields every run of this benchmark shares (as ``bench_step.py``'s plugin side)."""
-    from sae_lens import LoggingConfig
-
-    n_tokens = args.batch * args.seq
     return dict(
         model_name="gpt2-small-shaped-random",
-        dataset_path="unused",
-        is_dataset_tokenized=True,
-        context_size=args.seq,
-        prepend_bos=False,
-        train_batch_size_tokens=n_tokens,
-        training_tokens=n_tokens * (args.steps + args.warmup),
-        n_batches_in_buffer=max(2, args.batch),
-        store_batch_size_prompts=args.batch,
         lr=LR,
         device="cpu",
-        seed=args.seed,
-        checkpoint_path=None,
-        n_checkpoints=0,
-        n_eval_batches=0,
-        output_path=None,
-        verbose=False,
         loss="e2e",
         max_grad_norm=MAX_GRAD_NORM,
-        logger=LoggingConfig(log_to_wandb=False),
+        **step_only_fields(args.batch, args.seq, args.steps + args.warmup, args.seed),
     ) | ({"lm_dtype": args.lm_dtype} if args.lm_dtype else {})
 
 

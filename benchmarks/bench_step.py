@@ -67,6 +67,7 @@ from common import (  # noqa: E402
     package_version,
     peak_device_memory_gib,
     peak_rss_bytes,
+    step_only_fields,
     synchronize,
     token_batches,
     weights_checksum,
@@ -229,7 +230,7 @@ def reference_step_fn(
 def plugin_step_fn(
     args: argparse.Namespace, timer: PhaseTimer
 ) -> tuple[Callable[[torch.Tensor], float], torch.nn.Module]:
-    from sae_lens import LoggingConfig, StandardTrainingSAEConfig
+    from sae_lens import StandardTrainingSAEConfig
 
     from sae_e2e_plugin import E2ERunnerConfig
 
@@ -237,7 +238,6 @@ def plugin_step_fn(
     checksum = weights_checksum(model)
     model.to(args.device)
     d_model = model.cfg.d_model
-    n_tokens = args.batch * args.seq
     extra: dict[str, Any] = {}
     if args.kl_chunk_size is not None:
         extra["kl_chunk_size"] = args.kl_chunk_size
@@ -256,27 +256,13 @@ def plugin_step_fn(
         ),
         model_name="gpt2-small-shaped-random",
         hook_name=f"blocks.{args.layer}.hook_resid_pre",
-        dataset_path="unused",
-        is_dataset_tokenized=True,
-        context_size=args.seq,
-        prepend_bos=False,
-        train_batch_size_tokens=n_tokens,
-        training_tokens=n_tokens * (args.steps + args.warmup),
-        n_batches_in_buffer=max(2, args.batch),
-        store_batch_size_prompts=args.batch,
         lr=LR,
         device=args.device,
-        seed=args.seed,
-        checkpoint_path=None,
-        n_checkpoints=0,
-        n_eval_batches=0,  # the benchmark times steps; its dataset is a placeholder
-        output_path=None,
-        verbose=False,
         loss="e2e",
         kl_coefficient=KL_COEFF,
         max_grad_norm=MAX_GRAD_NORM,
         autocast=args.autocast,
-        logger=LoggingConfig(log_to_wandb=False),
+        **step_only_fields(args.batch, args.seq, args.steps + args.warmup, args.seed),
         **extra,
     )
     # The trainer names its phases (sae_e2e_plugin.training.timing); --phases times them.

@@ -63,6 +63,31 @@ def placeholder_dataset(batch: int, seq: int) -> Any:
     return Dataset.from_dict({"tokens": [[0] * seq] * max(2, batch)})
 
 
+def step_only_fields(batch: int, seq: int, steps: int, seed: int) -> dict[str, Any]:
+    """Runner-config fields for a benchmark that times steps on its own token batches: a
+    placeholder dataset of ``batch`` sequences of ``seq`` tokens, ``steps`` steps, and no
+    checkpoints, evaluation, output folder or wandb."""
+    from sae_lens import LoggingConfig
+
+    return dict(
+        dataset_path="unused",
+        is_dataset_tokenized=True,
+        context_size=seq,
+        prepend_bos=False,
+        train_batch_size_tokens=batch * seq,
+        training_tokens=batch * seq * steps,
+        n_batches_in_buffer=max(2, batch),
+        store_batch_size_prompts=batch,
+        seed=seed,
+        checkpoint_path=None,
+        n_checkpoints=0,
+        n_eval_batches=0,
+        output_path=None,
+        verbose=False,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+
+
 def bare_trainer(cfg: Any, model: Any, batch: int, timer: Any = None) -> Any:
     """An ``E2ESAETrainer`` set up as ``E2ESAETrainingRunner(cfg)`` sets it up for ``model``,
     with no data provider (the benchmark calls ``step`` on its own batches) and no files."""
