@@ -31,7 +31,6 @@ from sae_e2e_plugin import (
 from sae_e2e_plugin.cli import EXIT_INTERRUPTED, main
 from sae_e2e_plugin.run_files import CHECKPOINT_COMPLETE_FILENAME
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
-from sae_e2e_plugin.runs.sweep import run_sweep
 from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
 
 TESTS = Path(__file__).parent
@@ -278,21 +277,6 @@ def test_a_run_into_a_folder_another_run_is_writing_stops_before_touching_it(
             second.run()
         # overwrite_output=True, yet the other run's files are untouched.
         assert tree(output) == before
-
-
-def test_a_second_sweep_on_the_same_output_dir_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    spec = {"base": {}, "grid": {"loss": ["e2e"]}}
-    with hold_folder(tmp_path, "output_dir"):
-        with pytest.raises(FolderInUseError, match=r"output_dir=.*another running process"):
-            run_sweep(spec, tmp_path, make_runner=lambda cfg: pytest.fail("must not build a run"))
-        sweep_file = tmp_path / "sweep.yaml"
-        sweep_file.write_text(f"output_dir: {tmp_path}\ngrid: {{loss: [e2e]}}\n")
-        assert main(["sweep", "--config", str(sweep_file)]) == 1
-    assert not (tmp_path / "runs").exists()
-    error = capsys.readouterr().err.strip().splitlines()
-    assert error[-1].startswith("sae-e2e sweep: error: output_dir=") and "in use" in error[-1]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

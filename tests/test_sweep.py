@@ -10,8 +10,11 @@ import pytest
 from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
 
 from sae_e2e_plugin.analysis.results import training_l0_summary, training_time_summary
+from sae_e2e_plugin.cli import main
+from sae_e2e_plugin.runs.output_folder import hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.runs.sweep import (
+    CLAIM_FILENAME,
     expand_grid,
     latest_checkpoint,
     load_sweep_file,
@@ -121,6 +124,58 @@ def test_an_unfinished_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> N
     resumed_cfg = factory.calls[-1]
     assert resumed_cfg.resume_from_checkpoint == str(checkpoint)
     assert (run_dir / "eval.json").exists()
+
+
+def test_processes_sharing_a_sweep_each_train_the_runs_no_other_holds(tmp_path: Path) -> None:
+    held = tmp_path / "runs" / "loss=local__l1_coefficient=0.01"
+    first = Factory()
+    with hold_folder(held, "run", lock_name=CLAIM_FILENAME):  # as another sweep process would
+        rows = run_sweep(SPEC, tmp_path, make_runner=first, plots=False)
+    trained = [Path(c.output_path).name for c in first.calls]
+    assert trained == [
+        "loss=local__l1_coefficient=0.001",
+        "loss=e2e__l1_coefficient=0.001",
+        "loss=e2e__l1_coefficient=0.01",
+    ]
+    assert sorted(r["run_id"] for r in rows) == sorted(trained)
+    assert not (held / "eval.json").exists()
+    # A run held by a process outside any sweep (sae-e2e train into its folder) is left too.
+    other = tmp_path / "runs" / "loss=e2e__l1_coefficient=0.01"
+    (other / "eval.json").unlink()
+    third = Factory()
+    with hold_folder(held, "run", lock_name=CLAIM_FILENAME), hold_folder(other, "output_path"):
+        rows = run_sweep(SPEC, tmp_path, make_runner=third, plots=False)
+    assert [Path(c.output_path).name for c in third.calls] == [other.name]  # tried, refused
+    assert len(rows) == 2 and not (other / "eval.json").exists()
+    # Once the other processes are gone, the same command takes the runs they left.
+    second = Factory()
+    rows = run_sweep(SPEC, tmp_path, make_runner=second, plots=False)
+    assert [Path(c.output_path).name for c in second.calls] == [held.name, other.name]
+    assert len(rows) == 4
+
+
+def test_a_sweep_folder_refuses_another_base_but_takes_a_grown_grid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = {"base": BASE, "grid": {"loss": ["local"]}}
+    run_sweep(spec, tmp_path, make_runner=Factory(), plots=False)
+    changed = {
+        "base": {**BASE, "lr": 1e-2, "sae": {**BASE["sae"], "d_sae": 64}},
+        "grid": spec["grid"],
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"another base \(lr: 0\.003 -> 0\.01, sae\.d_sae: 32 -> 64\).*choose another output_dir",
+    ):
+        run_sweep(changed, tmp_path, make_runner=lambda cfg: pytest.fail("must not train"))
+    sweep_file = tmp_path / "changed.yaml"
+    sweep_file.write_text(json.dumps({**changed, "output_dir": str(tmp_path)}))
+    assert main(["sweep", "--config", str(sweep_file)]) == 2  # a usage error, as a bad field
+    assert "sae-e2e sweep: error: output_dir=" in capsys.readouterr().err
+    # A grid that grows (same base) continues the sweep.
+    grown = Factory()
+    rows = run_sweep({**spec, "grid": {"loss": ["local", "e2e"]}}, tmp_path, make_runner=grown)
+    assert [Path(c.output_path).name for c in grown.calls] == ["loss=e2e"] and len(rows) == 2
 
 
 def _cfg_for(spec: dict[str, Any], run_dir: Path, **extra: Any) -> Any:

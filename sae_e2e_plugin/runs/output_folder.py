@@ -99,21 +99,24 @@ def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
 
 
 @contextmanager
-def hold_folder(folder: str | Path, field: str) -> Iterator[None]:
+def hold_folder(
+    folder: str | Path, field: str, *, lock_name: str = LOCK_FILENAME
+) -> Iterator[None]:
     """Hold ``folder`` for this process until the block ends; another process (or another
     ``hold_folder`` of this one) that tries meanwhile gets ``FolderInUseError``.
 
-    An advisory ``flock`` on ``LOCK_FILENAME`` inside the folder: the kernel drops it when the
+    An advisory ``flock`` on ``lock_name`` inside the folder: the kernel drops it when the
     holder exits, however it exits, so a killed run never leaves a stale lock behind. The file
     itself stays (deleting it would let two processes lock two different files). Platforms
-    without ``fcntl`` (Windows) run without the lock.
+    without ``fcntl`` (Windows) run without the lock. A different ``lock_name`` is a different
+    hold (a sweep claims a run's folder with one while the run holds it with the default).
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX
         yield
         return
-    path = Path(folder) / LOCK_FILENAME
+    path = Path(folder) / lock_name
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:

@@ -8,14 +8,22 @@ run in ``<output_dir>/runs/<run id>/``: its exported SAE and ``eval.json``. A ru
 ``eval.json`` is finished and never redone; an interrupted run resumes from its last
 checkpoint. ``results.csv`` / ``results.json`` gather one row per finished run
 (``analysis.results``), and the plots are redrawn from them (``analysis.plots``).
+
+Several processes may work on one sweep (one per GPU, or per machine on a shared file system):
+each claims a run's folder before training it (``CLAIM_FILENAME``, an flock the kernel drops
+when the process ends) and passes over runs another process holds. ``sweep.yaml`` records the
+sweep's ``base``; a start with another ``base`` is refused, so no folder mixes runs trained
+with different settings (the grid may grow or be reordered).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +35,18 @@ from sae_e2e_plugin.analysis.results import run_row, short_key, with_gap_closed,
 from sae_e2e_plugin.analysis.seeds import seed_sections
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
-from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME
-from sae_e2e_plugin.runs.output_folder import hold_folder
+from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME, atomic_write_text
+from sae_e2e_plugin.runs.output_folder import FolderInUseError, hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.checkpoints import complete_checkpoints
 from sae_e2e_plugin.training.fields import config_from_fields, merge_fields, nest_dotted
 
 logger = logging.getLogger(__name__)
+
+CLAIM_FILENAME = ".sae-e2e-sweep.lock"
+"""Held in a run's folder by the sweep process training it (the run holds its own lock too)."""
+SWEEP_RECORD_FILENAME = "sweep.yaml"
+"""The sweep file as last started on ``output_dir``; its ``base`` must not change."""
 
 
 @dataclass(frozen=True)
@@ -89,31 +102,83 @@ def run_sweep(
     make_runner: Callable[[Any], Any] | None = None,
     plots: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every unfinished run of the grid; return the results table.
+    """Train and evaluate every unfinished run of the grid that no other process holds; return
+    the results table (of every finished run, whichever process trained it).
 
     ``make_runner(cfg)`` builds the runner (default ``E2ESAETrainingRunner(cfg)`` with the
     bundled model loaded once and shared between runs).
     """
-    with hold_folder(output_dir, "output_dir"):  # a second sweep on it would share run folders
-        return _run_grid(spec, output_dir, make_runner or _default_runner_factory(), plots)
-
-
-def _run_grid(
-    spec: dict[str, Any], output_dir: Path, make_runner: Callable[[Any], Any], plots: bool
-) -> list[dict[str, Any]]:
+    record_sweep(spec, output_dir)
+    make_runner = make_runner or _default_runner_factory()
     runs = expand_grid(spec["grid"])
     for index, run in enumerate(runs, start=1):
         run_dir = output_dir / "runs" / run.run_id
-        if (run_dir / EVAL_FILENAME).exists():
-            logger.info(f"[{index}/{len(runs)}] {run.run_id}: finished earlier, kept")
-            continue
-        logger.info(f"[{index}/{len(runs)}] {run.run_id}: training")
-        cfg = config_from_fields(_run_fields(spec.get("base") or {}, run, run_dir))
-        make_runner(cfg).run()
+        with _claimed(run_dir) as claimed:
+            # Checked under the claim: a run another process finished a moment ago is kept.
+            if not claimed:
+                logger.info(f"[{index}/{len(runs)}] {run.run_id}: held by another process, left")
+            elif (run_dir / EVAL_FILENAME).exists():
+                logger.info(f"[{index}/{len(runs)}] {run.run_id}: finished earlier, kept")
+            else:
+                logger.info(f"[{index}/{len(runs)}] {run.run_id}: training")
+                cfg = config_from_fields(_run_fields(spec.get("base") or {}, run, run_dir))
+                try:
+                    make_runner(cfg).run()
+                except FolderInUseError as error:  # a run started outside the sweep holds it
+                    logger.warning(f"[{index}/{len(runs)}] {run.run_id}: left, {error}")
     rows = collect_results(output_dir, runs)
     if plots and rows:
         plot_sweep(output_dir, rows)
     return rows
+
+
+def record_sweep(spec: dict[str, Any], output_dir: Path) -> None:
+    """Write ``spec`` to ``output_dir/sweep.yaml``, refusing one whose ``base`` differs from the
+    recorded one: its runs would sit in one table with runs trained under other settings."""
+    record = output_dir / SWEEP_RECORD_FILENAME
+    spec = json.loads(json.dumps(spec, default=str))  # tuples -> lists, paths -> str: as YAML reads
+    base = spec.get("base") or {}
+    if record.exists():
+        before = (yaml.safe_load(record.read_text()) or {}).get("base") or {}
+        changed = sorted(
+            key
+            for key in set(_flat(before)) | set(_flat(base))
+            if _flat(before).get(key) != _flat(base).get(key)
+        )
+        if changed:
+            shown = ", ".join(
+                f"{k}: {_flat(before).get(k)!r} -> {_flat(base).get(k)!r}" for k in changed[:5]
+            )
+            raise ValueError(
+                f"output_dir={str(output_dir)!r} holds a sweep started with another base "
+                f"({shown}). Its runs were trained with the old settings: choose another "
+                f"output_dir, or restore the base recorded in {record}."
+            )
+    atomic_write_text(record, yaml.safe_dump(spec, sort_keys=False))
+
+
+def _flat(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested fields as dotted name -> value (``sae.d_sae``), for naming what changed."""
+    flat: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@contextmanager
+def _claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold ``run_dir`` for this sweep process while the block runs; ``False`` when another
+    process holds it. Only the claim is guarded: errors from the block itself propagate."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold_folder(run_dir, "run", lock_name=CLAIM_FILENAME))
+        except FolderInUseError:
+            yield False
+            return
+        yield True
 
 
 def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
