@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(command="eval", handler=_eval)
 
     sweep = commands.add_parser(
-        "sweep", help="train and evaluate a grid of runs (loss × sparsity × layer); resumable"
+        "sweep",
+        help="train and evaluate a grid of runs (loss × sparsity × layer); resumable, and "
+        "several processes started on it share its runs",
     )
     sweep.add_argument(
         "--config", type=Path, required=True, help="sweep file: base, grid, output_dir"

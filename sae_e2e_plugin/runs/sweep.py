@@ -137,18 +137,12 @@ def record_sweep(spec: dict[str, Any], output_dir: Path) -> None:
     recorded one: its runs would sit in one table with runs trained under other settings."""
     record = output_dir / SWEEP_RECORD_FILENAME
     spec = json.loads(json.dumps(spec, default=str))  # tuples -> lists, paths -> str: as YAML reads
-    base = spec.get("base") or {}
     if record.exists():
-        before = (yaml.safe_load(record.read_text()) or {}).get("base") or {}
-        changed = sorted(
-            key
-            for key in set(_flat(before)) | set(_flat(base))
-            if _flat(before).get(key) != _flat(base).get(key)
-        )
+        before = _flat((yaml.safe_load(record.read_text()) or {}).get("base") or {})
+        now = _flat(spec.get("base") or {})
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
-            shown = ", ".join(
-                f"{k}: {_flat(before).get(k)!r} -> {_flat(base).get(k)!r}" for k in changed[:5]
-            )
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
             raise ValueError(
                 f"output_dir={str(output_dir)!r} holds a sweep started with another base "
                 f"({shown}). Its runs were trained with the old settings: choose another "
