@@ -142,15 +142,15 @@ def test_processes_sharing_a_sweep_each_train_the_runs_no_other_holds(tmp_path: 
     # A run held by a process outside any sweep (sae-e2e train into its folder) is left too.
     other = tmp_path / "runs" / "loss=e2e__l1_coefficient=0.01"
     (other / "eval.json").unlink()
-    third = Factory()
+    second = Factory()
     with hold_folder(held, "run", lock_name=CLAIM_FILENAME), hold_folder(other, "output_path"):
-        rows = run_sweep(SPEC, tmp_path, make_runner=third, plots=False)
-    assert [Path(c.output_path).name for c in third.calls] == [other.name]  # tried, refused
+        rows = run_sweep(SPEC, tmp_path, make_runner=second, plots=False)
+    assert [Path(c.output_path).name for c in second.calls] == [other.name]  # tried, refused
     assert len(rows) == 2 and not (other / "eval.json").exists()
     # Once the other processes are gone, the same command takes the runs they left.
-    second = Factory()
-    rows = run_sweep(SPEC, tmp_path, make_runner=second, plots=False)
-    assert [Path(c.output_path).name for c in second.calls] == [held.name, other.name]
+    third = Factory()
+    rows = run_sweep(SPEC, tmp_path, make_runner=third, plots=False)
+    assert [Path(c.output_path).name for c in third.calls] == [held.name, other.name]
     assert len(rows) == 4
 
 
