@@ -178,6 +178,32 @@ def test_a_sweep_folder_refuses_another_base_but_takes_a_grown_grid(
     assert [Path(c.output_path).name for c in grown.calls] == ["loss=e2e"] and len(rows) == 2
 
 
+def test_report_writes_the_finished_runs_table_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep_file = tmp_path / "sweep.json"
+    output = tmp_path / "out"
+
+    def report(**spec: Any) -> int:
+        sweep_file.write_text(json.dumps({**spec, "output_dir": str(output)}))
+        return main(["sweep", "--config", str(sweep_file), "--report", "--no-plots"])
+
+    assert report(base=BASE, grid={"loss": ["local"]}) == 2  # nothing started there yet
+    assert "holds no sweep to report on" in capsys.readouterr().err
+    assert not output.exists()
+    run_sweep({"base": BASE, "grid": {"loss": ["local"]}}, output, make_runner=Factory())
+    for name in ("results.md", "results.csv", "results.json"):
+        (output / name).unlink()
+    # The grid has grown since: its new run is reported as missing, not trained.
+    assert report(base=BASE, grid={"loss": ["local", "e2e"]}) == 0
+    assert "1 finished runs" in capsys.readouterr().out
+    table = (output / "results.md").read_text().split("\n\n")[0].splitlines()
+    assert len(table) == 3 and table[2].startswith("| local |")
+    assert sorted(p.name for p in (output / "runs").iterdir()) == ["loss=local"]
+    assert report(base={**BASE, "lr": 1e-2}, grid={"loss": ["local"]}) == 2
+    assert "another base (lr: 0.003 -> 0.01)" in capsys.readouterr().err
+
+
 def _cfg_for(spec: dict[str, Any], run_dir: Path, **extra: Any) -> Any:
     from sae_e2e_plugin.runs.sweep import _run_fields, expand_grid
     from sae_e2e_plugin.training.fields import config_from_fields

@@ -17,6 +17,8 @@ from sae_e2e_plugin.analysis.results import series_label
 from sae_e2e_plugin.analysis.seeds import (
     matched_l0_markdown,
     matched_l0_rows,
+    reference_at_runs_markdown,
+    reference_at_runs_rows,
     seed_means,
     seeds_markdown,
 )
@@ -103,6 +105,39 @@ def test_matched_l0_reads_each_curve_at_the_local_points_l0() -> None:
     assert table[2] == (f"| 40.0 | 9.000 | {e2e_at_40:.3f} | {9.0 / e2e_at_40:.2f}× | – | – |")
     # One objective alone: nothing to compare.
     assert matched_l0_markdown(matched_l0_rows(seed_means(rows[:3]))) == ""
+
+
+def test_each_run_is_read_against_the_local_curve_at_its_own_l0() -> None:
+    rows = [
+        row("local", 10.0, 160.0, 3.0),
+        row("local", 30.0, 20.0, 9.0),
+        row("e2e", 0.002, 40.0, 1.0),
+        row("e2e", 0.002, 80.0, 1.5, seed=2),
+        row("e2e", 0.02, 10.0, 2.0),  # below local's sparsest run by more than 5%
+    ]
+
+    def local_at(l0: float) -> float:  # linear in log L0 between local's two runs
+        return 9.0 + math.log(l0 / 20.0) / math.log(160.0 / 20.0) * (3.0 - 9.0)
+
+    seeded, sparse = reference_at_runs_rows(rows)
+    assert (seeded["curve"], seeded["l1_coefficient"], seeded["n_seeds"]) == ("e2e", 0.002, 2)
+    assert (seeded["l0"], seeded["ce_loss_increase"]) == pytest.approx((60.0, 1.25))
+    assert seeded["local"] == pytest.approx(local_at(60.0))
+    assert seeded["ratio"] == pytest.approx(local_at(60.0) / 1.25)
+    per_seed = sorted([local_at(40.0) / 1.0, local_at(80.0) / 1.5])
+    assert seeded["ratio_range"] == pytest.approx(tuple(per_seed))
+    assert sparse["local"] is None and sparse["ratio"] is None and sparse["ratio_range"] is None
+    table = reference_at_runs_markdown([seeded, sparse]).splitlines()
+    assert table[0] == (
+        "| curve | l1_coefficient | seeds | L0 | CE increase | local at this L0 | local / run |"
+    )
+    ratio = local_at(60.0) / 1.25
+    assert table[2] == (
+        f"| e2e | 0.002 | 2 | 60.0 | 1.250 | {local_at(60.0):.3f} | {ratio:.2f}× "
+        f"({per_seed[0]:.2f}–{per_seed[1]:.2f}) |"
+    )
+    assert table[3] == "| e2e | 0.02 | 1 | 10.0 | 2.000 | – | – |"
+    assert reference_at_runs_markdown([sparse]) == ""  # nothing reaches the local curve
 
 
 def test_a_sweep_with_seeds_in_its_grid_trains_each_seed_and_reports_the_spread(

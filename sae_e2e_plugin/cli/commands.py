@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: the file's output_dir, else sweeps/<file name>)",
     )
     sweep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sweep.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: write the results table and plots of the runs finished so far "
+        "(while the sweep's processes go on)",
+    )
     sweep.set_defaults(command="sweep", handler=_sweep)
 
     upload = commands.add_parser(
@@ -327,11 +333,12 @@ def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from sae_e2e_plugin.analysis.results import RESULTS_CSV, results_markdown
-    from sae_e2e_plugin.runs.sweep import load_sweep_file, run_sweep
+    from sae_e2e_plugin.runs.sweep import load_sweep_file, report_sweep, run_sweep
 
     spec = load_sweep_file(args.config)
     output = args.output or Path(spec.get("output_dir") or Path("sweeps") / args.config.stem)
-    rows = run_sweep(spec, output, plots=not args.no_plots)
+    sweep = report_sweep if args.report else run_sweep
+    rows = sweep(spec, output, plots=not args.no_plots)
     if rows:
         print(results_markdown(rows))
     print(f"{len(rows)} finished runs; results in {output / RESULTS_CSV} (and .json, .md)")

@@ -126,6 +126,25 @@ def run_sweep(
                     make_runner(cfg).run()
                 except FolderInUseError as error:  # a run started outside the sweep holds it
                     logger.warning(f"[{index}/{len(runs)}] {run.run_id}: left, {error}")
+    return _report(output_dir, runs, plots)
+
+
+def report_sweep(
+    spec: dict[str, Any], output_dir: Path, *, plots: bool = True
+) -> list[dict[str, Any]]:
+    """The results table and plots of the runs finished so far, as ``run_sweep`` writes them at
+    its end; nothing is trained. A long sweep's interim results, while its processes go on."""
+    if not (output_dir / SWEEP_RECORD_FILENAME).exists():
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} holds no sweep to report on (no "
+            f"{SWEEP_RECORD_FILENAME}): start it first with `sae-e2e sweep --config <file>`, or "
+            "pass --output with the folder it writes to."
+        )
+    check_base(spec, output_dir)
+    return _report(output_dir, expand_grid(spec["grid"]), plots)
+
+
+def _report(output_dir: Path, runs: list[SweepRun], plots: bool) -> list[dict[str, Any]]:
     rows = collect_results(output_dir, runs)
     if plots and rows:
         plot_sweep(output_dir, rows)
@@ -133,10 +152,17 @@ def run_sweep(
 
 
 def record_sweep(spec: dict[str, Any], output_dir: Path) -> None:
-    """Write ``spec`` to ``output_dir/sweep.yaml``, refusing one whose ``base`` differs from the
-    recorded one: its runs would sit in one table with runs trained under other settings."""
-    record = output_dir / SWEEP_RECORD_FILENAME
+    """Write ``spec`` to ``output_dir/sweep.yaml`` once ``check_base`` passes."""
+    check_base(spec, output_dir)
     spec = json.loads(json.dumps(spec, default=str))  # tuples -> lists, paths -> str: as YAML reads
+    atomic_write_text(output_dir / SWEEP_RECORD_FILENAME, yaml.safe_dump(spec, sort_keys=False))
+
+
+def check_base(spec: dict[str, Any], output_dir: Path) -> None:
+    """Refuse a ``spec`` whose ``base`` differs from the one recorded in ``output_dir``: its runs
+    would sit in one table with runs trained under other settings."""
+    record = output_dir / SWEEP_RECORD_FILENAME
+    spec = json.loads(json.dumps(spec, default=str))  # compared as YAML would read it back
     if record.exists():
         before = _flat((yaml.safe_load(record.read_text()) or {}).get("base") or {})
         now = _flat(spec.get("base") or {})
@@ -148,7 +174,6 @@ def record_sweep(spec: dict[str, Any], output_dir: Path) -> None:
                 f"({shown}). Its runs were trained with the old settings: choose another "
                 f"output_dir, or restore the base recorded in {record}."
             )
-    atomic_write_text(record, yaml.safe_dump(spec, sort_keys=False))
 
 
 def _flat(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
