@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from test_sweep import BASE, Factory
 
-from sae_e2e_plugin.analysis.plots import plot_pareto
+from sae_e2e_plugin.analysis.plots import OBJECTIVE_COLORS, plot_pareto, series_colors
 from sae_e2e_plugin.analysis.results import series_label
 from sae_e2e_plugin.analysis.seeds import (
     matched_l0_markdown,
@@ -179,6 +179,23 @@ def test_the_pareto_plot_of_seeded_runs_is_written_whole(tmp_path: Path) -> None
     path = plot_pareto(rows, x="l0", y="ce_loss_increase", path=tmp_path / "pareto.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["pareto.png"]  # no temporary file left
+
+
+def test_each_objective_keeps_its_colour_in_every_sweeps_plots() -> None:
+    rows = [
+        row("local", 30.0, 40.0, 1.0, training_tokens=10),
+        row("local", 10.0, 90.0, 0.5),
+        row("e2e_downstream", 0.01, 20.0, 0.8, downstream_coefficient=0.001),
+    ]
+    assert series_colors(seed_means(rows)) == {
+        "e2e_downstream (downstream_coefficient=0.001)": OBJECTIVE_COLORS["e2e_downstream"],
+        "local": OBJECTIVE_COLORS["local"],
+        "local (training_tokens=10)": None,  # the objective's second curve: the next colour
+    }
+    # Without local runs e2e_downstream is no longer the second curve, and keeps its colour.
+    assert series_colors(seed_means(rows[2:])) == {
+        "e2e_downstream (downstream_coefficient=0.001)": OBJECTIVE_COLORS["e2e_downstream"]
+    }
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("sweep_*.yaml")))

@@ -23,6 +23,9 @@ from sae_e2e_plugin.analysis.results import read_training_log, series_label
 from sae_e2e_plugin.analysis.seeds import seed_means
 from sae_e2e_plugin.run_files import TRAINING_LOG_FILENAME, atomic_write_bytes
 
+OBJECTIVE_COLORS = {"local": "tab:orange", "e2e": "tab:blue", "e2e_downstream": "tab:green"}
+"""Each objective's colour in the Pareto plots (matplotlib's default cycle, fixed per objective)."""
+
 
 def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Draw every plot that the results support; return the files written."""
@@ -86,11 +89,11 @@ def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     points = seed_means(rows)
-    for label in sorted({series_label(p) for p in points}):
+    colors = series_colors(points)
+    for label, color in colors.items():
         ordered = sorted((p for p in points if series_label(p) == label), key=lambda p: p[x])
-        if not ordered:
-            continue
-        (line,) = ax.plot([p[x] for p in ordered], [p[y] for p in ordered], marker="o", label=label)
+        xs, ys = [p[x] for p in ordered], [p[y] for p in ordered]
+        (line,) = ax.plot(xs, ys, marker="o", label=label, color=color)
         repeated = [p for p in ordered if p["n_seeds"] > 1]
         if repeated:
             ax.errorbar(
@@ -108,6 +111,19 @@ def plot_pareto(rows: list[dict[str, Any]], x: str, y: str, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def series_colors(points: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Each curve's colour, by label in sorted order: an objective's first curve takes
+    ``OBJECTIVE_COLORS``' (so every sweep's plots agree), later curves of the same objective
+    (another ``training_tokens``, say) None, matplotlib's next colour."""
+    colors: dict[str, str | None] = {}
+    taken: set[str] = set()
+    for label in sorted({series_label(point) for point in points}):
+        loss = next(str(p.get("loss")) for p in points if series_label(p) == label)
+        colors[label] = OBJECTIVE_COLORS.get(loss) if loss not in taken else None
+        taken.add(loss)
+    return colors
 
 
 def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
