@@ -18,6 +18,7 @@ from sae_e2e_plugin.runs.sweep import (
     expand_grid,
     latest_checkpoint,
     load_sweep_file,
+    report_sweep,
     run_sweep,
 )
 
@@ -202,6 +203,25 @@ def test_report_writes_the_finished_runs_table_and_trains_nothing(
     assert sorted(p.name for p in (output / "runs").iterdir()) == ["loss=local"]
     assert report(base={**BASE, "lr": 1e-2}, grid={"loss": ["local"]}) == 2
     assert "another base (lr: 0.003 -> 0.01)" in capsys.readouterr().err
+
+
+def test_a_sweep_without_its_weights_still_reports_and_keeps_its_cosine_plots(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As in a clone of a repository that commits its runs without their weights.
+    spec = {"base": BASE, "grid": {"loss": ["local", "e2e"]}}
+    run_sweep(spec, tmp_path, make_runner=Factory())
+    cosine_plots = {name: (tmp_path / name).read_bytes() for name in COSINE_PLOTS}
+    for weights in tmp_path.glob("runs/*/sae_weights.safetensors"):
+        weights.unlink()
+    (tmp_path / "pareto_l0.png").unlink()
+    rows = report_sweep(spec, tmp_path)
+    assert len(rows) == 2 and (tmp_path / "pareto_l0.png").stat().st_size > 1000
+    assert {name: (tmp_path / name).read_bytes() for name in COSINE_PLOTS} == cosine_plots
+    assert "no SAE weights in runs ['loss=local', 'loss=e2e']" in caplog.text
+
+
+COSINE_PLOTS = ("cosine_within.png", "cosine_across.png")
 
 
 def _cfg_for(spec: dict[str, Any], run_dir: Path, **extra: Any) -> Any:

@@ -13,15 +13,19 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 
 from sae_e2e_plugin.analysis.geometry import max_cosine_across, max_cosine_within
 from sae_e2e_plugin.analysis.results import read_training_log, series_label
 from sae_e2e_plugin.analysis.seeds import seed_means
 from sae_e2e_plugin.run_files import TRAINING_LOG_FILENAME, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 OBJECTIVE_COLORS = {"local": "tab:orange", "e2e": "tab:blue", "e2e_downstream": "tab:green"}
 """Each objective's colour in the Pareto plots (matplotlib's default cycle, fixed per objective)."""
@@ -40,31 +44,43 @@ def plot_sweep(output_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     }
     if any(logs.values()):
         written.append(plot_training_l0(rows, logs, output_dir / "training_l0.png"))
-    chosen = runs_closest_in_l0(rows)
-    if chosen:
-        decoders = {loss: _decoder(output_dir, row["run_id"]) for loss, row in chosen.items()}
-        labels = {loss: f"{loss} (L0 {row['l0']:.1f})" for loss, row in chosen.items()}
-        within = {labels[k]: max_cosine_within(w) for k, w in decoders.items()}
+    written += plot_geometry(output_dir, runs_closest_in_l0(rows))
+    return written
+
+
+def plot_geometry(output_dir: Path, chosen: dict[str, dict[str, Any]]) -> list[Path]:
+    """``cosine_within.png`` and ``cosine_across.png`` of the ``chosen`` run per objective.
+    Drawn only when every chosen run still has its weights: a sweep whose weights were not kept
+    (a clone of a repository that commits runs without them) keeps the plots it has rather than
+    drawing others from a different choice of runs."""
+    missing = [row["run_id"] for row in chosen.values() if not _weights(output_dir, row).exists()]
+    if not chosen or missing:
+        if missing:
+            logger.warning(f"no SAE weights in runs {missing}: cosine plots left as they are")
+        return []
+    decoders = {loss: _decoder(_weights(output_dir, row)) for loss, row in chosen.items()}
+    labels = {loss: f"{loss} (L0 {row['l0']:.1f})" for loss, row in chosen.items()}
+    within = {labels[k]: max_cosine_within(w) for k, w in decoders.items()}
+    written = [
+        plot_histograms(
+            within,
+            output_dir / "cosine_within.png",
+            "max cosine similarity with another feature of the same dictionary",
+        )
+    ]
+    if "local" in decoders and len(decoders) > 1:
+        across = {
+            labels[k]: max_cosine_across(w, decoders["local"])
+            for k, w in decoders.items()
+            if k != "local"
+        }
         written.append(
             plot_histograms(
-                within,
-                output_dir / "cosine_within.png",
-                "max cosine similarity with another feature of the same dictionary",
+                across,
+                output_dir / "cosine_across.png",
+                "max cosine similarity with a feature of the local dictionary",
             )
         )
-        if "local" in decoders and len(decoders) > 1:
-            across = {
-                labels[k]: max_cosine_across(w, decoders["local"])
-                for k, w in decoders.items()
-                if k != "local"
-            }
-            written.append(
-                plot_histograms(
-                    across,
-                    output_dir / "cosine_across.png",
-                    "max cosine similarity with a feature of the local dictionary",
-                )
-            )
     return written
 
 
@@ -184,11 +200,14 @@ _LABELS = {
 }
 
 
-def _decoder(output_dir: Path, run_id: str) -> torch.Tensor:
+def _weights(output_dir: Path, row: dict[str, Any]) -> Path:
+    return output_dir / "runs" / row["run_id"] / SAE_WEIGHTS_FILENAME
+
+
+def _decoder(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    weights = load_file(output_dir / "runs" / run_id / "sae_weights.safetensors")
-    return weights["W_dec"].float()
+    return load_file(path)["W_dec"].float()
 
 
 def _save(fig: Any, path: Path) -> Path:

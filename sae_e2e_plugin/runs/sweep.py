@@ -134,13 +134,13 @@ def report_sweep(
 ) -> list[dict[str, Any]]:
     """The results table and plots of the runs finished so far, as ``run_sweep`` writes them at
     its end; nothing is trained. A long sweep's interim results, while its processes go on."""
-    if not (output_dir / SWEEP_RECORD_FILENAME).exists():
+    if not (output_dir / "runs").is_dir():
         raise ValueError(
-            f"output_dir={str(output_dir)!r} holds no sweep to report on (no "
-            f"{SWEEP_RECORD_FILENAME}): start it first with `sae-e2e sweep --config <file>`, or "
-            "pass --output with the folder it writes to."
+            f"output_dir={str(output_dir)!r} holds no sweep to report on (no runs/ folder): "
+            "start it first with `sae-e2e sweep --config <file>`, or pass --output with the "
+            "folder it writes to."
         )
-    check_base(spec, output_dir)
+    check_base(spec, output_dir)  # a sweep older than sweep.yaml has nothing to check against
     return _report(output_dir, expand_grid(spec["grid"]), plots)
 
 
