@@ -26,6 +26,11 @@ CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
 """In a checkpoint: written last, so a folder without it is a checkpoint whose writing never
 finished (see ``training.checkpoints``)."""
 
+GEOMETRY_FILENAME = "geometry.json"
+"""Written by a sweep's results next to a finished run's weights: its dictionary's geometry
+(``analysis.geometry.within_summary``) and ``weights_sha256``, the weights it describes, so the
+numbers outlive weights that are not kept and are redone for weights that changed."""
+
 CHECKPOINTS_DIRNAME = "checkpoints"
 """The default ``checkpoint_path`` is this folder inside ``output_path``."""
 

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from sae_e2e_plugin.analysis.geometry import max_cosine_across, max_cosine_within, unit_directions
+from sae_e2e_plugin.analysis.geometry import (
+    max_cosine_across,
+    max_cosine_within,
+    unit_directions,
+    within_summary,
+)
 from sae_e2e_plugin.analysis.matched_l0 import ce_increase_at, gap_closed
 
 
@@ -21,6 +26,16 @@ def test_within_dictionary_maximum_excludes_the_feature_itself() -> None:
     expected = [max(hand_cosine(w[i], w[j]) for j in range(4) if j != i) for i in range(4)]
     torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
     assert got[0].item() == pytest.approx(1 / math.sqrt(2))  # not 1.0 from itself
+
+
+def test_within_summary_is_the_median_max_cosine_and_the_near_duplicate_share() -> None:
+    # Features 0 and 1 nearly coincide (cosine 0.9995), 2 and 3 are orthogonal to everything.
+    w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0316, 0.0], [0.0, 0.0, 2.0], [0.0, -1.0, 0.0]])
+    best = [max(hand_cosine(w[i], w[j]) for j in range(4) if j != i) for i in range(4)]
+    summary = within_summary(w)
+    ordered = sorted(best)
+    assert summary["max_cosine_median"] == pytest.approx((ordered[1] + ordered[2]) / 2, abs=1e-6)
+    assert summary["near_duplicate_fraction"] == pytest.approx(2 / 4)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])

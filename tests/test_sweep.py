@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
+from safetensors.torch import load_file, save_file
 
 from sae_e2e_plugin.analysis.results import training_l0_summary, training_time_summary
 from sae_e2e_plugin.cli import main
@@ -212,13 +214,44 @@ def test_a_sweep_without_its_weights_still_reports_and_keeps_its_cosine_plots(
     spec = {"base": BASE, "grid": {"loss": ["local", "e2e"]}}
     run_sweep(spec, tmp_path, make_runner=Factory())
     cosine_plots = {name: (tmp_path / name).read_bytes() for name in COSINE_PLOTS}
+    geometry = [row["max_cosine_median"] for row in report_sweep(spec, tmp_path)]
     for weights in tmp_path.glob("runs/*/sae_weights.safetensors"):
         weights.unlink()
     (tmp_path / "pareto_l0.png").unlink()
     rows = report_sweep(spec, tmp_path)
     assert len(rows) == 2 and (tmp_path / "pareto_l0.png").stat().st_size > 1000
+    # The geometry recorded while the weights were there stands.
+    assert [row["max_cosine_median"] for row in rows] == geometry
     assert {name: (tmp_path / name).read_bytes() for name in COSINE_PLOTS} == cosine_plots
     assert "no SAE weights in runs ['loss=local', 'loss=e2e']" in caplog.text
+
+
+def test_each_run_records_the_geometry_of_the_weights_it_has(tmp_path: Path) -> None:
+    spec = {"base": BASE, "grid": {"loss": ["local"]}}
+    weights_file = tmp_path / "runs" / "loss=local" / "sae_weights.safetensors"
+
+    def by_hand() -> tuple[float, float]:
+        w = load_file(weights_file)["W_dec"].double()
+        unit = w / w.norm(dim=-1, keepdim=True)
+        best = [
+            max(float(unit[i] @ unit[j]) for j in range(len(w)) if j != i) for i in range(len(w))
+        ]
+        return statistics.median(best), sum(b > 0.99 for b in best) / len(best)
+
+    (row,) = run_sweep(spec, tmp_path, make_runner=Factory(), plots=False)
+    median, duplicates = by_hand()
+    assert row["max_cosine_median"] == pytest.approx(median, abs=1e-6)
+    assert row["near_duplicate_fraction"] == pytest.approx(duplicates)
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert "| expl. var. | median max cos | near-dup. |" in header
+    # Other weights in the same folder (the run trained again): the geometry is redone.
+    weights = load_file(weights_file)
+    weights["W_dec"][1:4] = weights["W_dec"][0]  # four copies of one direction
+    save_file(weights, weights_file)
+    (again,) = report_sweep(spec, tmp_path)
+    median, duplicates = by_hand()
+    assert duplicates >= 4 / 32 and again["near_duplicate_fraction"] == pytest.approx(duplicates)
+    assert again["max_cosine_median"] == pytest.approx(median, abs=1e-6)
 
 
 COSINE_PLOTS = ("cosine_within.png", "cosine_across.png")

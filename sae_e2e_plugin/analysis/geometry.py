@@ -13,6 +13,10 @@ import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
 
+NEAR_DUPLICATE_COSINE = 0.99
+"""A feature whose decoder direction has a cosine above this with another feature of its
+dictionary is a near-duplicate."""
+
 
 @jaxtyped(typechecker=beartype)
 def unit_directions(w_dec: Float[torch.Tensor, "d_sae d_in"]) -> Float[torch.Tensor, "d_sae d_in"]:
@@ -29,6 +33,18 @@ def max_cosine_within(
     """For each feature, the largest cosine similarity with any *other* feature of the dictionary."""
     directions = unit_directions(w_dec)
     return _max_cosine(directions, directions, chunk_size, exclude_self=True)
+
+
+@jaxtyped(typechecker=beartype)
+def within_summary(w_dec: Float[torch.Tensor, "d_sae d_in"]) -> dict[str, float]:
+    """The two numbers the paper's geometry comparison turns on: the median over features of
+    ``max_cosine_within`` (``max_cosine_median``; lower is more orthogonal) and the share of
+    near-duplicate features (``near_duplicate_fraction``)."""
+    best = max_cosine_within(w_dec)
+    return {
+        "max_cosine_median": float(best.quantile(0.5)),  # the middle two's mean for even d_sae
+        "near_duplicate_fraction": float((best > NEAR_DUPLICATE_COSINE).float().mean()),
+    }
 
 
 @jaxtyped(typechecker=beartype)

@@ -1,5 +1,6 @@
-"""Results of finished runs: one row per run folder (its grid values, ``eval.json`` metrics, L0
-settling and training time from ``training_log.jsonl``), written as CSV, JSON and a markdown table.
+"""Results of finished runs: one row per run folder (its grid values, ``eval.json`` metrics, its
+dictionary's geometry, L0 settling and training time from ``training_log.jsonl``), written as
+CSV, JSON and a markdown table.
 
 Sweeps write these files and the plots read them; both take the file names from here.
 """
@@ -7,14 +8,24 @@ Sweeps write these files and the plots read them; both take the file names from 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
+from safetensors.torch import load_file
+
+from sae_e2e_plugin.analysis.geometry import within_summary
 from sae_e2e_plugin.analysis.matched_l0 import gap_closed
-from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
+from sae_e2e_plugin.run_files import (
+    EVAL_FILENAME,
+    GEOMETRY_FILENAME,
+    TRAINING_LOG_FILENAME,
+    atomic_write_text,
+)
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -43,9 +54,29 @@ def run_row(run_dir: Path, run_id: str, overrides: dict[str, Any]) -> dict[str, 
     metrics = json.loads(eval_file.read_text())
     row: dict[str, Any] = {"run_id": run_id, **overrides}
     row.update({name: metrics.get(name) for name in RESULT_METRICS})
+    row.update(geometry_summary(run_dir))
     row.update(training_l0_summary(run_dir / TRAINING_LOG_FILENAME))
     row.update(training_time_summary(run_dir / TRAINING_LOG_FILENAME))
     return row
+
+
+GEOMETRY_METRICS = ("max_cosine_median", "near_duplicate_fraction")
+"""The dictionary-geometry columns of a results row (``analysis.geometry.within_summary``)."""
+
+
+def geometry_summary(run_dir: Path) -> dict[str, float | None]:
+    """The run's dictionary geometry from ``GEOMETRY_FILENAME``, computed from its weights and
+    written there first when it is missing or describes other weights. Without weights the
+    file's numbers stand (its weights were not kept); without either, None."""
+    record_path, weights_path = run_dir / GEOMETRY_FILENAME, run_dir / SAE_WEIGHTS_FILENAME
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if weights_path.exists():
+        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+        if record is None or record.get("weights_sha256") != digest:
+            w_dec = load_file(weights_path)["W_dec"].float()
+            record = {**within_summary(w_dec), "weights_sha256": digest}
+            atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    return {name: record.get(name) if record else None for name in GEOMETRY_METRICS}
 
 
 def write_results(output_dir: Path, rows: list[dict[str, Any]], sections: str = "") -> None:
@@ -63,6 +94,7 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], sections: str = 
 
 
 DERIVED_PREFIXES = (
+    *GEOMETRY_METRICS,
     "l0_train_",
     "train_seconds",
     "step_seconds_",
@@ -109,6 +141,8 @@ _TABLE_COLUMNS = (
     ("CE score", "ce_loss_score", "{:.3f}"),
     ("KL", "kl_orig_patched", "{:.3f}"),
     ("expl. var.", "explained_variance", "{:.3f}"),
+    ("median max cos", "max_cosine_median", "{:.3f}"),
+    ("near-dup.", "near_duplicate_fraction", "{:.1%}"),
     ("L0 drift, last tenth", "l0_train_drift", "{:+.1%}"),
     ("training time (s)", "train_seconds", "{:.0f}"),
     ("gap closed", "gap_closed", "{:.0%}"),
