@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CONTEXT, D_MODEL, make_cfg, tiny_model, token_dataset
 from sae_lens import StandardTrainingSAEConfig
 
@@ -138,6 +139,15 @@ def test_evaluation_on_a_slice_equals_a_hand_computation(tmp_path: Path) -> None
         )
         spread = (chosen - chosen.mean(0)).pow(2).sum(-1)
         ev = (1 - (recon - chosen).pow(2).sum(-1) / spread).mean()
+        # The baseline zeroes what the SAE replaces: positions 0 and 1 stay clean.
+        zeroed = torch.cat([clean.acts[:, :2], torch.zeros_like(clean.acts[:, 2:])], dim=1)
+        ablated = run_patched(model, prefix, run.plan, zeroed)
+        ablated_logits = logits_from_final_resid(model, ablated.final_resid)
+        ce_ablated = F.cross_entropy(
+            ablated_logits[:, :-1].reshape(-1, ablated_logits.shape[-1]).float(),
+            tokens[:, 1:].reshape(-1),
+        )
+    assert result.ce_loss_zero_ablation == pytest.approx(float(ce_ablated), rel=1e-4)
     assert result.n_tokens == 3 * CONTEXT and result.n_spliced == 3 * (CONTEXT - 2)
     assert result.l0 == pytest.approx(float((features != 0).sum(-1).float().mean()), rel=1e-6)
     assert result.kl_orig_patched == pytest.approx(float(kl), rel=1e-4)

@@ -20,6 +20,7 @@ from sae_e2e_plugin.runs.sweep import (
     expand_grid,
     latest_checkpoint,
     load_sweep_file,
+    reevaluate_sweep,
     report_sweep,
     run_sweep,
 )
@@ -252,6 +253,38 @@ def test_each_run_records_the_geometry_of_the_weights_it_has(tmp_path: Path) -> 
     median, duplicates = by_hand()
     assert duplicates >= 4 / 32 and again["near_duplicate_fraction"] == pytest.approx(duplicates)
     assert again["max_cosine_median"] == pytest.approx(median, abs=1e-6)
+
+
+def test_reevaluate_rewrites_each_finished_runs_eval_and_trains_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = {"base": BASE, "grid": {"loss": ["local", "e2e"]}}
+    run_sweep(spec, tmp_path, make_runner=Factory(), plots=False)
+    local, e2e = (tmp_path / "runs" / name for name in ("loss=local", "loss=e2e"))
+    original = {run: json.loads((run / "eval.json").read_text()) for run in (local, e2e)}
+    files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for run in (local, e2e):  # as written by an older evaluation
+        stale = {**original[run], "ce_loss_zero_ablation": 9.0, "ce_loss_score": 0.5}
+        (run / "eval.json").write_text(json.dumps(stale))
+    (e2e / "sae_weights.safetensors").unlink()
+    factory = Factory()
+    rows = reevaluate_sweep(spec, tmp_path, make_runner=factory, plots=False)
+    # Evaluated again from the exported weights: the same numbers the run wrote at its end.
+    again = json.loads((local / "eval.json").read_text())
+    assert again.keys() == original[local].keys()
+    for key, value in original[local].items():
+        assert again[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value)
+    assert json.loads((e2e / "eval.json").read_text())["ce_loss_zero_ablation"] == 9.0
+    assert "loss=e2e: not evaluated again, its SAE weights are not kept" in caplog.text
+    assert [Path(c.output_path).name for c in factory.calls] == ["loss=local"]
+    assert [row["ce_loss_score"] for row in rows] == [again["ce_loss_score"], 0.5]
+    # Nothing trained, nothing removed: every file but the deleted weights is still there.
+    files_after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert set(files_before) - set(files_after) == {Path("runs/loss=e2e/sae_weights.safetensors")}
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps({**spec, "output_dir": str(tmp_path)}))
+    assert main(["sweep", "--config", str(sweep_file), "--report", "--reevaluate"]) == 2
+    assert "choose one" in capsys.readouterr().err
 
 
 COSINE_PLOTS = ("cosine_within.png", "cosine_across.png")

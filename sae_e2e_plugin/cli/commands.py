@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train nothing: write the results table and plots of the runs finished so far "
         "(while the sweep's processes go on)",
     )
+    sweep.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="train nothing: evaluate every finished run's SAE again with this version's "
+        "evaluation, rewrite its eval.json, then report",
+    )
     sweep.set_defaults(command="sweep", handler=_sweep)
 
     upload = commands.add_parser(
@@ -333,11 +339,18 @@ def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from sae_e2e_plugin.analysis.results import RESULTS_CSV, results_markdown
-    from sae_e2e_plugin.runs.sweep import load_sweep_file, report_sweep, run_sweep
+    from sae_e2e_plugin.runs.sweep import (
+        load_sweep_file,
+        reevaluate_sweep,
+        report_sweep,
+        run_sweep,
+    )
 
     spec = load_sweep_file(args.config)
     output = args.output or Path(spec.get("output_dir") or Path("sweeps") / args.config.stem)
-    sweep = report_sweep if args.report else run_sweep
+    if args.report and args.reevaluate:
+        raise ValueError("--report and --reevaluate: choose one (--reevaluate reports too).")
+    sweep = report_sweep if args.report else reevaluate_sweep if args.reevaluate else run_sweep
     rows = sweep(spec, output, plots=not args.no_plots)
     if rows:
         print(results_markdown(rows))

@@ -288,16 +288,18 @@ def _evaluate_batch(
     if positions.selects_all:
         sae_in = clean.acts
         feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
-        reconstruction = sae_out
+        reconstruction, ablation = sae_out, torch.zeros_like(clean.acts)
     else:
         # The selected positions as one [1, selected, d_in] batch; the rest keep their clean
-        # activation in the spliced run.
+        # activation in the spliced run, and in the ablated one: the baseline removes what the
+        # SAE replaces, no more.
         mask = selected_positions(tokens, positions)
         sae_in = clean.acts[mask][None]
         feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
         reconstruction = with_reconstruction(clean.acts, mask, sae_out[0])
+        ablation = with_reconstruction(clean.acts, mask, torch.zeros_like(sae_out[0]))
     spliced = run_patched(model, prefix, plan, reconstruction)
-    ablated_final = _run_ablated(model, prefix, plan, clean.acts)
+    ablated_final = _run_ablated(model, prefix, plan, ablation)
     assert clean.final_resid is not None  # full=True always reaches the last block
 
     totals.n_tokens += batch * pos
@@ -323,10 +325,11 @@ def _evaluate_batch(
     )
 
 
-def _run_ablated(model: Any, prefix: Any, plan: SplicePlan, acts: torch.Tensor) -> torch.Tensor:
-    """Final residual [batch, pos, d_model] with the hook's activation replaced by zeros."""
+def _run_ablated(model: Any, prefix: Any, plan: SplicePlan, ablation: torch.Tensor) -> torch.Tensor:
+    """Final residual [batch, pos, d_model] with the hook's activation replaced by ``ablation``
+    (zeros at the positions the SAE replaces)."""
     no_downstream = dataclasses.replace(plan, downstream_hooks=())
-    return run_patched(model, prefix, no_downstream, torch.zeros_like(acts)).final_resid
+    return run_patched(model, prefix, no_downstream, ablation).final_resid
 
 
 def _add_output_metrics(

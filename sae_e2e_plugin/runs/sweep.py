@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 
 from sae_e2e_plugin.analysis.plots import plot_sweep
 from sae_e2e_plugin.analysis.results import run_row, short_key, with_gap_closed, write_results
@@ -36,6 +37,7 @@ from sae_e2e_plugin.analysis.seeds import seed_sections
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME, atomic_write_text
+from sae_e2e_plugin.runs.export import load_exported_sae
 from sae_e2e_plugin.runs.output_folder import FolderInUseError, hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.checkpoints import complete_checkpoints
@@ -141,6 +143,40 @@ def report_sweep(
             "folder it writes to."
         )
     check_base(spec, output_dir)  # a sweep older than sweep.yaml has nothing to check against
+    return _report(output_dir, expand_grid(spec["grid"]), plots)
+
+
+def reevaluate_sweep(
+    spec: dict[str, Any],
+    output_dir: Path,
+    *,
+    make_runner: Callable[[Any], Any] | None = None,
+    plots: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate every finished run's exported SAE again, with this version's evaluation on the
+    same held-out tokens, and rewrite its ``eval.json``; then report as ``report_sweep``.
+    Nothing is trained. For a sweep whose evaluation changed after some runs finished, so its
+    table does not mix two definitions of a metric. Runs without their weights, and runs
+    another process holds, are left as they are (and logged)."""
+    report_sweep(spec, output_dir, plots=False)  # the same refusals, before loading a model
+    make_runner = make_runner or _default_runner_factory()
+    for run in expand_grid(spec["grid"]):
+        run_dir = output_dir / "runs" / run.run_id
+        if not (run_dir / EVAL_FILENAME).exists():
+            continue
+        with _claimed(run_dir) as claimed:
+            if not claimed or not (run_dir / SAE_WEIGHTS_FILENAME).exists():
+                why = "held by another process" if not claimed else "its SAE weights are not kept"
+                logger.warning(f"{run.run_id}: not evaluated again, {why}")
+                continue
+            fields = merge_fields(spec.get("base") or {}, nest_dotted(run.overrides))
+            # overwrite_output only lets the runner be built on a finished run's folder: it
+            # clears the folder when training starts, and nothing is trained here.
+            fields.update(output_path=str(run_dir), overwrite_output=True)
+            runner = make_runner(config_from_fields(fields))
+            exported = load_exported_sae(runner.sae, str(run_dir), runner.cfg.device)
+            runner.evaluate(sae=exported).save_json(run_dir / EVAL_FILENAME)
+            logger.info(f"{run.run_id}: evaluated again")
     return _report(output_dir, expand_grid(spec["grid"]), plots)
 
 
