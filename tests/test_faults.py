@@ -336,3 +336,13 @@ def test_ctrl_c_in_the_cli_prints_the_checkpoint_and_exits_130(
         and (checkpoint / CHECKPOINT_COMPLETE_FILENAME).exists()
     )
     assert checkpoint.is_relative_to(tmp_path / "out" / "checkpoints")
+
+
+def test_an_interrupted_sweep_says_its_own_command_resumes_it() -> None:
+    from sae_e2e_plugin.cli.commands import _interrupted
+
+    interruption = KeyboardInterrupt()
+    interruption.checkpoint = Path("runs/a/checkpoints/x/2048")  # type: ignore[attr-defined]
+    swept = _interrupted(interruption, sweep=True)
+    assert "The same sweep command resumes" in swept and "--resume_from_checkpoint" not in swept
+    assert "--resume_from_checkpoint runs/a/checkpoints/x/2048" in _interrupted(interruption)

@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tqdm.auto import tqdm
 
         # Through tqdm: the interrupted run's progress bar is still on the line.
-        tqdm.write(f"sae-e2e {args.command}: {_interrupted(interruption)}", file=sys.stderr)
+        message = _interrupted(interruption, sweep=args.command == "sweep")
+        tqdm.write(f"sae-e2e {args.command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as error:
         from sae_e2e_plugin.runs.output_folder import FolderInUseError
@@ -61,8 +62,13 @@ EXIT_INTERRUPTED = 130
 """Exit status after Ctrl-C / SIGTERM (128 + SIGINT, as shells report it)."""
 
 
-def _interrupted(interruption: KeyboardInterrupt) -> str:
+def _interrupted(interruption: KeyboardInterrupt, sweep: bool = False) -> str:
     checkpoint = getattr(interruption, "checkpoint", None)
+    if checkpoint is not None and sweep:  # a sweep finds its runs' checkpoints itself
+        return (
+            f"interrupted; checkpoint written to {checkpoint}. The same sweep command resumes "
+            "the run from it."
+        )
     if checkpoint is not None:
         return (
             f"interrupted; checkpoint written to {checkpoint}. Resume with "
