@@ -136,6 +136,12 @@ def report_sweep(
 ) -> list[dict[str, Any]]:
     """The results table and plots of the runs finished so far, as ``run_sweep`` writes them at
     its end; nothing is trained. A long sweep's interim results, while its processes go on."""
+    _check_started(spec, output_dir)
+    return _report(output_dir, expand_grid(spec["grid"]), plots)
+
+
+def _check_started(spec: dict[str, Any], output_dir: Path) -> None:
+    """Refuse a folder where the sweep was never started, or started with another base."""
     if not (output_dir / "runs").is_dir():
         raise ValueError(
             f"output_dir={str(output_dir)!r} holds no sweep to report on (no runs/ folder): "
@@ -143,7 +149,6 @@ def report_sweep(
             "folder it writes to."
         )
     check_base(spec, output_dir)  # a sweep older than sweep.yaml has nothing to check against
-    return _report(output_dir, expand_grid(spec["grid"]), plots)
 
 
 def reevaluate_sweep(
@@ -158,7 +163,7 @@ def reevaluate_sweep(
     Nothing is trained. For a sweep whose evaluation changed after some runs finished, so its
     table does not mix two definitions of a metric. Runs without their weights, and runs
     another process holds, are left as they are (and logged)."""
-    report_sweep(spec, output_dir, plots=False)  # the same refusals, before loading a model
+    _check_started(spec, output_dir)  # before loading a model
     make_runner = make_runner or _default_runner_factory()
     for run in expand_grid(spec["grid"]):
         run_dir = output_dir / "runs" / run.run_id
