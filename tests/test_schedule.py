@@ -148,7 +148,7 @@ def test_the_local_step_is_saelens_own_step(tmp_path: Path) -> None:
         plan=runner.plan,
         e2e_cfg=runner.cfg,
         objective=runner.objective,
-        local_data=BufferedActivations(runner.activations_store, 0),
+        local_data=BufferedActivations(runner.activations_store, 0, runner.cfg.sequences_per_batch),
     )
     for _ in range(2):
         expected = theirs.step(activations)
@@ -270,3 +270,34 @@ def test_bad_schedule_settings_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=named):
         make_cfg(tmp_path, **(COMMON | overrides))
+
+
+@pytest.mark.parametrize(
+    ("positions", "rows_per_sequence"),
+    [({"seqpos_slice": (1, None)}, CONTEXT - 1), ({"seqpos_slice": (2, 6)}, 4)],
+)
+def test_a_schedule_with_positions_trains_locally_on_the_selected_rows(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    positions: dict[str, Any],
+    rows_per_sequence: int,
+) -> None:
+    # Regression: the store's buffer held n_batches_in_buffer × selected positions rows, fewer
+    # than a batch of sequences × context_size rows, and SAELens raised "Buffer size must be
+    # greater than or equal to batch size" at the first local step.
+    shapes: list[tuple[int, ...]] = []
+    original = E2ESAETrainer.step
+
+    def spy(trainer: E2ESAETrainer, batch: torch.Tensor) -> TrainStepOutput:
+        shapes.append(tuple(batch.shape))
+        return original(trainer, batch)
+
+    monkeypatch.setattr(E2ESAETrainer, "step", spy)
+    runner = runner_for(tmp_path, e2e_fraction=0.5, n_batches_in_buffer=4, **positions)
+    runner.run()
+    trainer = runner.trainer
+    assert trainer is not None
+    # A local step trains on the rows an e2e step selects: 4 sequences × the selected positions.
+    assert shapes == [(4 * rows_per_sequence, D_MODEL)] * 5 + [(4, CONTEXT)] * 5
+    # The schedule still counts whole sequences' tokens: 10 steps of BATCH tokens.
+    assert trainer.n_training_samples == STEPS * BATCH

@@ -53,8 +53,12 @@ class BufferedActivations(Iterator[torch.Tensor]):
     can rebuild the buffer exactly by replaying the batches already served.
     """
 
-    def __init__(self, store: ActivationsStore, seed: int) -> None:
+    def __init__(self, store: ActivationsStore, seed: int, sequences_per_batch: int) -> None:
         self.store = store
+        # A local step trains on the rows an e2e step trains on: every sequence's selected
+        # positions (``seqpos_slice``). The store's buffer holds n_batches_in_buffer × selected
+        # positions rows, so a batch of sequences × context_size rows would not fit in it.
+        store.train_batch_size_tokens = sequences_per_batch * store.training_context_size
         self.batches = 0
         """Batches served so far."""
         self.sequences = 0

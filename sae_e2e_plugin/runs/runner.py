@@ -201,7 +201,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         tokens = TokenBatches(self.activations_store, self.cfg.sequences_per_batch)
         # Built for a schedule with local steps only: an all-e2e run draws exactly as before.
         local = (
-            BufferedActivations(self.activations_store, self.cfg.seed)
+            BufferedActivations(self.activations_store, self.cfg.seed, self.cfg.sequences_per_batch)
             if self.cfg.e2e_fraction < 1
             else None
         )

@@ -92,7 +92,6 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         share = rank_share(batch, self.context)
         freq_before = self.act_freq_scores.clone()
         output = super()._local_step(share)
-        self.n_training_samples += batch.shape[0] - share.shape[0]
         fired_here = self.act_freq_scores - freq_before
         what = "summing the firing statistics"
         self.act_freq_scores = freq_before + all_reduce(fired_here, self.context, SUM, what)

@@ -194,7 +194,11 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
                 f"training stopped on request before step {self.n_training_steps}"
             )
         # SAELens' own local step: scaler, training forward, statistics, backward, clip, Adam.
+        consumed = self.n_training_samples + self.cfg.train_batch_size_samples
         output = super().step(batch)
+        # The schedule counts a step's tokens, whole sequences, as an e2e step does; the batch
+        # holds only the selected positions' rows (seqpos_slice, excluded tokens, a rank's share).
+        self.n_training_samples = consumed
         self._check_finite(output, before_update=False)
         return output
 
