@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_cfg
 from einops import rearrange
-from sae_lens import StandardSAE, StandardSAEConfig, StandardTrainingSAEConfig
+from sae_lens import StandardSAE, StandardSAEConfig
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -25,7 +25,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from sae_e2e_plugin import E2EMultiRunnerConfig, evaluate_sae
+from sae_e2e_plugin import evaluate_sae
 from sae_e2e_plugin.core import model_splice
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched, mse_mean
 from sae_e2e_plugin.training.objectives import resolve_objective
@@ -261,13 +261,3 @@ def test_transformer_bridge_names_the_alternative() -> None:
     with pytest.raises(ValueError, match=r"model_class_name='HookedMamba' is not supported"):
         make_cfg(Path("unused"), model_class_name="HookedMamba")
     assert make_cfg(Path("unused"), model_class_name="AutoModelForCausalLM").loss == "e2e"
-
-
-def test_several_saes_per_run_refuse_hf_models() -> None:
-    sae = StandardTrainingSAEConfig(d_in=D, d_sae=32)
-    keep = ("model_name", "dataset_path", "context_size", "is_dataset_tokenized", "prepend_bos")
-    keep += ("train_batch_size_tokens", "training_tokens", "n_batches_in_buffer", "device")
-    base = make_cfg(Path("unused"))
-    fields = {k: getattr(base, k) for k in keep} | {"model_class_name": "AutoModelForCausalLM"}
-    with pytest.raises(ValueError, match=r"model_class_name='AutoModelForCausalLM' is not supp"):
-        E2EMultiRunnerConfig(saes={"a": sae}, hook_names="model.layers.1", **fields)  # type: ignore[arg-type]

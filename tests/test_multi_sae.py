@@ -190,7 +190,7 @@ def test_independent_gradients_equal_single_runs_at_each_hook(
             e2e_cfg=single.cfg,
             objective=single.objective,
         )
-        trainer._apply_gradients = lambda loss: loss.backward()  # type: ignore[method-assign]
+        trainer._apply_gradients = lambda: None  # type: ignore[method-assign]  # grads only
         trainer._e2e_train_step(tokens)
         expected, got = grads(single_sae), grads(runner.saes[name])
         assert expected.keys() == got.keys() and len(got) == 4
@@ -803,7 +803,7 @@ def test_compile_kl_reaches_the_kl_of_both_splices(
 ) -> None:
     # Compiling needs a C++ compiler and tens of seconds; the flag's path is what is checked.
     from sae_e2e_plugin.core import losses
-    from sae_e2e_plugin.training import multi_step, objectives
+    from sae_e2e_plugin.training import objectives
 
     seen: list[bool] = []
     real = losses.chunked_kl_orig_to_patched
@@ -812,7 +812,7 @@ def test_compile_kl_reaches_the_kl_of_both_splices(
         seen.append(compile_kernel)
         return real(*args, compile_kernel=False, **kw)
 
-    monkeypatch.setattr(multi_step, "chunked_kl_orig_to_patched", recording)
+    # Both splices reach the KL through the objective (joint: its joint form).
     monkeypatch.setattr(objectives, "chunked_kl_orig_to_patched", recording)
     hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
     runner = multi_runner(

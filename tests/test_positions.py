@@ -50,14 +50,14 @@ def trainer_without_updates(run: E2ESAETrainingRunner) -> tuple[E2ESAETrainer, d
             seen.update(reconstruction=recon.detach().clone(), clean=clean.acts.clone())
             return run.objective(model, prefix, plan, clean, recon, timer)
 
-    def record_gradients(loss: torch.Tensor) -> None:
-        loss.backward()
+    def record_gradients() -> None:
+        # The step pass has run the backward pass; record its gradients, step nothing.
         seen["grads"] = {
             n: p.grad.clone() for n, p in trainer.sae.named_parameters() if p.grad is not None
         }
         trainer.optimizer.zero_grad()
 
-    trainer.objective = Spy()  # type: ignore[assignment]
+    trainer.step_pass.objective = Spy()  # type: ignore[assignment]
     trainer._apply_gradients = record_gradients  # type: ignore[method-assign]
     return trainer, seen
 

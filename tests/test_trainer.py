@@ -387,7 +387,7 @@ def test_bf16_model_trains_a_float32_sae(tmp_path: Path) -> None:
 def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None:
     from sae_lens.saes.sae import TrainStepOutput
 
-    from sae_e2e_plugin.training.objectives import ObjectiveOutput
+    from sae_e2e_plugin.training.objectives import ObjectiveOutput, combine_terms
 
     runner = runner_for(tmp_path)
     trainer = E2ESAETrainer(
@@ -408,7 +408,8 @@ def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None
         loss=mse + l1,
         losses={"mse_loss": mse, "l1_loss": l1},
     )
-    combined = trainer._combine(output, ObjectiveOutput(losses={"kl_loss": kl}, metrics={}))
+    terms = ObjectiveOutput(losses={"kl_loss": kl}, metrics={})
+    combined = combine_terms(output, terms, trainer.objective.local_mse_weight)
     assert combined.loss.item() == pytest.approx(0.1234 + 0.5678, rel=1e-6)
     assert set(combined.losses) == {"l1_loss", "kl_loss"}
     assert combined.metrics["local_mse"].item() == 3.0e6

@@ -96,16 +96,18 @@ def run_hf_clean(
     """
     hf = hf_model_of(model)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [(plan.hook_name, partial(_capture, store=captured, name=plan.hook_name))]
+    hooks = [(plan.hook_name, partial(capture_output, store=captured, name=plan.hook_name))]
     if full:
-        hooks += [(n, partial(_capture, store=captured, name=n)) for n in plan.downstream_hooks]
+        hooks += [
+            (n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks
+        ]
     final: torch.Tensor | None = None
     with forward_hooks(hf, hooks):
         if prefix.hidden is not None and prefix.start_layer is not None:
             stop = plan.n_layers if full else prefix.start_layer + 1
             final = continue_layers(hf, plan, prefix, prefix.hidden, prefix.start_layer, stop=stop)
         else:
-            final = _full_run(hf, plan, prefix.tokens, stop_after=None if full else plan.hook_name)
+            final = run_full(hf, plan, prefix.tokens, stop_after=None if full else plan.hook_name)
     acts = captured.pop(plan.hook_name)
     return CleanRun(acts=acts, final_resid=final if full else None, downstream=captured)
 
@@ -129,12 +131,12 @@ def run_hf_patched(
     hf = hf_model_of(model)
     captured: dict[str, torch.Tensor] = {}
     hooks: list[tuple[str, ForwardHook]] = [
-        (n, partial(_capture, store=captured, name=n)) for n in plan.downstream_hooks
+        (n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks
     ]
     if prefix.hidden is None or prefix.start_layer is None:
         hooks.append((plan.hook_name, partial(_replace, replacement=replacement)))
         with forward_hooks(hf, hooks):
-            final = _full_run(hf, plan, prefix.tokens, stop_after=None)
+            final = run_full(hf, plan, prefix.tokens, stop_after=None)
         assert final is not None  # a run with no stop reaches the head
         return PatchedRun(final_resid=final, downstream=captured)
     ckpt = checkpoint_blocks and torch.is_grad_enabled() and _layer_outputs_only(plan)
@@ -193,11 +195,17 @@ def continue_layers(
     *,
     stop: int | None = None,
     checkpoint_layers: bool = False,
+    layer_inputs: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Decoder layers ``first`` .. ``stop - 1`` on ``hidden``; the result on the head's device."""
+    """Decoder layers ``first`` .. ``stop - 1`` on ``hidden``; the result on the head's device.
+
+    ``layer_inputs``: filled with the hidden state entering each layer whose index is a key.
+    """
     assert first is not None and isinstance(hidden, torch.Tensor)
     layers = _layers(hf, plan)
     for k in range(first, plan.n_layers if stop is None else stop):
+        if layer_inputs is not None and k in layer_inputs:
+            layer_inputs[k] = hidden
         if checkpoint_layers:
             hidden = checkpoint(
                 _call_layer, layers[k], hidden, prefix.layer_kwargs, use_reentrant=False
@@ -207,7 +215,7 @@ def continue_layers(
     return _to_head_device(hf, plan, hidden)
 
 
-def _full_run(
+def run_full(
     hf: PreTrainedModel, plan: HFSplicePlan, tokens: torch.Tensor, stop_after: str | None
 ) -> torch.Tensor | None:
     """A run from the tokens: the hidden state entering the final norm (full logits when the
@@ -252,7 +260,7 @@ def _capture_input(
     store["final"] = args[0]
 
 
-def _capture(
+def capture_output(
     module: torch.nn.Module, args: Any, output: Any, *, store: dict[str, Any], name: str
 ) -> None:
     store[name] = output[0] if isinstance(output, tuple) else output

@@ -11,13 +11,14 @@ the vocabulary, the longest context) come from ``model_facts``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sae_e2e_plugin.core import hf_modules, hf_runs, hf_splice, splice
+from sae_e2e_plugin.core import hf_modules, hf_multi, hf_runs, hf_splice, multi_splice, splice
+from sae_e2e_plugin.core.multi_splice import MultiCleanRun, MultiSplicePlan, Splice, SpliceMode
 from sae_e2e_plugin.core.splice import CleanRun, PatchedRun, SplicePlan
 
 SPLICEABLE_MODEL_CLASSES = ("HookedTransformer", "AutoModelForCausalLM")
@@ -86,8 +87,11 @@ def plan_splice(
     return splice.plan_splice(model, hook_name, downstream_hooks, d_in=d_in)
 
 
-def run_prefix(model: Any, tokens: torch.Tensor, plan: SplicePlan) -> Any:
-    """The state shared by the clean and patched runs (``splice.Prefix`` / ``hf_splice.HFPrefix``)."""
+def run_prefix(model: Any, tokens: torch.Tensor, plan: SplicePlan | MultiSplicePlan) -> Any:
+    """The state shared by the clean and patched runs (``splice.Prefix`` / ``hf_splice.HFPrefix``);
+    for several SAEs, up to the earliest SAE's block."""
+    if isinstance(plan, MultiSplicePlan):
+        plan = plan.prefix_plan
     if isinstance(plan, hf_runs.HFSplicePlan):
         return hf_runs.run_hf_prefix(model, tokens, plan)
     return splice.run_prefix(model, tokens, plan.start_layer)
@@ -116,8 +120,118 @@ def run_patched(
     return splice.run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks)
 
 
-def model_head(model: Any, plan: SplicePlan) -> Callable[[torch.Tensor], torch.Tensor]:
+def model_head(
+    model: Any, plan: SplicePlan | MultiSplicePlan
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The head: a run's ``final_resid`` rows [tokens, d] → logits [tokens, vocab]."""
+    if isinstance(plan, MultiSplicePlan):
+        plan = plan.prefix_plan
     if isinstance(plan, hf_runs.HFSplicePlan):
         return hf_runs.hf_head(model, plan)
     return splice.model_head(model)
+
+
+def plan_multi_splice(
+    model: Any,
+    hook_names: Mapping[str, str],
+    d_ins: Mapping[str, int],
+    mode: SpliceMode,
+    downstream_hooks: Sequence[str] | None,
+) -> MultiSplicePlan:
+    """Check every SAE's hook and width against the model and plan the runs.
+
+    ``downstream_hooks=()`` records none; None means every residual-stream hook (decoder layer
+    output) after the latest SAE (joint) or after each SAE's own hook (independent). Raises
+    ValueError naming the SAE, the value and the fix.
+    """
+    if mode not in ("joint", "independent"):
+        raise ValueError(f"splice={mode!r} is not a splice mode; use 'joint' or 'independent'.")
+    if mode == "joint":
+        _refuse_shared_hooks(hook_names)
+    own = downstream_hooks if mode == "independent" else ()
+    plans = {
+        name: _plan_one(model, name, hook, d_ins[name], own) for name, hook in hook_names.items()
+    }
+    order = _firing_order(model)
+    plans = dict(sorted(plans.items(), key=lambda item: order.index(item[1].hook_name)))
+    layers = [plan.start_layer for plan in plans.values()]
+    start_layer = None if None in layers else min(layer for layer in layers if layer is not None)
+    if mode == "joint":
+        latest_name, latest = list(plans.items())[-1]
+        downstream = _plan_one(
+            model, latest_name, latest.hook_name, None, downstream_hooks
+        ).downstream_hooks
+    else:
+        downstream = tuple(
+            dict.fromkeys(h for plan in plans.values() for h in plan.downstream_hooks)
+        )
+    return MultiSplicePlan(mode, plans, start_layer, downstream)
+
+
+def _firing_order(model: Any) -> list[str]:
+    if hf_modules.is_hf_model(model):
+        return list(hf_modules.probe_modules(hf_modules.hf_model_of(model)).order)
+    return list(splice.probe_hooks(model).order)
+
+
+def _refuse_shared_hooks(hook_names: Mapping[str, str]) -> None:
+    seen: dict[str, str] = {}
+    for name, hook in hook_names.items():
+        if hook in seen:
+            raise ValueError(
+                f"SAEs {seen[hook]!r} and {name!r} both sit at hook_names={hook!r}; in "
+                "splice='joint' one activation can be replaced by one SAE only. Move one SAE "
+                "to another hook, or use splice='independent' (each SAE spliced alone)."
+            )
+        seen[hook] = name
+
+
+def _plan_one(
+    model: Any, name: str, hook: str, d_in: int | None, downstream_hooks: Sequence[str] | None
+) -> SplicePlan:
+    try:
+        return plan_splice(model, hook, downstream_hooks, d_in=d_in)
+    except ValueError as error:
+        raise naming_the_sae(error, name) from None
+
+
+def naming_the_sae(error: ValueError, name: str) -> ValueError:
+    """A single-SAE check's error with its fields (``sae.d_in``, ``hook_name``) named as the
+    fields of SAE ``name`` in a run of several (``saes[name].d_in``, ``hook_names[name]``)."""
+    message = str(error).replace("sae.d_in", f"saes[{name!r}].d_in")
+    message = message.replace("hook_name=", f"hook_names[{name!r}]=")
+    return ValueError(f"SAE {name!r}: {message}")
+
+
+def run_clean_multi(
+    model: Any, prefix: Any, plan: MultiSplicePlan, *, full: bool = True, inputs: bool = True
+) -> MultiCleanRun:
+    """The clean run from the shared prefix, recording every SAE's input and its block's input
+    (``inputs=False``: neither), and with ``full`` the final residual and downstream activations."""
+    if isinstance(prefix, hf_runs.HFPrefix):
+        return hf_multi.run_hf_clean_multi(model, prefix, plan, full=full, inputs=inputs)
+    return multi_splice.run_clean_multi(model, prefix, plan, full=full, inputs=inputs)
+
+
+def prefix_for(prefix: Any, clean: MultiCleanRun, plan: SplicePlan) -> Any:
+    """The prefix a single run of the SAE at ``plan`` would start from (its own block)."""
+    if isinstance(prefix, hf_runs.HFPrefix):
+        return hf_multi.hf_prefix_for(prefix, clean, plan)
+    return multi_splice.prefix_for(prefix, clean, plan)
+
+
+def run_joint_patched(
+    model: Any,
+    prefix: Any,
+    plan: MultiSplicePlan,
+    splices: Mapping[str, Splice],
+    *,
+    full: bool = True,
+    checkpoint_blocks: bool = False,
+) -> PatchedRun:
+    """The run with every SAE's splice at its hook (``splices`` by hook name), grad through all."""
+    if isinstance(prefix, hf_runs.HFPrefix):
+        return hf_multi.run_hf_joint_patched(model, prefix, plan, splices, full=full)
+    return multi_splice.run_joint_patched(
+        model, prefix, plan, splices, full=full, checkpoint_blocks=checkpoint_blocks
+    )

@@ -1,5 +1,10 @@
 """Several SAEs in one model: where each sits, one clean run for all, and a joint patched run.
 
+The plan and the clean run's record (``MultiSplicePlan``, ``MultiCleanRun``) hold for either
+model family; the runs here are the ``HookedTransformer``'s (a Hugging Face model's are in
+``core.hf_multi``). Callers go through ``core.model_splice``, which picks the family. A run of
+one SAE is the one-entry case: its plan, prefix and clean run are the single SAE's own.
+
 Two ways to splice several SAEs (``MultiSplicePlan.mode``):
 
 - ``"joint"``: every SAE is spliced into the same patched run. Each SAE reads the activation
@@ -29,14 +34,11 @@ from sae_e2e_plugin.core.losses import CleanLogProbs
 from sae_e2e_plugin.core.splice import (
     CleanRun,
     FwdHooks,
-    HookProbe,
     PatchedRun,
     Prefix,
     SplicePlan,
     flatten_heads,
     one_block,
-    plan_splice,
-    probe_hooks,
     run_from,
 )
 
@@ -62,87 +64,26 @@ class MultiSplicePlan:
     """Joint mode: the hooks after the latest SAE compared in the one patched run. Independent
     mode: the union of every SAE's downstream hooks (all recorded by the one clean run)."""
 
+    @classmethod
+    def of_one(cls, name: str, plan: SplicePlan) -> MultiSplicePlan:
+        """A run of one SAE: its plan, its own prefix and downstream hooks."""
+        return cls("independent", {name: plan}, plan.start_layer, plan.downstream_hooks)
+
     @property
     def names(self) -> tuple[str, ...]:
         """SAE names in the order their hooks fire."""
         return tuple(self.plans)
 
     @property
+    def prefix_plan(self) -> SplicePlan:
+        """The earliest SAE's plan with the shared prefix's block: where ``run_prefix`` stops."""
+        return dataclasses.replace(next(iter(self.plans.values())), start_layer=self.start_layer)
+
+    @property
     def last_layer(self) -> int | None:
         """The latest SAE's block (None when a hook is outside the blocks)."""
         layers = [plan.start_layer for plan in self.plans.values()]
         return None if None in layers else max(layer for layer in layers if layer is not None)
-
-
-def plan_multi_splice(
-    model: HookedTransformer,
-    hook_names: Mapping[str, str],
-    d_ins: Mapping[str, int],
-    mode: SpliceMode,
-    downstream_hooks: list[str] | tuple[str, ...] | None,
-) -> MultiSplicePlan:
-    """Check every SAE's hook and width against the model and plan the runs.
-
-    ``downstream_hooks=()`` records none; None means every residual-stream hook after the
-    latest SAE (joint) or after each SAE's own hook (independent). Raises ValueError naming the
-    SAE, the value and the fix.
-    """
-    if mode not in ("joint", "independent"):
-        raise ValueError(f"splice={mode!r} is not a splice mode; use 'joint' or 'independent'.")
-    probe = probe_hooks(model)
-    if mode == "joint":
-        _refuse_shared_hooks(hook_names)
-    plans = {}
-    for name, hook in hook_names.items():
-        own = downstream_hooks if mode == "independent" else ()
-        plans[name] = _plan_one(model, name, hook, d_ins[name], own, probe)
-    order = sorted(plans, key=lambda name: probe.order.index(plans[name].hook_name))
-    plans = {name: plans[name] for name in order}
-    layers = [plan.start_layer for plan in plans.values()]
-    start_layer = None if None in layers else min(layer for layer in layers if layer is not None)
-    if mode == "joint":
-        latest = plans[order[-1]]
-        joint = _plan_one(model, order[-1], latest.hook_name, None, downstream_hooks, probe)
-        downstream = joint.downstream_hooks
-    else:
-        downstream = tuple(
-            dict.fromkeys(h for plan in plans.values() for h in plan.downstream_hooks)
-        )
-    return MultiSplicePlan(mode, plans, start_layer, downstream)
-
-
-def _refuse_shared_hooks(hook_names: Mapping[str, str]) -> None:
-    seen: dict[str, str] = {}
-    for name, hook in hook_names.items():
-        if hook in seen:
-            raise ValueError(
-                f"SAEs {seen[hook]!r} and {name!r} both sit at hook_names={hook!r}; in "
-                "splice='joint' one activation can be replaced by one SAE only. Move one SAE "
-                "to another hook, or use splice='independent' (each SAE spliced alone)."
-            )
-        seen[hook] = name
-
-
-def _plan_one(
-    model: HookedTransformer,
-    name: str,
-    hook: str,
-    d_in: int | None,
-    downstream_hooks: list[str] | tuple[str, ...] | None,
-    probe: HookProbe,
-) -> SplicePlan:
-    try:
-        return plan_splice(model, hook, downstream_hooks, d_in=d_in, probe=probe)
-    except ValueError as error:
-        raise naming_the_sae(error, name) from None
-
-
-def naming_the_sae(error: ValueError, name: str) -> ValueError:
-    """A single-SAE check's error with its fields (``sae.d_in``, ``hook_name``) named as the
-    fields of SAE ``name`` in a run of several (``saes[name].d_in``, ``hook_names[name]``)."""
-    message = str(error).replace("sae.d_in", f"saes[{name!r}].d_in")
-    message = message.replace("hook_name=", f"hook_names[{name!r}]=")
-    return ValueError(f"SAE {name!r}: {message}")
 
 
 @dataclass
@@ -159,6 +100,11 @@ class MultiCleanRun:
     """Activation at each downstream hook, by hook name."""
     log_probs: CleanLogProbs | None = None
     """``final_resid``'s log-probabilities, made once for every SAE's KL (None: not made)."""
+
+    def for_joint(self) -> CleanRun:
+        """What a joint step's shared terms read: the final residual and the downstream
+        activations (``acts`` is empty: in a joint run every SAE reads the patched run)."""
+        return CleanRun(torch.empty(0), self.final_resid, self.downstream, self.log_probs)
 
     def for_sae(self, plan: SplicePlan) -> CleanRun:
         """What a single run of the SAE at ``plan`` would have recorded (and the shared

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,17 +20,22 @@ from typing import Any
 import torch
 from einops import rearrange
 from sae_lens import SAE
-from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.losses import chunk_rows, kl_orig_to_patched_sum
-from sae_e2e_plugin.core.multi_splice import plan_multi_splice, run_clean_multi, run_joint_patched
+from sae_e2e_plugin.core.model_splice import (
+    model_facts,
+    model_head,
+    plan_multi_splice,
+    run_clean_multi,
+    run_joint_patched,
+    run_prefix,
+)
 from sae_e2e_plugin.core.positions import (
     ALL_POSITIONS,
     PositionFilter,
     selected_positions,
     with_reconstruction,
 )
-from sae_e2e_plugin.core.splice import model_head, run_prefix
 from sae_e2e_plugin.evaluation.metrics import (
     active_features_per_token,
     explained_variance_per_token,
@@ -111,7 +116,7 @@ class _Totals:
 @torch.no_grad()
 def evaluate_saes_jointly(
     saes: Mapping[str, SAE[Any]],
-    model: HookedTransformer,
+    model: Any,
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_names: Mapping[str, str] | None = None,
@@ -127,12 +132,6 @@ def evaluate_saes_jointly(
     """
     if not saes:
         raise ValueError("saes is empty; pass {name: SAE} with at least one SAE.")
-    if not isinstance(model, HookedTransformer):
-        raise ValueError(
-            f"model is a {type(model).__name__}; several SAEs spliced in together need a "
-            "HookedTransformer (model_class_name='HookedTransformer'). Evaluate each SAE alone "
-            "with evaluate_sae on a Hugging Face model."
-        )
     hooks = {
         name: resolve_hook_name(sae, (hook_names or {}).get(name)) for name, sae in saes.items()
     }
@@ -143,8 +142,8 @@ def evaluate_saes_jointly(
     totals = _Totals(active=dict.fromkeys(saes, 0.0), explained_variance=dict.fromkeys(saes, 0.0))
     with eval_mode(model, *saes.values()):
         for tokens in token_batches_checked(token_batches, max_batches):
-            tokens = tokens.to(model.cfg.device)
-            prefix = run_prefix(model, tokens, plan.start_layer)
+            tokens = tokens.to(model_facts(model).device)
+            prefix = run_prefix(model, tokens, plan)
             clean = run_clean_multi(model, prefix, plan, inputs=False)
             mask = None if positions.selects_all else selected_positions(tokens, positions)
             splices = {
@@ -154,7 +153,12 @@ def evaluate_saes_jointly(
             patched = run_joint_patched(model, prefix, plan, splices)
             assert clean.final_resid is not None
             _add_output_metrics(
-                model, tokens, clean.final_resid, patched.final_resid, totals, logits_chunk_size
+                model_head(model, plan),
+                tokens,
+                clean.final_resid,
+                patched.final_resid,
+                totals,
+                logits_chunk_size,
             )
             totals.n_spliced += tokens.numel() if mask is None else int(mask.sum())
     if totals.n_tokens == 0:
@@ -180,7 +184,7 @@ def evaluate_saes_jointly(
 
 def _splice(
     sae: SAE[Any],
-    model: HookedTransformer,
+    model: Any,
     mask: torch.Tensor | None,
     totals: _Totals,
     name: str,
@@ -197,7 +201,7 @@ def _splice(
 
 
 def _add_output_metrics(
-    model: HookedTransformer,
+    head: Callable[[torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
     clean: torch.Tensor,
     spliced: torch.Tensor,
@@ -208,7 +212,6 @@ def _add_output_metrics(
     totals.n_tokens += batch * pos
     totals.n_sequences += batch
     totals.n_predicted += batch * (pos - 1)
-    head = model_head(model)
     targets = rearrange(next_token_targets(tokens), "batch pos -> (batch pos)")
     flat = (rearrange(r, "batch pos d_model -> (batch pos) d_model") for r in (clean, spliced))
     for target, resid_clean, resid_spliced in chunk_rows(chunk_size, targets, *flat):

@@ -3,7 +3,7 @@
 The single runner's set-up is reused as it is (output folder, built-in model and corpus, data
 checks, the model's dtype, the positions, the objective, the held-out tokens): its SAE is the
 first of ``saes``. Then the other SAEs are built, every hook is checked against the model
-(``core.multi_splice.plan_multi_splice``) and ``E2EMultiSAETrainer`` trains them all. Each SAE
+(``core.model_splice.plan_multi_splice``) and ``E2EMultiSAETrainer`` trains them all. Each SAE
 is written to ``<output_path>/<name>/`` in SAELens' format, evaluated alone there
 (``eval.json``) and, for a joint run, all of them together (``<output_path>/joint_eval.json``).
 """
@@ -19,13 +19,9 @@ import wandb
 from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from safetensors.torch import save_file
-from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.core.multi_splice import (
-    MultiSplicePlan,
-    naming_the_sae,
-    plan_multi_splice,
-)
+from sae_e2e_plugin.core.model_splice import naming_the_sae, plan_multi_splice
+from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult
 from sae_e2e_plugin.evaluation.metrics import EvalResult
@@ -69,7 +65,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
     def __init__(
         self,
         cfg: E2EMultiRunnerConfig[Any],
-        override_model: HookedTransformer | None = None,
+        override_model: Any = None,
         override_dataset: Any = None,
         override_saes: dict[str, TrainingSAE[Any]] | None = None,
     ) -> None:

@@ -25,6 +25,7 @@ floating-point sums are taken (docs/distributed.md).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,6 @@ from sae_e2e_plugin.training.distributed import (
     mean_over_ranks,
     rank_share,
 )
-from sae_e2e_plugin.training.objectives import ObjectiveOutput
 from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 SUM = dist.ReduceOp.SUM
@@ -68,6 +68,9 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         for parameter in self.sae.parameters():
             parameter.register_post_accumulate_grad_hook(self._average_gradient)
         make_batch_level_state_global(self.sae, context)
+        if not self.positions.selects_all:
+            # With excluded ids the ranks select different numbers of rows.
+            self.step_pass.weigh_sae_terms = partial(weigh_by_rows, context=context)
 
     def fit(self) -> TrainingSAE[Any]:
         """Start every rank from rank 0's SAE (initialised or resumed), then train."""
@@ -105,11 +108,6 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
 
     def _global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
         return global_loss_means({"": output}, self.context)[""]
-
-    def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
-        if not self.positions.selects_all:
-            output = weigh_by_rows(output, self.context)
-        return super()._combine(output, terms)
 
     def _average_gradient(self, parameter: torch.Tensor) -> None:
         average_gradient(parameter, self.context)

@@ -1,8 +1,11 @@
-"""The forward and backward passes of one step that trains several SAEs on one token batch.
+"""The forward and backward passes of one training step, for one SAE or several, on one token batch.
 
 ``MultiStepPass.run(tokens)`` leaves each SAE's gradient in its parameters and returns each
-SAE's training output; the coordinator (``training.multi_trainer``) checks the losses, updates
-the dead-feature statistics and steps each SAE's own optimizer.
+SAE's training output; the trainer (``training.trainer`` for one SAE, ``training.multi_trainer``
+for several) checks the losses, updates the dead-feature statistics and steps each SAE's own
+optimizer. A run of one SAE is the independent case with one entry. Every model call goes
+through ``core.model_splice`` (HookedTransformer or Hugging Face model) and every loss term
+through the run's registered objective (``training.objectives``).
 
 - Independent: one shared prefix and clean run (and, for a KL objective, the clean
   log-probabilities, made once for every SAE's KL); then, SAE by SAE, the SAE's training
@@ -10,8 +13,9 @@ the dead-feature statistics and steps each SAE's own optimizer.
   what a single run computes), and its backward pass (so one SAE's graph is freed before the
   next).
 - Joint: one patched run from the shared prefix in which each SAE's training forward pass runs
-  at its hook on the activation arriving there; one KL (and downstream terms) for all; one
-  backward pass of the sum of every SAE's own terms and the shared ones.
+  at its hook on the activation arriving there; the objective's joint form (one KL and
+  downstream terms for all); one backward pass of the sum of every SAE's own terms and the
+  shared ones.
 """
 
 from __future__ import annotations
@@ -26,30 +30,23 @@ import torch
 from einops import rearrange
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
-from transformer_lens import HookedTransformer
 
-from sae_e2e_plugin.core.losses import (
-    chunked_kl_orig_to_patched,
-    clean_log_probs,
-    downstream_loss,
-    mse_mean,
-)
-from sae_e2e_plugin.core.multi_splice import (
-    MultiCleanRun,
-    MultiSplicePlan,
+from sae_e2e_plugin.core.losses import clean_log_probs
+from sae_e2e_plugin.core.model_splice import (
+    model_head,
     prefix_for,
     run_clean_multi,
     run_joint_patched,
+    run_prefix,
 )
+from sae_e2e_plugin.core.multi_splice import MultiCleanRun, MultiSplicePlan
 from sae_e2e_plugin.core.positions import (
     PositionFilter,
     selected_rows,
     step_mask,
     with_reconstruction,
 )
-from sae_e2e_plugin.core.splice import PatchedRun, Prefix, model_head, run_prefix
 from sae_e2e_plugin.training.objectives import (
-    E2EDownstreamParams,
     E2EParams,
     ObjectiveOutput,
     ResolvedObjective,
@@ -64,7 +61,8 @@ _NO_TERMS = ObjectiveOutput(losses={}, metrics={})
 class MultiStepPass:
     """What a step of several SAEs needs, resolved once by the runner."""
 
-    model: HookedTransformer
+    model: Any
+    """The frozen language model (a ``HookedTransformer`` or a Hugging Face model)."""
     plan: MultiSplicePlan
     objective: ResolvedObjective
     kl_mse_balance: Literal["fixed", "adaptive"]
@@ -82,7 +80,7 @@ class MultiStepPass:
         """Each SAE's training output on ``tokens`` [batch, pos]; gradients left in the SAEs."""
         mask = step_mask(tokens, self.positions)
         with self.timer.phase("shared prefix"):
-            prefix = run_prefix(self.model, tokens, self.plan.start_layer)
+            prefix = run_prefix(self.model, tokens, self.plan)
         if self.plan.mode == "joint":
             return self._joint(tokens, prefix, mask, trainers)
         return self._independent(tokens, prefix, mask, trainers)
@@ -90,7 +88,7 @@ class MultiStepPass:
     def _independent(
         self,
         tokens: torch.Tensor,
-        prefix: Prefix,
+        prefix: Any,
         mask: torch.Tensor | None,
         trainers: Mapping[str, SAETrainer[Any, Any]],
     ) -> dict[str, TrainStepOutput]:
@@ -127,14 +125,16 @@ class MultiStepPass:
         tokens = "batch pos d_model -> (batch pos) d_model"
         with self.timer.phase("clean log-probabilities"):
             log_probs = clean_log_probs(
-                rearrange(final_resid, tokens), model_head(self.model), params.kl_chunk_size
+                rearrange(final_resid, tokens),
+                model_head(self.model, self.plan),
+                params.kl_chunk_size,
             )
         return dataclasses.replace(clean, log_probs=log_probs)
 
     def _joint(
         self,
         tokens: torch.Tensor,
-        prefix: Prefix,
+        prefix: Any,
         mask: torch.Tensor | None,
         trainers: Mapping[str, SAETrainer[Any, Any]],
     ) -> dict[str, TrainStepOutput]:
@@ -162,7 +162,12 @@ class MultiStepPass:
                 full=full,
                 checkpoint_blocks=bool(getattr(params, "checkpoint_blocks", False)),
             )
-        shared = _NO_TERMS if clean is None else self._shared_terms(clean, patched)
+        shared = _NO_TERMS
+        if clean is not None:  # the objective's joint form: its terms once, for every SAE
+            plan = self.plan.prefix_plan
+            shared = self.objective.joint_terms(
+                self.model, plan, clean.for_joint(), patched, timer=self.timer
+            )
         weight = self.objective.local_mse_weight
         own = {name: combine_terms(out, _NO_TERMS, weight) for name, out in outputs.items()}
         total = _sum([out.loss for out in own.values()] + list(shared.losses.values()))
@@ -171,31 +176,6 @@ class MultiStepPass:
         # Each SAE's log shows the shared terms (the same numbers for every SAE) next to its
         # own; its logged loss is the sum of both. The gradient came from ``total`` above.
         return {name: _with_shared(out, shared) for name, out in own.items()}
-
-    def _shared_terms(self, clean: MultiCleanRun, patched: PatchedRun) -> ObjectiveOutput:
-        params = self.objective.params
-        assert isinstance(params, E2EParams) and clean.final_resid is not None
-        # One KL of the run with every SAE spliced in (the objective's own terms, once).
-        tokens = "batch pos d_model -> (batch pos) d_model"
-        with self.timer.phase("KL"):
-            kl = chunked_kl_orig_to_patched(
-                rearrange(clean.final_resid, tokens),
-                rearrange(patched.final_resid, tokens),
-                model_head(self.model),
-                chunk_size=params.kl_chunk_size,
-                compile_kernel=params.compile_kl,
-            )
-        losses = {"kl_loss": params.kl_coefficient * kl}
-        metrics = {"kl_orig_patched": kl.detach()}
-        if isinstance(params, E2EDownstreamParams):
-            terms = downstream_loss(
-                patched.downstream, clean.downstream, params.downstream_coefficient
-            )
-            losses |= {f"downstream_mse_loss/{name}": term for name, term in terms.items()}
-            for name in terms:
-                raw = mse_mean(patched.downstream[name].detach(), clean.downstream[name])
-                metrics[f"downstream_mse/{name}"] = raw
-        return ObjectiveOutput(losses=losses, metrics=metrics)
 
     def _sae_forward(
         self, trainer: SAETrainer[Any, Any], acts: torch.Tensor, mask: torch.Tensor | None

@@ -25,9 +25,8 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from sae_e2e_plugin.core.multi_splice import run_clean_multi
+from sae_e2e_plugin.core.model_splice import model_facts, run_clean_multi, run_prefix
 from sae_e2e_plugin.core.positions import selected_positions, selected_rows
-from sae_e2e_plugin.core.splice import run_prefix
 from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME
 from sae_e2e_plugin.training.checkpoints import (
     ResumeError,
@@ -70,6 +69,8 @@ class E2EMultiSAETrainer:
         self.step_pass = step_pass
         """The step's forward and backward passes (model, splice plan, objective)."""
         self.model = freeze(step_pass.model)
+        self.device = model_facts(self.model).device
+        """Where token ids go."""
         self.max_grad_norm = max_grad_norm
         # Checkpoints and the final checkpoint are the coordinator's; each SAE's trainer
         # writes its part into the coordinator's folder.
@@ -139,7 +140,7 @@ class E2EMultiSAETrainer:
             raise TrainingInterrupted(
                 f"training stopped on request before step {self.n_training_steps}"
             )
-        tokens = tokens.to(self.model.cfg.device)
+        tokens = tokens.to(self.device)
         self.n_sequences_consumed += tokens.shape[0]
         self.n_training_samples += tokens.numel()
         for trainer in self.trainers.values():
@@ -235,9 +236,9 @@ class E2EMultiSAETrainer:
         plan = self.step_pass.plan
         batches: dict[str, list[torch.Tensor]] = {name: [] for name in needs}
         for _ in range(self.cfg.n_batches_for_norm_estimate):
-            tokens = next(self.tokens).to(self.model.cfg.device)
+            tokens = next(self.tokens).to(self.device)
             self.n_sequences_consumed += tokens.shape[0]
-            prefix = run_prefix(self.model, tokens, plan.start_layer)
+            prefix = run_prefix(self.model, tokens, plan)
             clean = run_clean_multi(self.model, prefix, plan, full=False)
             positions = self.step_pass.positions
             mask = None if positions.selects_all else selected_positions(tokens, positions)

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
@@ -75,8 +76,9 @@ class ObjectiveInputs(Generic[P_co]):
     """The SAE's hook and the downstream hooks."""
     clean: CleanRun
     """The clean run: SAE input, final residual, downstream activations (no grad)."""
-    reconstruction: torch.Tensor
-    """[batch, pos, d_in] the SAE's output on the model's own scale (carries grad)."""
+    reconstruction: torch.Tensor | None
+    """[batch, pos, d_in] the SAE's output on the model's own scale (carries grad); None in a
+    joint form's inputs (every SAE's reconstruction is already in the patched run)."""
     params: P_co
     """The config fields the objective declared (an instance of its ``params`` dataclass)."""
     timer: PhaseTimer = NO_TIMING
@@ -94,6 +96,8 @@ class ObjectiveOutput:
 
 
 ObjectiveFn = Callable[[ObjectiveInputs[Any]], ObjectiveOutput]
+TermsFn = Callable[[ObjectiveInputs[Any], PatchedRun], ObjectiveOutput]
+"""An objective's joint form: its terms from a patched run made by the caller."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Objective:
     """Whether the clean and patched runs record the downstream hooks."""
     local_mse_weight: float | None
     """Weight of SAELens' own reconstruction MSE; None: the config's ``local_mse_coefficient``."""
+    terms: TermsFn | None = None
+    """The joint form (several SAEs in one patched run); None: the objective has none."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,23 @@ class ResolvedObjective:
         inputs = ObjectiveInputs(model, prefix, plan, clean, reconstruction, self.params, timer)
         return self.objective.fn(inputs)
 
+    @property
+    def has_joint_form(self) -> bool:
+        return self.objective.terms is not None
+
+    def joint_terms(
+        self,
+        model: Any,
+        plan: SplicePlan,
+        clean: CleanRun,
+        patched: PatchedRun,
+        timer: PhaseTimer = NO_TIMING,
+    ) -> ObjectiveOutput:
+        """The terms of a patched run with several SAEs spliced in (the joint form)."""
+        assert self.objective.terms is not None, f"loss={self.name!r} has no joint form"
+        inputs = ObjectiveInputs(model, None, plan, clean, None, self.params, timer)
+        return self.objective.terms(inputs, patched)
+
 
 _OBJECTIVES: dict[str, Objective] = {}
 
@@ -159,14 +182,16 @@ def register_objective(
     needs_full_run: bool = True,
     uses_downstream_hooks: bool = False,
     local_mse_weight: float | None = None,
+    terms: TermsFn | None = None,
 ) -> Objective:
     """Add an objective under ``name``; select it with ``E2ERunnerConfig(loss=name)``.
 
     ``params`` is a dataclass whose field names are the config fields ``fn`` reads
     (``inputs.params.<field>``); they are read once when the run is built. ``local_mse_weight``
     is the weight of SAELens' reconstruction MSE at the SAE's hook; None (the default) uses the
-    config's ``local_mse_coefficient``. Registering a name twice raises, as SAELens' own
-    registries do.
+    config's ``local_mse_coefficient``. ``terms`` is the joint form (``TermsFn``), which a
+    ``splice="joint"`` run of several SAEs needs. Registering a name twice raises, as SAELens'
+    own registries do.
     """
     if name in _OBJECTIVES:
         raise ValueError(f"an objective named {name!r} is already registered.")
@@ -182,6 +207,7 @@ def register_objective(
         needs_full_run=needs_full_run,
         uses_downstream_hooks=uses_downstream_hooks,
         local_mse_weight=local_mse_weight,
+        terms=terms,
     )
     _OBJECTIVES[name] = objective
     return objective
@@ -292,8 +318,11 @@ def _local(inputs: ObjectiveInputs[NoParams]) -> ObjectiveOutput:
     return ObjectiveOutput(losses={}, metrics={})
 
 
-def _e2e(inputs: ObjectiveInputs[E2EParams]) -> ObjectiveOutput:
-    patched = _run_patched(inputs)
+def _local_terms(inputs: ObjectiveInputs[NoParams], patched: PatchedRun) -> ObjectiveOutput:
+    return _local(inputs)
+
+
+def _e2e_terms(inputs: ObjectiveInputs[E2EParams], patched: PatchedRun) -> ObjectiveOutput:
     kl = _kl(inputs, patched.final_resid)
     return ObjectiveOutput(
         losses={"kl_loss": inputs.params.kl_coefficient * kl},
@@ -301,9 +330,10 @@ def _e2e(inputs: ObjectiveInputs[E2EParams]) -> ObjectiveOutput:
     )
 
 
-def _e2e_downstream(inputs: ObjectiveInputs[E2EDownstreamParams]) -> ObjectiveOutput:
+def _e2e_downstream_terms(
+    inputs: ObjectiveInputs[E2EDownstreamParams], patched: PatchedRun
+) -> ObjectiveOutput:
     params = inputs.params
-    patched = _run_patched(inputs)
     kl = _kl(inputs, patched.final_resid)
     terms = downstream_loss(
         patched.downstream, inputs.clean.downstream, params.downstream_coefficient
@@ -317,15 +347,23 @@ def _e2e_downstream(inputs: ObjectiveInputs[E2EDownstreamParams]) -> ObjectiveOu
     return ObjectiveOutput(losses=losses, metrics=metrics)
 
 
-def _run_patched(inputs: ObjectiveInputs[E2EParams]) -> PatchedRun:
+def _spliced(terms: TermsFn) -> ObjectiveFn:
+    """The objective of one SAE: its reconstruction spliced into its own patched run, then
+    ``terms`` of that run."""
+    return partial(_run_then, terms=terms)
+
+
+def _run_then(inputs: ObjectiveInputs[E2EParams], *, terms: TermsFn) -> ObjectiveOutput:
+    assert inputs.reconstruction is not None
     with inputs.timer.phase("patched continuation"):
-        return run_patched(
+        patched = run_patched(
             inputs.model,
             inputs.prefix,
             inputs.plan,
             inputs.reconstruction,
             checkpoint_blocks=inputs.params.checkpoint_blocks,
         )
+    return terms(inputs, patched)
 
 
 def _kl(inputs: ObjectiveInputs[E2EParams], patched_final_resid: torch.Tensor) -> torch.Tensor:
@@ -342,8 +380,12 @@ def _kl(inputs: ObjectiveInputs[E2EParams], patched_final_resid: torch.Tensor) -
         )
 
 
-register_objective("local", _local, needs_full_run=False, local_mse_weight=1.0)
-register_objective("e2e", _e2e, params=E2EParams)
+register_objective("local", _local, needs_full_run=False, local_mse_weight=1.0, terms=_local_terms)
+register_objective("e2e", _spliced(_e2e_terms), params=E2EParams, terms=_e2e_terms)
 register_objective(
-    "e2e_downstream", _e2e_downstream, params=E2EDownstreamParams, uses_downstream_hooks=True
+    "e2e_downstream",
+    _spliced(_e2e_downstream_terms),
+    params=E2EDownstreamParams,
+    uses_downstream_hooks=True,
+    terms=_e2e_downstream_terms,
 )

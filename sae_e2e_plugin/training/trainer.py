@@ -24,21 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer, SaveCheckpointFn
 from tqdm.auto import tqdm
 
 from sae_e2e_plugin.core.model_splice import model_facts, run_clean, run_prefix
-from sae_e2e_plugin.core.positions import (
-    ALL_POSITIONS,
-    PositionFilter,
-    selected_rows,
-    step_mask,
-    with_reconstruction,
-)
-from sae_e2e_plugin.core.splice import CleanRun, SplicePlan
+from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
+from sae_e2e_plugin.core.positions import ALL_POSITIONS, PositionFilter, selected_rows, step_mask
+from sae_e2e_plugin.core.splice import SplicePlan
 from sae_e2e_plugin.run_files import TRAINER_STATE_FILENAME
 from sae_e2e_plugin.training.checkpoints import (
     read_e2e_trainer_state,
@@ -46,7 +40,8 @@ from sae_e2e_plugin.training.checkpoints import (
     staged_checkpoint,
 )
 from sae_e2e_plugin.training.config import E2ERunnerConfig
-from sae_e2e_plugin.training.objectives import ObjectiveOutput, ResolvedObjective, combine_terms
+from sae_e2e_plugin.training.multi_step import MultiStepPass
+from sae_e2e_plugin.training.objectives import ResolvedObjective
 from sae_e2e_plugin.training.schedule import LocalData, Phase, PhasedData, plan_schedule
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.training_log import (
@@ -56,6 +51,9 @@ from sae_e2e_plugin.training.training_log import (
     progress_summary,
     truncate_after,
 )
+
+ONE_SAE = "sae"
+"""The name of a single-SAE run's one SAE in the step pass."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,6 +126,16 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Times each phase of a step (``training.timing``); a no-op unless a benchmark sets one."""
         self.positions = positions
         """The positions the SAE reads and replaces (``seqpos_slice``, excluded token ids)."""
+        self.step_pass = MultiStepPass(
+            self.model,
+            MultiSplicePlan.of_one(ONE_SAE, plan),
+            objective,
+            e2e_cfg.kl_mse_balance,
+            positions,
+            timer,
+        )
+        """An e2e step's forward and backward passes (``training.multi_step``), with this SAE
+        as the one entry."""
         self.periodic_eval = periodic_eval
         """Called every ``eval_every_n_steps`` completed steps (evaluation on held-out tokens)."""
         self.n_sequences_consumed = 0
@@ -228,28 +236,11 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         return self._e2e_train_step(tokens)
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
-        self.sae.train()
-        prefix, clean = self._clean_pass(tokens)
-        mask = step_mask(tokens, self.positions)
-        sae_in = self.activation_scaler(selected_rows(clean.acts, mask).to(self.sae.device))
-        with self.autocast_if_enabled:
-            with self.timer.phase("SAE training forward"):
-                output = self.sae.training_forward_pass(step_input=self._step_input(sae_in))
-            # The SAE trains on scaled inputs; the model needs its own scale back.
-            recon_rows = self.activation_scaler.unscale(output.sae_out).to(clean.acts.device)
-            if mask is None:
-                reconstruction = rearrange(
-                    recon_rows, "(batch pos) d_in -> batch pos d_in", batch=tokens.shape[0]
-                )
-            else:  # the other positions keep their clean activations
-                reconstruction = with_reconstruction(clean.acts, mask, recon_rows)
-            terms = self.objective(
-                self.model, prefix, self.plan, clean, reconstruction, timer=self.timer
-            )
-        output = self._combine(output, terms)
+        # The step pass of every run (``training.multi_step``): this SAE is its one entry.
+        output = self.step_pass.run(tokens, {ONE_SAE: self})[ONE_SAE]
         self._check_finite(output)
         self._update_feature_statistics(output.feature_acts)
-        self._apply_gradients(output.loss)
+        self._apply_gradients()
         return output
 
     def _append_log_row(self, output: TrainStepOutput) -> None:
@@ -261,29 +252,6 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         now = time.perf_counter()
         row["seconds"], self._last_row_time = round(now - self._last_row_time, 4), now
         append_row(self.training_log_path, row)
-
-    @torch.no_grad()
-    def _clean_pass(self, tokens: torch.Tensor) -> tuple[Any, CleanRun]:
-        with self.timer.phase("shared prefix"):
-            prefix = run_prefix(self.model, tokens, self.plan)
-        with self.timer.phase("clean continuation"):
-            clean = run_clean(self.model, prefix, self.plan, full=self.objective.needs_full_run)
-        return prefix, clean
-
-    def _step_input(self, sae_in: torch.Tensor) -> TrainStepInput:
-        return TrainStepInput(
-            sae_in=sae_in,
-            dead_neuron_mask=self.dead_neurons,
-            coefficients=self.get_coefficients(),
-            n_training_steps=self.n_training_steps,
-            is_logging_step=self._is_logging_step(),
-        )
-
-    def _combine(self, output: TrainStepOutput, terms: ObjectiveOutput) -> TrainStepOutput:
-        """The SAE's terms with the objective's (``training.objectives.combine_terms``)."""
-        return combine_terms(
-            output, terms, self.objective.local_mse_weight, self.e2e_cfg.kl_mse_balance
-        )
 
     def _check_finite(self, output: TrainStepOutput, before_update: bool = True) -> None:
         if torch.isfinite(output.loss).item():
@@ -303,9 +271,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
     def _update_feature_statistics(self, feature_acts: torch.Tensor) -> None:
         update_feature_statistics(self, feature_acts)
 
-    def _apply_gradients(self, loss: torch.Tensor) -> None:
-        with self.timer.phase("backward"):
-            loss.backward()
+    def _apply_gradients(self) -> None:
         with self.timer.phase("optimizer step"):
             if self.e2e_cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.e2e_cfg.max_grad_norm)

@@ -1,0 +1,125 @@
+"""Several SAEs in a Hugging Face causal LM: one clean run for all, and a joint patched run.
+
+The counterparts of ``core.multi_splice``'s ``HookedTransformer`` runs, through forward hooks
+on module paths (``core.hf_runs``). The runs continue layer by layer from the shared prefix
+(the hidden state entering the earliest SAE's decoder layer); a plan without a shared prefix
+(``start_layer`` None) runs the whole model from the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import torch
+
+from sae_e2e_plugin.core.hf_modules import ForwardHook, forward_hooks, hf_model_of
+from sae_e2e_plugin.core.hf_runs import (
+    HFPrefix,
+    HFSplicePlan,
+    capture_output,
+    continue_layers,
+    run_full,
+)
+from sae_e2e_plugin.core.multi_splice import MultiCleanRun, MultiSplicePlan, Splice
+from sae_e2e_plugin.core.splice import PatchedRun, SplicePlan
+
+
+@torch.no_grad()
+def run_hf_clean_multi(
+    model: Any, prefix: HFPrefix, plan: MultiSplicePlan, *, full: bool = True, inputs: bool = True
+) -> MultiCleanRun:
+    """The clean run from the shared prefix, recording what every SAE's continuation needs
+    (``core.multi_splice.run_clean_multi`` for a Hugging Face model: same arguments)."""
+    hf, layers_plan = hf_model_of(model), _layers_plan(plan)
+    acts: dict[str, torch.Tensor] = {}
+    downstream: dict[str, torch.Tensor] = {}
+    hooks: list[tuple[str, ForwardHook]] = []
+    if inputs:
+        hooks += [(h, partial(capture_output, store=acts, name=h)) for h in _hooks(plan)]
+    if full:
+        hooks += [
+            (n, partial(capture_output, store=downstream, name=n)) for n in plan.downstream_hooks
+        ]
+    layer_inputs: dict[int, torch.Tensor] = dict.fromkeys(_layers(plan) if inputs else ())  # type: ignore[arg-type]
+    with forward_hooks(hf, hooks):
+        if prefix.hidden is None or prefix.start_layer is None or plan.last_layer is None:
+            last = None if full else list(plan.plans.values())[-1].hook_name
+            final = run_full(hf, layers_plan, prefix.tokens, stop_after=last)
+        else:
+            stop = layers_plan.n_layers if full else plan.last_layer + 1
+            final = continue_layers(
+                hf,
+                layers_plan,
+                prefix,
+                prefix.hidden,
+                prefix.start_layer,
+                stop=stop,
+                layer_inputs=layer_inputs,
+            )
+    recorded = {k: v for k, v in layer_inputs.items() if v is not None}
+    return MultiCleanRun(acts, recorded, final if full else None, downstream)
+
+
+def hf_prefix_for(prefix: HFPrefix, clean: MultiCleanRun, plan: SplicePlan) -> HFPrefix:
+    """The prefix a single run of the SAE at ``plan`` would start from: the shared one moved
+    on to the SAE's decoder layer with the clean hidden state entering it."""
+    if plan.start_layer is None or prefix.hidden is None or plan.start_layer == prefix.start_layer:
+        return prefix
+    hidden = clean.block_inputs[plan.start_layer]
+    return dataclasses.replace(prefix, hidden=hidden, start_layer=plan.start_layer)
+
+
+def run_hf_joint_patched(
+    model: Any,
+    prefix: HFPrefix,
+    plan: MultiSplicePlan,
+    splices: Mapping[str, Splice],
+    *,
+    full: bool = True,
+) -> PatchedRun:
+    """The run from the shared prefix with every SAE's splice on its module's output
+    (``splices`` by hook name); grad flows through every splice and the layers between them.
+
+    ``full=False`` stops after the latest SAE's layer when there is a shared prefix (a model
+    without one runs to the end). Layers are not checkpointed here (``checkpoint_blocks`` applies
+    to a HookedTransformer's joint run and to every single SAE's run).
+    """
+    hf, layers_plan = hf_model_of(model), _layers_plan(plan)
+    captured: dict[str, torch.Tensor] = {}
+    hooks: list[tuple[str, ForwardHook]] = [
+        (hook, partial(_splice, fn=fn)) for hook, fn in splices.items()
+    ]
+    hooks += [(n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks]
+    with forward_hooks(hf, hooks):
+        if prefix.hidden is None or prefix.start_layer is None or plan.last_layer is None:
+            final = run_full(hf, layers_plan, prefix.tokens, stop_after=None)
+        else:
+            stop = layers_plan.n_layers if full else plan.last_layer + 1
+            final = continue_layers(
+                hf, layers_plan, prefix, prefix.hidden, prefix.start_layer, stop=stop
+            )
+    assert final is not None  # a run with no stop reaches the head
+    return PatchedRun(final_resid=final, downstream=captured)
+
+
+def _layers_plan(plan: MultiSplicePlan) -> HFSplicePlan:
+    layers_plan = plan.prefix_plan
+    assert isinstance(layers_plan, HFSplicePlan)
+    return layers_plan
+
+
+def _hooks(plan: MultiSplicePlan) -> list[str]:
+    return list(dict.fromkeys(p.hook_name for p in plan.plans.values()))
+
+
+def _layers(plan: MultiSplicePlan) -> list[int]:
+    return sorted({p.start_layer for p in plan.plans.values() if p.start_layer is not None})
+
+
+def _splice(module: torch.nn.Module, args: Any, output: Any, *, fn: Splice) -> Any:
+    acts = output[0] if isinstance(output, tuple) else output
+    new = fn(acts).reshape(acts.shape).to(acts.dtype)
+    return (new, *output[1:]) if isinstance(output, tuple) else new
