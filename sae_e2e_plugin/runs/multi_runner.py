@@ -25,6 +25,7 @@ from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult
 from sae_e2e_plugin.evaluation.metrics import EvalResult
+from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.data_streams import TokenBatches
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
@@ -81,6 +82,13 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
                 f"override_saes names SAEs {unknown} that are not in saes {list(cfg.saes)}; "
                 "use the names of saes."
             )
+        twice = sorted(set(overrides) & set(cfg.pretrained_saes))
+        if twice:
+            raise ValueError(
+                f"SAEs {twice} are both in override_saes and in pretrained_saes; give each "
+                "SAE's start once."
+            )
+        overrides |= _pretrained_saes(cfg)
         # Each SAE's folder is a run's output folder: never mixed with an earlier run's files.
         previous = [
             path
@@ -135,6 +143,14 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         logger.info(f"resuming from the latest complete checkpoint in {path}: {latest}")
         return latest
 
+    def _compile_saes_if_needed(self) -> None:
+        # SAELens' own compile of the training forward pass, applied to each SAE in turn.
+        first = self.sae
+        for sae in self.saes.values():
+            self.sae = sae
+            self._compile_sae_if_needed()
+        self.sae = first
+
     def _check_downstream(self) -> None:
         if not self.objective.uses_downstream_hooks:
             return
@@ -169,6 +185,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         if main:
             remove_previous_run(self._previous_run)
         self._set_metadata()
+        self._compile_saes_if_needed()
         if cfg.logger.log_to_wandb and main:
             wandb.init(
                 project=cfg.logger.wandb_project,
@@ -372,6 +389,24 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
                     other: cfg.hook_names_per_sae[other] for other in self.saes if other != name
                 },
             }
+
+
+def _pretrained_saes(cfg: E2EMultiRunnerConfig[Any]) -> dict[str, TrainingSAE[Any]]:
+    """The SAEs ``pretrained_saes`` starts from, each checked against its config and hook."""
+    saes = {}
+    for name, source in cfg.pretrained_saes.items():
+        try:
+            saes[name] = load_pretrained_sae(
+                source,
+                cfg.pretrained_sae_ids.get(name),
+                cfg.saes[name],
+                cfg.hook_names_per_sae[name],
+                cfg.device,
+            )
+        except ValueError as error:
+            message = str(error).replace("pretrained_sae=", f"pretrained_saes[{name!r}]=")
+            raise ValueError(f"SAE {name!r}: {message}") from None
+    return saes
 
 
 def _build_sae(sae_cfg: TrainingSAEConfig) -> TrainingSAE[Any]:

@@ -57,6 +57,15 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
     × vocab of memory for the step (e.g. 0.75 GiB for 4,096 tokens of a 49,152-token
     vocabulary); set False where that does not fit."""
 
+    pretrained_saes: Mapping[str, str] = field(default_factory=dict)
+    """Start SAEs from pretrained ones, ``{name: source}``: each source as ``pretrained_sae``
+    takes it (a local folder in SAELens' or the reference implementation's format, a hub repo,
+    a SAELens release). SAEs not named here start from SAELens' initialisation."""
+
+    pretrained_sae_ids: Mapping[str, str] = field(default_factory=dict)
+    """The SAE within each ``pretrained_saes`` source, ``{name: id}``, as ``pretrained_sae_id``
+    (a release's SAE id, the folder inside a hub repo, a reference run's hook)."""
+
     def __post_init__(self) -> None:
         if self.sae is not None:
             raise ValueError(
@@ -170,14 +179,11 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
         (
             cfg.pretrained_sae is not None or cfg.from_pretrained_path is not None,
             "pretrained_sae / from_pretrained_path",
-            "start several SAEs from pretrained ones with override_saes={name: TrainingSAE}",
-        ),
-        (
-            cfg.compile_sae,
-            "compile_sae=True",
-            "set compile_sae=False",
+            "start each SAE from its own pretrained one with pretrained_saes={name: source} "
+            "(and pretrained_sae_ids={name: id})",
         ),
     ]
+    _check_pretrained(cfg)
     if cfg.splice == "joint":
         refusals += [
             (
@@ -202,3 +208,24 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
 def _has_joint_form(loss: str) -> bool:
     # An unknown name is refused by the objective's own lookup, with the choices.
     return loss not in available_objectives() or get_objective(loss).terms is not None
+
+
+def _check_pretrained(cfg: E2EMultiRunnerConfig[Any]) -> None:
+    for field_name, mapping, names in (
+        ("pretrained_saes", cfg.pretrained_saes, list(cfg.saes)),
+        ("pretrained_sae_ids", cfg.pretrained_sae_ids, list(cfg.pretrained_saes)),
+    ):
+        if not isinstance(mapping, Mapping):
+            raise ValueError(
+                f"{field_name}={mapping!r} is not a mapping; give {{name: value}} with names "
+                f"from {names}."
+            )
+        unknown = [name for name in mapping if name not in names]
+        bad = [name for name, value in mapping.items() if not isinstance(value, str) or not value]
+        if unknown or bad:
+            raise ValueError(
+                f"{field_name} names {unknown or bad}, which "
+                f"{'are not among ' + repr(names) if unknown else 'have no source string'}; "
+                f"give {{name: source}} for SAEs of saes ({field_name}=pretrained_sae_ids keys "
+                "must be in pretrained_saes)."
+            )
