@@ -295,7 +295,6 @@ def test_a_width_that_does_not_match_its_hook_names_the_sae_and_the_fix(tmp_path
         (dict(saes={}), "not a non-empty mapping"),
         (dict(saes={"../x": sae_cfg()}, hook_names="blocks.1.hook_resid_pre"), "plain folder"),
         (dict(splice="joint", kl_mse_balance="adaptive"), "kl_mse_balance='adaptive'"),
-        (dict(e2e_fraction=0.5), r"e2e_fraction=0.5 is not supported with several SAEs"),
     ],
 )
 def test_bad_multi_configs_are_refused_before_any_model(

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from sae_lens.training.activations_store import ActivationsStore
 
 from sae_e2e_plugin.training.checkpoints import ResumeError
-from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class TokenBatches(Iterator[torch.Tensor]):
             n_sequences -= n
 
 
-class BufferedActivations(Iterator[torch.Tensor]):
+class BufferedActivations(Iterator[Any]):
     """``[train_batch_size_tokens, d_in]`` activation batches from SAELens' activation buffer.
 
     The buffer shuffles with ``torch.randperm`` on the global generator; each draw here runs
@@ -53,8 +52,23 @@ class BufferedActivations(Iterator[torch.Tensor]):
     can rebuild the buffer exactly by replaying the batches already served.
     """
 
-    def __init__(self, store: ActivationsStore, seed: int, sequences_per_batch: int) -> None:
+    def __init__(
+        self,
+        store: ActivationsStore,
+        seed: int,
+        sequences_per_batch: int,
+        hook_d_ins: Mapping[str, int] | None = None,
+    ) -> None:
         self.store = store
+        self.hook_d_ins = dict(hook_d_ins) if hook_d_ins is not None else None
+        """Several SAEs' hooks and widths: each batch is ``{hook: [rows, d_in]}``, the rows of
+        every hook from the same tokens (SAELens' multi-hook buffer shuffles them together).
+        None: one hook, one tensor."""
+        self._multi_hook_batches: Iterator[dict[str, torch.Tensor]] | None = None
+        if self.hook_d_ins is not None:
+            # SAELens' multi-hook mode of this same store: one token stream for both phases.
+            store._hook_names = list(self.hook_d_ins)
+            store._hook_d_ins = dict(self.hook_d_ins)
         # A local step trains on the rows an e2e step trains on: every sequence's selected
         # positions (``seqpos_slice``). The store's buffer holds n_batches_in_buffer × selected
         # positions rows, so a batch of sequences × context_size rows would not fit in it.
@@ -66,7 +80,7 @@ class BufferedActivations(Iterator[torch.Tensor]):
         # Creating a generator does not touch the global one: e2e_fraction=1 runs are unchanged.
         self._rng_state = torch.Generator().manual_seed(seed).get_state()
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Any:
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._rng_state)
             batch = self._draw_counting_sequences()
@@ -74,7 +88,7 @@ class BufferedActivations(Iterator[torch.Tensor]):
         self.batches += 1
         return batch
 
-    def _draw_counting_sequences(self) -> torch.Tensor:
+    def _draw_counting_sequences(self) -> Any:
         # The store counts dataset rows, which are not sequences for text data; the e2e phase
         # resumes after exactly the sequences the buffer read, so count them as they are read.
         read_tokens = self.store.get_batch_tokens
@@ -86,7 +100,11 @@ class BufferedActivations(Iterator[torch.Tensor]):
 
         vars(self.store)["get_batch_tokens"] = counted
         try:
-            return next(self.store)
+            if self.hook_d_ins is None:
+                return next(self.store)
+            if self._multi_hook_batches is None:
+                self._multi_hook_batches = self.store.get_multi_hook_data_loader()
+            return next(self._multi_hook_batches)
         finally:
             del vars(self.store)["get_batch_tokens"]
 
@@ -117,14 +135,14 @@ class BufferedActivations(Iterator[torch.Tensor]):
         return hashlib.sha256(self._rng_state.numpy().tobytes()).hexdigest()[:16]
 
 
-def reposition(
-    trainer: E2ESAETrainer, tokens: TokenBatches, local: BufferedActivations | None
-) -> None:
+def reposition(trainer: Any, tokens: TokenBatches, local: BufferedActivations | None) -> None:
     """Put the data streams where the checkpointed run had them.
 
     The store was read in this order: the normalisation estimate's token batches, the local
     phase's buffer, the e2e phase's token batches. Before the switch the buffer's contents are
-    rebuilt by replaying it; after it only the number of sequences it read matters.
+    rebuilt by replaying it; after it only the number of sequences it read matters. ``trainer``
+    is an ``E2ESAETrainer`` or an ``E2EMultiSAETrainer`` (``saved_local_data``, ``schedule``,
+    ``n_steps_taken``, ``n_sequences_consumed``).
     """
     saved = trainer.saved_local_data
     if local is None or saved is None:

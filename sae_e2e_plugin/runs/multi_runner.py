@@ -27,7 +27,7 @@ from sae_e2e_plugin.evaluation.joint import JointEvalResult
 from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
-from sae_e2e_plugin.runs.data_streams import TokenBatches
+from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches, reposition
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import (
     check_output_folder,
@@ -209,7 +209,16 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             if cfg.output_path is None or not main
             else Path(cfg.output_path) / TRAINING_LOG_FILENAME
         )
-        parallel = {"context": self.context} if self.context.is_distributed else {}
+        # Every hook's activations from one buffer; built only for a schedule with local steps.
+        local = None
+        if cfg.e2e_fraction < 1:
+            d_ins = {
+                self.multi_plan.plans[n].hook_name: sae.cfg.d_in for n, sae in self.saes.items()
+            }
+            local = BufferedActivations(
+                self.activations_store, cfg.seed, cfg.sequences_per_batch, d_ins
+            )
+        parallel: dict[str, Any] = {"context": self.context} if self.context.is_distributed else {}
         trainer_class = DataParallelE2EMultiSAETrainer if parallel else E2EMultiSAETrainer
         self.multi_trainer = trainer = trainer_class(
             trainer_config_for_rank(cfg, main),
@@ -221,12 +230,15 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             # Evaluation is rank 0's alone: the others wait (within distributed_timeout_s).
             periodic_eval=self._evaluate_during_training if main else None,
             eval_every_n_steps=cfg.eval_every_n_steps,
+            e2e_fraction=cfg.e2e_fraction,
+            local_data=local,
             **parallel,
         )
+        logger.info(f"training schedule: {trainer.schedule.describe(cfg.loss)}")
         if self.resume_checkpoint is not None:
             logger.info(f"resuming from checkpoint {self.resume_checkpoint}")
             trainer.load_checkpoint(self.resume_checkpoint)
-            tokens.skip(trainer.n_sequences_consumed)
+            reposition(trainer, tokens, local)
         elif log is not None:
             log.unlink(missing_ok=True)
         # The single runner's signal handling: finish the step, checkpoint, stop.

@@ -172,11 +172,6 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
             )
     refusals = [
         (
-            cfg.e2e_fraction != 1.0,
-            f"e2e_fraction={cfg.e2e_fraction}",
-            "set e2e_fraction=1.0 (local-then-e2e schedules are single-SAE only so far)",
-        ),
-        (
             cfg.pretrained_sae is not None or cfg.from_pretrained_path is not None,
             "pretrained_sae / from_pretrained_path",
             "start each SAE from its own pretrained one with pretrained_saes={name: source} "

@@ -34,6 +34,7 @@ from sae_e2e_plugin.training.checkpoints import (
     staged_checkpoint,
 )
 from sae_e2e_plugin.training.multi_step import MultiStepPass
+from sae_e2e_plugin.training.schedule import LocalData, Phase, plan_schedule
 from sae_e2e_plugin.training.trainer import (
     NonFiniteLossError,
     TrainingInterrupted,
@@ -62,8 +63,24 @@ class E2EMultiSAETrainer:
         training_log_path: Path | None = None,
         periodic_eval: Callable[[E2EMultiSAETrainer], None] | None = None,
         eval_every_n_steps: int = 0,
+        e2e_fraction: float = 1.0,
+        local_data: LocalData | None = None,
     ) -> None:
         self.cfg = cfg
+        self.schedule = plan_schedule(
+            cfg.total_training_samples, cfg.train_batch_size_samples, e2e_fraction
+        )
+        """Which steps are local and which end to end (``training.schedule``)."""
+        self.local_data = local_data
+        """``{hook: [rows, d_in]}`` activation batches for the local steps (None: none)."""
+        if self.schedule.local_steps > 0 and local_data is None:
+            raise ValueError(
+                f"e2e_fraction={e2e_fraction} schedules {self.schedule.local_steps} local steps, "
+                "but the trainer was given no local_data (activation batches)."
+            )
+        self.saved_local_data: dict[str, Any] | None = None
+        """The local data's position read from the checkpoint being resumed."""
+        self.last_phase: Phase = self.schedule.phase(0)
         self.saes = dict(saes)
         self.tokens = data_provider
         self.step_pass = step_pass
@@ -115,7 +132,8 @@ class E2EMultiSAETrainer:
         self._last_row_time = time.perf_counter()
         while self.n_training_samples < self.cfg.total_training_samples:
             sparsity = {name: t.maybe_reset_sparsity() for name, t in self.trainers.items()}
-            outputs = self.step(next(self.tokens))
+            local = self.schedule.phase(self.n_steps_taken) == "local"
+            outputs = self.step(next(self.local_data if local else self.tokens))  # type: ignore[arg-type]
             if self.cfg.logger.log_to_wandb:
                 self._log_to_wandb(outputs, sparsity)
             self._checkpoint_if_needed()
@@ -129,8 +147,40 @@ class E2EMultiSAETrainer:
             self.save_checkpoint(checkpoint_name=f"final_{self.n_training_samples}")
         return self.saes
 
-    def step(self, tokens: torch.Tensor) -> dict[str, TrainStepOutput]:
-        """One step of every SAE on a ``(batch, context_size)`` token batch."""
+    def step(self, batch: Any) -> dict[str, TrainStepOutput]:
+        """One step of every SAE: on a ``(batch, context_size)`` token batch in the e2e phase,
+        on ``{hook: [rows, d_in]}`` activations in the local phase."""
+        self.last_phase = self.schedule.phase(self.n_steps_taken)
+        if self.last_phase == "local":
+            outputs = self._local_step(batch)
+        else:
+            outputs = self._e2e_step(batch)
+        self.n_steps_taken += 1
+        self.last_losses = {name: logged_terms(output) for name, output in outputs.items()}
+        if self.training_log_path is not None:
+            self._append_log_row(outputs)
+        every = self.eval_every_n_steps
+        if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
+            self.periodic_eval(self)
+        return outputs
+
+    def _local_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, TrainStepOutput]:
+        if self.stop_requested:
+            raise TrainingInterrupted(
+                f"training stopped on request before step {self.n_training_steps}"
+            )
+        # The schedule counts whole sequences' tokens, as a single SAE's local step does.
+        consumed = self.n_training_samples + self.cfg.train_batch_size_samples
+        outputs = {}
+        for name, trainer in self.trainers.items():
+            # SAELens' own local step: scaler, training forward, statistics, backward, clip, Adam.
+            outputs[name] = trainer.step(batch[self.step_pass.plan.plans[name].hook_name])
+            trainer.n_training_samples = consumed
+        self.n_training_samples = consumed
+        self._check_finite(outputs, before_update=False)
+        return outputs
+
+    def _e2e_step(self, tokens: torch.Tensor) -> dict[str, TrainStepOutput]:
         if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(
                 f"E2EMultiSAETrainer.step expects integer tokens of shape (batch, context_size), "
@@ -152,13 +202,6 @@ class E2EMultiSAETrainer:
         for name, output in outputs.items():
             self._update_feature_statistics(name, output.feature_acts)
             self._apply_gradients(name)
-        self.n_steps_taken += 1
-        self.last_losses = {name: logged_terms(output) for name, output in outputs.items()}
-        if self.training_log_path is not None:
-            self._append_log_row(outputs)
-        every = self.eval_every_n_steps
-        if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
-            self.periodic_eval(self)
         return outputs
 
     # Seams for a data-parallel subclass (training.data_parallel_multi): this process' rows of
@@ -198,7 +241,9 @@ class E2EMultiSAETrainer:
         for scheduler in trainer.coefficient_schedulers.values():
             scheduler.step()
 
-    def _check_finite(self, outputs: Mapping[str, TrainStepOutput]) -> None:
+    def _check_finite(
+        self, outputs: Mapping[str, TrainStepOutput], before_update: bool = True
+    ) -> None:
         for name, output in outputs.items():
             if torch.isfinite(output.loss).item():
                 continue
@@ -206,14 +251,15 @@ class E2EMultiSAETrainer:
             where = self.cfg.checkpoint_path or "(checkpointing is off)"
             raise NonFiniteLossError(
                 f"the training loss of SAE {name!r} became {terms['total_loss']} at step "
-                f"{self.n_training_steps} (terms: {terms}). Training stopped before this "
-                f"update; the last checkpoint under {where} is intact. Lower lr, raise "
+                f"{self.n_training_steps} ({self.last_phase} phase; terms: {terms}). Training "
+                f"stopped {'before' if before_update else 'after'} this update; the last checkpoint under {where} is intact. Lower lr, raise "
                 "lr_warm_up_steps, or check the model's dtype."
             )
 
     def _append_log_row(self, outputs: Mapping[str, TrainStepOutput]) -> None:
         assert self.training_log_path is not None
         row: dict[str, Any] = {"step": self.n_steps_taken, "tokens": self.n_training_samples}
+        row["phase"] = self.last_phase
         for name, output in outputs.items():
             row |= {f"{name}/{term}": value for term, value in self.last_losses[name].items()}
             row[f"{name}/l0"] = batch_l0(output)
@@ -286,6 +332,8 @@ class E2EMultiSAETrainer:
             state = marker | {
                 "n_sequences_consumed": self.n_sequences_consumed,
                 "objective": self.step_pass.objective.name,
+                "first_e2e_step": self.schedule.first_e2e_step,
+                "local_data": None if self.local_data is None else self.local_data.state(),
             }
             (staging / TRAINER_STATE_FILENAME).write_text(json.dumps(state))
         self.last_checkpoint = base / checkpoint_name
@@ -299,6 +347,16 @@ class E2EMultiSAETrainer:
                 f"{state['objective']!r}, but this run has loss="
                 f"{self.step_pass.objective.name!r}; resume with the checkpoint's loss."
             )
+        # Written before schedules existed for several SAEs: every step was e2e.
+        first_e2e = int(state.get("first_e2e_step", 0))
+        if first_e2e != self.schedule.first_e2e_step:
+            raise ResumeError(
+                f"resume_from_checkpoint={str(checkpoint)!r} was written by a run whose first "
+                f"e2e step was {first_e2e}; this run's schedule switches at step "
+                f"{self.schedule.first_e2e_step}. Resume with the checkpoint's e2e_fraction and "
+                "training_tokens."
+            )
+        self.saved_local_data = state.get("local_data")
         steps = int(state["n_steps_taken"])
         for name, trainer in self.trainers.items():
             folder = checkpoint / name

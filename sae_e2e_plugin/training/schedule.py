@@ -82,9 +82,10 @@ def plan_schedule(
 
 
 class LocalData(Protocol):
-    """The local phase's data: activation batches ``[train_batch_size_tokens, d_in]``."""
+    """The local phase's data: activation batches ``[rows, d_in]`` (several SAEs:
+    ``{hook: [rows, d_in]}``, every hook's rows from the same tokens)."""
 
-    def __next__(self) -> torch.Tensor: ...
+    def __next__(self) -> Any: ...
 
     def state(self) -> dict[str, Any]:
         """Its position, saved in checkpoints (JSON-serialisable)."""
