@@ -183,3 +183,37 @@ def runner_trainer(runner: E2EMultiSAETrainingRunner) -> Any:
     from test_multi_sae import bare_trainer
 
     return bare_trainer(runner)
+
+
+WORKER = """
+import sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+from test_multi_hf import multi_runner
+from sae_e2e_plugin.training.distributed import launcher_context, shutdown
+
+out = Path(sys.argv[2])
+for splice in ("joint", "independent"):
+    runner = multi_runner(out / splice, splice, training_tokens=4 * 4 * 8)
+    saes = runner.run()
+    torch.save({n: s.state_dict() for n, s in saes.items()}, out / f"{splice}-{runner.context.rank}.pt")
+shutdown(launcher_context())
+"""
+
+
+def test_two_ranks_train_the_saes_one_process_trains_on_a_hf_model(tmp_path: Path) -> None:
+    from test_distributed import TOLERANCE, launch, wait_for
+
+    wait_for(launch(tmp_path / "ranks", "train", worker=WORKER))
+    for splice in ("joint", "independent"):
+        rank0 = torch.load(tmp_path / "ranks" / f"{splice}-0.pt")
+        rank1 = torch.load(tmp_path / "ranks" / f"{splice}-1.pt")
+        one = multi_runner(tmp_path / splice, splice, training_tokens=4 * 4 * 8)
+        start = {n: {k: v.clone() for k, v in s.state_dict().items()} for n, s in one.saes.items()}
+        one.run()
+        for name in HOOKS:
+            for key, value in one.saes[name].state_dict().items():
+                assert torch.equal(rank0[name][key], rank1[name][key]), (splice, name, key)
+                assert not torch.equal(value, start[name][key]), (splice, name, key)
+                torch.testing.assert_close(rank0[name][key], value, **TOLERANCE)
