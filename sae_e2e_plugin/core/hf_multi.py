@@ -8,7 +8,6 @@ on module paths (``core.hf_runs``). The runs continue layer by layer from the sh
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -24,7 +23,7 @@ from sae_e2e_plugin.core.hf_runs import (
     run_full,
 )
 from sae_e2e_plugin.core.multi_splice import MultiCleanRun, MultiSplicePlan, Splice
-from sae_e2e_plugin.core.splice import PatchedRun, SplicePlan
+from sae_e2e_plugin.core.splice import PatchedRun
 
 
 @torch.no_grad()
@@ -61,15 +60,6 @@ def run_hf_clean_multi(
             )
     recorded = {k: v for k, v in layer_inputs.items() if v is not None}
     return MultiCleanRun(acts, recorded, final if full else None, downstream)
-
-
-def hf_prefix_for(prefix: HFPrefix, clean: MultiCleanRun, plan: SplicePlan) -> HFPrefix:
-    """The prefix a single run of the SAE at ``plan`` would start from: the shared one moved
-    on to the SAE's decoder layer with the clean hidden state entering it."""
-    if plan.start_layer is None or prefix.hidden is None or plan.start_layer == prefix.start_layer:
-        return prefix
-    hidden = clean.block_inputs[plan.start_layer]
-    return dataclasses.replace(prefix, hidden=hidden, start_layer=plan.start_layer)
 
 
 def run_hf_joint_patched(

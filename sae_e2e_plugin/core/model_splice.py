@@ -11,6 +11,7 @@ the vocabulary, the longest context) come from ``model_facts``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,10 +215,14 @@ def run_clean_multi(
 
 
 def prefix_for(prefix: Any, clean: MultiCleanRun, plan: SplicePlan) -> Any:
-    """The prefix a single run of the SAE at ``plan`` would start from (its own block)."""
-    if isinstance(prefix, hf_runs.HFPrefix):
-        return hf_multi.hf_prefix_for(prefix, clean, plan)
-    return multi_splice.prefix_for(prefix, clean, plan)
+    """The prefix a single run of the SAE at ``plan`` would start from: the shared one moved on
+    to the SAE's block with the clean state entering it (a HookedTransformer's residual stream,
+    a Hugging Face model's hidden state)."""
+    state = "hidden" if isinstance(prefix, hf_runs.HFPrefix) else "residual"
+    if plan.start_layer in (None, prefix.start_layer) or getattr(prefix, state) is None:
+        return prefix
+    entering = clean.block_inputs[plan.start_layer]
+    return dataclasses.replace(prefix, start_layer=plan.start_layer, **{state: entering})
 
 
 def run_joint_patched(

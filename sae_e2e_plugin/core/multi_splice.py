@@ -147,19 +147,6 @@ def run_clean_multi(
     return MultiCleanRun(acts, by_block, resid if full else None, downstream)
 
 
-def prefix_for(prefix: Prefix, clean: MultiCleanRun, plan: SplicePlan) -> Prefix:
-    """The prefix a single run of the SAE at ``plan`` would start from: the shared one moved on
-    to the SAE's block with the clean run's residual stream entering it."""
-    if (
-        plan.start_layer is None
-        or prefix.residual is None
-        or plan.start_layer == prefix.start_layer
-    ):
-        return prefix
-    residual = clean.block_inputs[plan.start_layer]
-    return dataclasses.replace(prefix, residual=residual, start_layer=plan.start_layer)
-
-
 def run_joint_patched(
     model: HookedTransformer,
     prefix: Prefix,

@@ -37,8 +37,8 @@ from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.schedule import LocalData, Phase, plan_schedule
 from sae_e2e_plugin.training.trainer import (
     NonFiniteLossError,
-    TrainingInterrupted,
     freeze,
+    stop_if_requested,
     update_feature_statistics,
 )
 from sae_e2e_plugin.training.training_log import (
@@ -165,10 +165,7 @@ class E2EMultiSAETrainer:
         return outputs
 
     def _local_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, TrainStepOutput]:
-        if self.stop_requested:
-            raise TrainingInterrupted(
-                f"training stopped on request before step {self.n_training_steps}"
-            )
+        stop_if_requested(self)
         # The schedule counts whole sequences' tokens, as a single SAE's local step does.
         consumed = self.n_training_samples + self.cfg.train_batch_size_samples
         outputs = {}
@@ -186,10 +183,7 @@ class E2EMultiSAETrainer:
                 f"E2EMultiSAETrainer.step expects integer tokens of shape (batch, context_size), "
                 f"got {tuple(tokens.shape)} of {tokens.dtype}."
             )
-        if self.stop_requested:
-            raise TrainingInterrupted(
-                f"training stopped on request before step {self.n_training_steps}"
-            )
+        stop_if_requested(self)
         tokens = tokens.to(self.device)
         self.n_sequences_consumed += tokens.shape[0]
         self.n_training_samples += tokens.numel()

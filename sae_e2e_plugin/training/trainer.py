@@ -197,10 +197,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
                 f"step {self.n_steps_taken} is a local step and expects activations of shape "
                 f"(tokens, d_in), got {tuple(batch.shape)} of {batch.dtype}."
             )
-        if self.stop_requested:
-            raise TrainingInterrupted(
-                f"training stopped on request before step {self.n_training_steps}"
-            )
+        stop_if_requested(self)
         # SAELens' own local step: scaler, training forward, statistics, backward, clip, Adam.
         consumed = self.n_training_samples + self.cfg.train_batch_size_samples
         output = super().step(batch)
@@ -226,10 +223,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
                 f"vocabulary of d_vocab={d_vocab}; tokenize the data with the "
                 "model's own tokenizer."
             )
-        if self.stop_requested:
-            raise TrainingInterrupted(
-                f"training stopped on request before step {self.n_training_steps}"
-            )
+        stop_if_requested(self)
         tokens = batch.to(self.model_facts.device)
         self.n_training_samples += tokens.numel()
         self.n_sequences_consumed += tokens.shape[0]
@@ -362,6 +356,14 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """SAETrainer's wandb row plus the phase of the step (1: end to end, 0: local)."""
         row = super().build_train_step_log_dict(output, n_training_samples)
         return row | {"details/e2e_phase": int(self.last_phase == "e2e")}
+
+
+def stop_if_requested(trainer: Any) -> None:
+    """Raise ``TrainingInterrupted`` before a step when a signal asked training to stop."""
+    if trainer.stop_requested:
+        raise TrainingInterrupted(
+            f"training stopped on request before step {trainer.n_training_steps}"
+        )
 
 
 def freeze(model: Any) -> Any:
