@@ -17,7 +17,7 @@ from typing import Any
 
 import wandb
 from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
-from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAE
 from safetensors.torch import save_file
 
 from sae_e2e_plugin.core.model_splice import naming_the_sae, plan_multi_splice
@@ -25,7 +25,6 @@ from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult
 from sae_e2e_plugin.evaluation.metrics import EvalResult
-from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches, reposition
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
@@ -40,6 +39,7 @@ from sae_e2e_plugin.runs.runner import (
     objective_metadata,
     trainer_config_for_rank,
 )
+from sae_e2e_plugin.runs.sae_starts import fresh_sae, pretrained_starts
 from sae_e2e_plugin.training.checkpoints import (
     ResumeError,
     is_complete_checkpoint,
@@ -88,7 +88,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
                 f"SAEs {twice} are both in override_saes and in pretrained_saes; give each "
                 "SAE's start once."
             )
-        overrides |= _pretrained_saes(cfg)
+        overrides |= pretrained_starts(cfg)
         # Each SAE's folder is a run's output folder: never mixed with an earlier run's files.
         previous = [
             path
@@ -111,7 +111,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         self.saes: dict[str, TrainingSAE[Any]] = {first: self.sae}
         """The SAEs by name, in the order of ``cfg.saes``."""
         for name, sae_cfg in list(cfg.saes.items())[1:]:
-            self.saes[name] = overrides.get(name) or _build_sae(sae_cfg)
+            self.saes[name] = overrides.get(name) or fresh_sae(sae_cfg)
             self.saes[name].to(cfg.device)
         self.multi_plan: MultiSplicePlan = plan_multi_splice(
             self.model,
@@ -401,26 +401,3 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
                     other: cfg.hook_names_per_sae[other] for other in self.saes if other != name
                 },
             }
-
-
-def _pretrained_saes(cfg: E2EMultiRunnerConfig[Any]) -> dict[str, TrainingSAE[Any]]:
-    """The SAEs ``pretrained_saes`` starts from, each checked against its config and hook."""
-    saes = {}
-    for name, source in cfg.pretrained_saes.items():
-        try:
-            saes[name] = load_pretrained_sae(
-                source,
-                cfg.pretrained_sae_ids.get(name),
-                cfg.saes[name],
-                cfg.hook_names_per_sae[name],
-                cfg.device,
-            )
-        except ValueError as error:
-            message = str(error).replace("pretrained_sae=", f"pretrained_saes[{name!r}]=")
-            raise ValueError(f"SAE {name!r}: {message}") from None
-    return saes
-
-
-def _build_sae(sae_cfg: TrainingSAEConfig) -> TrainingSAE[Any]:
-    # As SAELens' runner builds its SAE from the config.
-    return TrainingSAE.from_dict(TrainingSAEConfig.from_dict(sae_cfg.to_dict()).to_dict())
