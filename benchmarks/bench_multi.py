@@ -100,13 +100,7 @@ def multi_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], fl
     step_pass = MultiStepPass(
         runner.model, runner.multi_plan, runner.objective, "fixed", runner.positions
     )
-    trainer = E2EMultiSAETrainer(
-        cfg.to_sae_trainer_config(),
-        runner.saes,
-        iter(()),
-        step_pass,
-        max_grad_norm=MAX_GRAD_NORM,
-    )
+    trainer = E2EMultiSAETrainer(cfg.to_sae_trainer_config(), runner.saes, iter(()), step_pass, cfg)
 
     def step(tokens: torch.Tensor) -> float:
         outputs = trainer.step(tokens)

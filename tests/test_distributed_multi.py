@@ -31,6 +31,14 @@ CASES: dict[str, tuple[str, tuple[str, str], dict[str, Any]]] = {
         {"loss": "e2e_downstream"},
     ),
     "joint": ("joint", ("batchtopk", "standard"), {"loss": "e2e"}),
+    # Two local steps (each rank its share of the multi-hook buffer's rows), then two e2e.
+    # Batch top-k sits at the later hook: the tiny model's blocks.0 output repeats rows (same
+    # first token), and a tie at the global cut-off keeps every tied value (see distributed.md).
+    "independent-phased": (
+        "independent",
+        ("standard", "batchtopk"),
+        {"e2e_fraction": 0.5},
+    ),
     # The most frequent ids: the two ranks' shares then hold different numbers of rows.
     "joint-excluding": (
         "joint",

@@ -91,7 +91,9 @@ def bare_trainer(runner: E2EMultiSAETrainingRunner) -> E2EMultiSAETrainer:
     step = MultiStepPass(
         runner.model, runner.multi_plan, runner.objective, "fixed", runner.positions
     )
-    return E2EMultiSAETrainer(runner.cfg.to_sae_trainer_config(), runner.saes, iter(()), step)
+    return E2EMultiSAETrainer(
+        runner.cfg.to_sae_trainer_config(), runner.saes, iter(()), step, runner.cfg
+    )
 
 
 def batch(seed: int = 7) -> torch.Tensor:

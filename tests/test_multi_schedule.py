@@ -43,7 +43,13 @@ def test_the_local_phase_moves_each_sae_by_saelens_own_step(
     def spy(trainer: E2EMultiSAETrainer, batch: Any) -> Any:
         seen.append(copy.deepcopy(batch) if isinstance(batch, dict) else batch.clone())
         if len(seen) == 1:  # each SAE's state before the first local step
-            before.update({n: copy.deepcopy(t) for n, t in trainer.trainers.items()})
+            # SAELens' plain trainer of a copy of each SAE, as it stands before the step.
+            before.update(
+                {
+                    n: SAETrainer(cfg=t.cfg, sae=copy.deepcopy(t.sae), data_provider=iter(()))
+                    for n, t in trainer.trainers.items()
+                }
+            )
         out = original(trainer, batch)
         if len(seen) == 1:
             after.update(

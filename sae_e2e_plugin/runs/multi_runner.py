@@ -45,7 +45,6 @@ from sae_e2e_plugin.training.checkpoints import (
     is_complete_checkpoint,
     latest_complete_checkpoint,
 )
-from sae_e2e_plugin.training.data_parallel_multi import DataParallelE2EMultiSAETrainer
 from sae_e2e_plugin.training.distributed import barrier
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.multi_step import MultiStepPass
@@ -218,21 +217,17 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
             local = BufferedActivations(
                 self.activations_store, cfg.seed, cfg.sequences_per_batch, d_ins
             )
-        parallel: dict[str, Any] = {"context": self.context} if self.context.is_distributed else {}
-        trainer_class = DataParallelE2EMultiSAETrainer if parallel else E2EMultiSAETrainer
-        self.multi_trainer = trainer = trainer_class(
+        self.multi_trainer = trainer = E2EMultiSAETrainer(
             trainer_config_for_rank(cfg, main),
             self.saes,
             tokens,
             step_pass,
-            max_grad_norm=cfg.max_grad_norm,
+            cfg,
             training_log_path=log,
             # Evaluation is rank 0's alone: the others wait (within distributed_timeout_s).
             periodic_eval=self._evaluate_during_training if main else None,
-            eval_every_n_steps=cfg.eval_every_n_steps,
-            e2e_fraction=cfg.e2e_fraction,
             local_data=local,
-            **parallel,
+            context=self.context if self.context.is_distributed else None,
         )
         logger.info(f"training schedule: {trainer.schedule.describe(cfg.loss)}")
         if self.resume_checkpoint is not None:

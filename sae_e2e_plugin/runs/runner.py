@@ -205,7 +205,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             if self.cfg.e2e_fraction < 1
             else None
         )
-        parallel = {"context": self.context} if self.context.is_distributed else {}
+        parallel: dict[str, Any] = {"context": self.context} if self.context.is_distributed else {}
         trainer_class = DataParallelE2ESAETrainer if parallel else E2ESAETrainer
         self.trainer = trainer = trainer_class(
             cfg=trainer_config_for_rank(self.cfg, main),

@@ -100,13 +100,13 @@ class DataParallelE2ESAETrainer(E2ESAETrainer):
         self.act_freq_scores = freq_before + all_reduce(fired_here, self.context, SUM, what)
         # Steps since a feature fired anywhere: the smallest count over the ranks.
         all_reduce(self.n_forward_passes_since_fired, self.context, dist.ReduceOp.MIN, what)
-        return self._global_losses(output)
+        return self.global_losses(output)
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         output = super()._e2e_train_step(rank_share(tokens, self.context))
-        return self._global_losses(output)
+        return self.global_losses(output)
 
-    def _global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
+    def global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
         return global_loss_means({"": output}, self.context)[""]
 
     def _average_gradient(self, parameter: torch.Tensor) -> None:

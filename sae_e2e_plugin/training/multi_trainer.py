@@ -1,9 +1,11 @@
 """``E2EMultiSAETrainer``: several SAEs trained in lockstep on one stream of token batches.
 
-Like SAELens' ``MultiSAETrainer`` it holds one plain ``SAETrainer`` per SAE, which owns that
-SAE's Adam, LR and coefficient schedules, activation scaler and dead-feature statistics, and
-drives them through their public seams; the step itself (``training.multi_step``) runs the
-model once for all SAEs. A checkpoint is one complete-or-absent folder
+Like SAELens' ``MultiSAETrainer`` it holds one ``SAETrainer`` per SAE — an ``E2ESAETrainer``,
+which owns that SAE's Adam, LR and coefficient schedules, activation scaler and dead-feature
+statistics, and does what a single run does after its step pass (NaN check, statistics, update;
+its data-parallel form the same with the rules of ``training.data_parallel``). The step pass
+itself (``training.multi_step``) runs the model once for all SAEs; a local step is each SAE's
+own. A checkpoint is one complete-or-absent folder
 (``training.checkpoints.staged_checkpoint``) holding one SAETrainer checkpoint per SAE
 (``<checkpoint>/<name>/``) and the token-stream position.
 """
@@ -15,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +36,21 @@ from sae_e2e_plugin.training.checkpoints import (
     refuse_unsafe_trainer_state,
     staged_checkpoint,
 )
+from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.data_parallel import (
+    DataParallelE2ESAETrainer,
+    any_rank_stops,
+    weigh_by_rows,
+)
+from sae_e2e_plugin.training.distributed import (
+    DistributedContext,
+    barrier,
+    broadcast_from_main,
+    rank_share,
+)
 from sae_e2e_plugin.training.multi_step import MultiStepPass
 from sae_e2e_plugin.training.schedule import LocalData, Phase, plan_schedule
-from sae_e2e_plugin.training.trainer import (
-    NonFiniteLossError,
-    freeze,
-    stop_if_requested,
-    update_feature_statistics,
-)
+from sae_e2e_plugin.training.trainer import E2ESAETrainer, freeze, stop_if_requested
 from sae_e2e_plugin.training.training_log import (
     append_row,
     batch_l0,
@@ -58,26 +68,21 @@ class E2EMultiSAETrainer:
         saes: Mapping[str, TrainingSAE[Any]],
         data_provider: Iterator[torch.Tensor],
         step_pass: MultiStepPass,
+        e2e_cfg: E2ERunnerConfig[Any],
         *,
-        max_grad_norm: float | None = 1.0,
         training_log_path: Path | None = None,
         periodic_eval: Callable[[E2EMultiSAETrainer], None] | None = None,
-        eval_every_n_steps: int = 0,
-        e2e_fraction: float = 1.0,
         local_data: LocalData | None = None,
+        context: DistributedContext | None = None,
     ) -> None:
         self.cfg = cfg
+        self.e2e_cfg = e2e_cfg
         self.schedule = plan_schedule(
-            cfg.total_training_samples, cfg.train_batch_size_samples, e2e_fraction
+            cfg.total_training_samples, cfg.train_batch_size_samples, e2e_cfg.e2e_fraction
         )
         """Which steps are local and which end to end (``training.schedule``)."""
         self.local_data = local_data
         """``{hook: [rows, d_in]}`` activation batches for the local steps (None: none)."""
-        if self.schedule.local_steps > 0 and local_data is None:
-            raise ValueError(
-                f"e2e_fraction={e2e_fraction} schedules {self.schedule.local_steps} local steps, "
-                "but the trainer was given no local_data (activation batches)."
-            )
         self.saved_local_data: dict[str, Any] | None = None
         """The local data's position read from the checkpoint being resumed."""
         self.last_phase: Phase = self.schedule.phase(0)
@@ -88,15 +93,16 @@ class E2EMultiSAETrainer:
         self.model = freeze(step_pass.model)
         self.device = model_facts(self.model).device
         """Where token ids go."""
-        self.max_grad_norm = max_grad_norm
-        # Checkpoints and the final checkpoint are the coordinator's; each SAE's trainer
-        # writes its part into the coordinator's folder.
-        per_sae = replace(cfg, n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False)
+        self.context = context
+        """This rank's place in the process group (None: one process)."""
+        if context is not None and not step_pass.positions.selects_all:
+            # With excluded ids the ranks select different numbers of rows.
+            step_pass.weigh_sae_terms = partial(weigh_by_rows, context=context)
         self.trainers = {
-            name: SAETrainer(cfg=per_sae, sae=sae, data_provider=iter(()))
-            for name, sae in self.saes.items()
+            name: self._sae_trainer(name, sae, local_data) for name, sae in saes.items()
         }
-        """One SAELens trainer per SAE: its optimizer, schedules, scaler and statistics."""
+        """One trainer per SAE (a SAELens ``SAETrainer``: its optimizer, schedules, scaler and
+        statistics; ``E2ESAETrainer``'s NaN check, statistics and update, data-parallel rules)."""
         self.n_training_steps = 0
         self.n_steps_taken = 0
         """Completed steps (``n_training_steps`` is counted after the checkpoint of a step)."""
@@ -111,7 +117,6 @@ class E2EMultiSAETrainer:
         """One JSON line per step: step, tokens, seconds and each SAE's terms as ``<name>/<term>``."""
         self.periodic_eval = periodic_eval
         """Called every ``eval_every_n_steps`` completed steps (held-out evaluation)."""
-        self.eval_every_n_steps = eval_every_n_steps
         self.stop_requested = False
         """Set by a signal handler; the next step stops before touching any state."""
         self.last_checkpoint: Path | None = None
@@ -119,10 +124,35 @@ class E2EMultiSAETrainer:
         """Each SAE's loss terms on the latest step."""
         self._last_row_time = time.perf_counter()
 
+    def _sae_trainer(
+        self, name: str, sae: TrainingSAE[Any], local_data: LocalData | None
+    ) -> E2ESAETrainer:
+        # Checkpoints are the coordinator's; each SAE's trainer writes its part into them.
+        per_sae = replace(self.cfg, n_checkpoints=0, save_final_checkpoint=False)
+        trainer_class: type[E2ESAETrainer] = E2ESAETrainer
+        parallel: dict[str, Any] = {}
+        if self.context is not None:
+            trainer_class, parallel = DataParallelE2ESAETrainer, {"context": self.context}
+        return trainer_class(
+            cfg=per_sae,
+            sae=sae,
+            data_provider=iter(()),
+            model=self.model,
+            plan=self.step_pass.plan.plans[name],
+            e2e_cfg=self.e2e_cfg,
+            objective=self.step_pass.objective,
+            positions=self.step_pass.positions,
+            local_data=local_data,
+            sae_name=name,
+            **parallel,
+        )
+
     def fit(self) -> dict[str, TrainingSAE[Any]]:
         """Train every SAE until ``total_training_samples`` tokens; return them by name."""
         for sae in self.saes.values():
             sae.to(self.cfg.device)
+            if self.context is not None:  # every rank starts from rank 0's SAEs
+                broadcast_from_main(list(sae.state_dict().values()), self.context)
         self._estimate_scaling_factors()
         pbar = tqdm(
             total=self.cfg.total_training_samples,
@@ -151,6 +181,10 @@ class E2EMultiSAETrainer:
         """One step of every SAE: on a ``(batch, context_size)`` token batch in the e2e phase,
         on ``{hook: [rows, d_in]}`` activations in the local phase."""
         self.last_phase = self.schedule.phase(self.n_steps_taken)
+        if self.context is not None:  # all ranks stop before the same step
+            self.stop_requested = any_rank_stops(self.stop_requested, self.context, self.cfg.device)
+        for trainer in self.trainers.values():
+            trainer.last_phase = self.last_phase
         if self.last_phase == "local":
             outputs = self._local_step(batch)
         else:
@@ -159,22 +193,18 @@ class E2EMultiSAETrainer:
         self.last_losses = {name: logged_terms(output) for name, output in outputs.items()}
         if self.training_log_path is not None:
             self._append_log_row(outputs)
-        every = self.eval_every_n_steps
+        every = self.e2e_cfg.eval_every_n_steps
         if self.periodic_eval is not None and every > 0 and self.n_steps_taken % every == 0:
             self.periodic_eval(self)
         return outputs
 
     def _local_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, TrainStepOutput]:
         stop_if_requested(self)
-        # The schedule counts whole sequences' tokens, as a single SAE's local step does.
-        consumed = self.n_training_samples + self.cfg.train_batch_size_samples
         outputs = {}
         for name, trainer in self.trainers.items():
-            # SAELens' own local step: scaler, training forward, statistics, backward, clip, Adam.
-            outputs[name] = trainer.step(batch[self.step_pass.plan.plans[name].hook_name])
-            trainer.n_training_samples = consumed
-        self.n_training_samples = consumed
-        self._check_finite(outputs, before_update=False)
+            # SAELens' own local step (a rank's share of the rows in a data-parallel run).
+            outputs[name] = trainer._local_step(batch[self.step_pass.plan.plans[name].hook_name])
+        self.n_training_samples += self.cfg.train_batch_size_samples
         return outputs
 
     def _e2e_step(self, tokens: torch.Tensor) -> dict[str, TrainStepOutput]:
@@ -189,25 +219,11 @@ class E2EMultiSAETrainer:
         self.n_training_samples += tokens.numel()
         for trainer in self.trainers.values():
             trainer.n_training_samples += tokens.numel()
-        outputs = self._global_outputs(
-            self.step_pass.run(self._rows_of_this_process(tokens), self.trainers)
-        )
-        self._check_finite(outputs)
-        for name, output in outputs.items():
-            self._update_feature_statistics(name, output.feature_acts)
-            self._apply_gradients(name)
+        rows = tokens if self.context is None else rank_share(tokens, self.context)
+        outputs = self.step_pass.run(rows, self.trainers)
+        for name, trainer in self.trainers.items():
+            outputs[name] = trainer.global_losses(trainer.finish_e2e_step(outputs[name]))
         return outputs
-
-    # Seams for a data-parallel subclass (training.data_parallel_multi): this process' rows of
-    # the batch, each SAE's logged terms over the whole batch, its firing statistics.
-    def _rows_of_this_process(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens
-
-    def _global_outputs(self, outputs: dict[str, TrainStepOutput]) -> dict[str, TrainStepOutput]:
-        return outputs
-
-    def _update_feature_statistics(self, name: str, feature_acts: torch.Tensor) -> None:
-        update_feature_statistics(self.trainers[name], feature_acts)
 
     @torch.no_grad()
     def _log_to_wandb(
@@ -224,31 +240,6 @@ class E2EMultiSAETrainer:
                 row |= {f"{name}/{key}": value for key, value in log.items()}
         if row:
             wandb.log(row, step=self.n_training_steps)
-
-    def _apply_gradients(self, name: str) -> None:
-        trainer = self.trainers[name]
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainer.sae.parameters(), self.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
-        trainer.lr_scheduler.step()
-        for scheduler in trainer.coefficient_schedulers.values():
-            scheduler.step()
-
-    def _check_finite(
-        self, outputs: Mapping[str, TrainStepOutput], before_update: bool = True
-    ) -> None:
-        for name, output in outputs.items():
-            if torch.isfinite(output.loss).item():
-                continue
-            terms = logged_terms(output)
-            where = self.cfg.checkpoint_path or "(checkpointing is off)"
-            raise NonFiniteLossError(
-                f"the training loss of SAE {name!r} became {terms['total_loss']} at step "
-                f"{self.n_training_steps} ({self.last_phase} phase; terms: {terms}). Training "
-                f"stopped {'before' if before_update else 'after'} this update; the last checkpoint under {where} is intact. Lower lr, raise "
-                "lr_warm_up_steps, or check the model's dtype."
-            )
 
     def _append_log_row(self, outputs: Mapping[str, TrainStepOutput]) -> None:
         assert self.training_log_path is not None
@@ -310,10 +301,14 @@ class E2EMultiSAETrainer:
 
     def save_checkpoint(self, checkpoint_name: str) -> None:
         """``<checkpoint_path>/<checkpoint_name>/<sae name>/`` (SAETrainer's files) plus the
-        stream position, published only when every file is written."""
+        stream position, published only when every file is written (by rank 0 alone)."""
         if self.cfg.checkpoint_path is None:
             return
         base = Path(self.cfg.checkpoint_path)
+        if self.context is not None and not self.context.is_main:
+            barrier(self.context, f"rank 0 writing checkpoint {checkpoint_name}")
+            self.last_checkpoint = base / checkpoint_name
+            return
         marker = {
             "n_training_samples": self.n_training_samples,
             "n_steps_taken": self.n_steps_taken,
@@ -322,7 +317,8 @@ class E2EMultiSAETrainer:
         }
         with staged_checkpoint(base, checkpoint_name, marker) as staging:
             for name, trainer in self.trainers.items():
-                trainer.save_checkpoint(checkpoint_name=name, base_path=staging)
+                # SAETrainer's own checkpoint (the per-SAE trainer writes no folder of its own).
+                SAETrainer.save_checkpoint(trainer, checkpoint_name=name, base_path=staging)
             state = marker | {
                 "n_sequences_consumed": self.n_sequences_consumed,
                 "objective": self.step_pass.objective.name,
@@ -331,6 +327,8 @@ class E2EMultiSAETrainer:
             }
             (staging / TRAINER_STATE_FILENAME).write_text(json.dumps(state))
         self.last_checkpoint = base / checkpoint_name
+        if self.context is not None:
+            barrier(self.context, f"rank 0 writing checkpoint {checkpoint_name}")
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         """Restore every SAE's weights and trainer, and the step and stream counters."""
@@ -355,7 +353,7 @@ class E2EMultiSAETrainer:
         for name, trainer in self.trainers.items():
             folder = checkpoint / name
             refuse_unsafe_trainer_state(folder, self.cfg.device)
-            trainer.load_trainer_state(folder)
+            SAETrainer.load_trainer_state(trainer, folder)
             trainer.sae.load_weights_from_checkpoint(folder)
             # SAETrainer saves its step count before counting the step it checkpoints after.
             trainer.n_training_steps = steps

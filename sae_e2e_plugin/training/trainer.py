@@ -88,6 +88,7 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         timer: PhaseTimer = NO_TIMING,
         positions: PositionFilter = ALL_POSITIONS,
         local_data: LocalData | None = None,
+        sae_name: str | None = None,
     ) -> None:
         super().__init__(
             cfg=cfg, sae=sae, data_provider=data_provider, save_checkpoint_fn=save_checkpoint_fn
@@ -126,6 +127,8 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Times each phase of a step (``training.timing``); a no-op unless a benchmark sets one."""
         self.positions = positions
         """The positions the SAE reads and replaces (``seqpos_slice``, excluded token ids)."""
+        self.sae_name = sae_name
+        """The SAE's name in a run of several (``training.multi_trainer``); None alone."""
         self.step_pass = MultiStepPass(
             self.model,
             MultiSplicePlan.of_one(ONE_SAE, plan),
@@ -231,10 +234,18 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
 
     def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
         # The step pass of every run (``training.multi_step``): this SAE is its one entry.
-        output = self.step_pass.run(tokens, {ONE_SAE: self})[ONE_SAE]
+        return self.finish_e2e_step(self.step_pass.run(tokens, {ONE_SAE: self})[ONE_SAE])
+
+    def finish_e2e_step(self, output: TrainStepOutput) -> TrainStepOutput:
+        """After the step pass left the SAE's gradient: the NaN check, the dead-feature
+        statistics, clipping and the optimizer and schedule steps."""
         self._check_finite(output)
         self._update_feature_statistics(output.feature_acts)
         self._apply_gradients()
+        return output
+
+    def global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
+        """The output's logged terms over the whole batch (data-parallel: means over ranks)."""
         return output
 
     def _append_log_row(self, output: TrainStepOutput) -> None:
@@ -254,8 +265,9 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         where = self.cfg.checkpoint_path or "(checkpointing is off)"
         # SAETrainer's local step updates the weights before its loss can be seen.
         when = "before" if before_update else "after"
+        sae = "" if self.sae_name is None else f" of SAE {self.sae_name!r}"
         raise NonFiniteLossError(
-            f"the training loss became {float(output.loss.detach())} at step "
+            f"the training loss{sae} became {float(output.loss.detach())} at step "
             f"{self.n_training_steps} ({self.last_phase} phase; terms: {terms}). Training "
             f"stopped {when} this update; "
             f"the last checkpoint under {where} is intact. Lower lr, raise lr_warm_up_steps, "
