@@ -24,6 +24,7 @@ def inspect_sae(
     metrics: dict[str, Any] | None = None,
     name: str | None = None,
     compare_name: str | None = None,
+    tokenizer: Any = None,
     overwrite: bool = False,
     show_progress: bool = False,
 ) -> Path:
@@ -32,7 +33,8 @@ def inspect_sae(
     The model runs only up to the SAE's hook for the statistics; the chosen features' pages
     add their logit tables and ablation effects. ``compare``: a second SAE at the same kind of
     activation, matched feature by feature by decoder cosine. ``metrics``: an evaluation's
-    numbers shown on the index (e.g. the ``eval.json`` beside the SAE). Returns ``out``.
+    numbers shown on the index (e.g. the ``eval.json`` beside the SAE). ``tokenizer``: what
+    turns token ids into text (default: the model's). Returns ``out``.
     """
     out = Path(out)
     options = options or InspectOptions()
@@ -58,7 +60,7 @@ def inspect_sae(
     return write_site(
         inspection,
         out,
-        tokenizer=getattr(model, "tokenizer", None),
+        tokenizer=tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
         facts=facts,
         metrics=metrics,
         overwrite=overwrite,
