@@ -177,3 +177,61 @@ def test_selection_by_frequency_and_importance() -> None:
 def test_bad_options_are_refused_by_name(fields: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
         InspectOptions(**fields).check(D_SAE)
+
+
+def test_a_hugging_face_model_gets_the_same_statistics_and_logit_table() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    hf = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.model.norm.weight.uniform_(0.5, 1.5)  # a final-norm weight that matters
+    sae, toks = random_sae(0), tokens()
+    seen: list[torch.Tensor] = []
+    handle = hf.model.layers[1].register_forward_hook(
+        lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        hf(toks)
+    handle.remove()
+    acts = sae.encode(seen[0].reshape(-1, 16)).float()
+    stats = FeatureStats(D_SAE, top_k=3, n_samples=2)
+    dictionary = plan_dictionary(hf, sae, hook_name="model.layers.1")
+    collect_stats(hf, [dictionary], toks, [stats], batch_size=7)
+    assert torch.equal(stats.fired, (acts > 0).sum(0))
+    assert torch.allclose(stats.act_max, acts.max(0).values.clamp(min=0), atol=1e-5)
+    unembedding = model_unembedding(hf)
+    assert unembedding is not None and not unembedding.centre
+    full = sae.W_dec.detach() @ (hf.model.norm.weight.detach()[:, None] * hf.lm_head.weight.T)
+    effects = logit_effects(sae.W_dec.detach(), [0, 9], unembedding, k=3)
+    assert torch.allclose(effects.raised, full[[0, 9]].topk(3, dim=1).values, atol=1e-5)
+    f = int(stats.fired.argmax())
+    contexts = [ablation.AblationContext(f, t) for t, _ in stats.top_examples(f)]
+    kls = ablation.ablation_kls(hf, dictionary, toks, contexts, batch_size=2)
+    assert max(kls) > 1e-6
+    for context, kl in zip(contexts, kls, strict=True):
+        seq, pos = divmod(context.token, toks.shape[1])
+        row = toks[seq : seq + 1]
+
+        def remove(module, args, out):  # the feature taken out of the layer's output
+            hidden = out[0] if isinstance(out, tuple) else out
+            own = sae.encode(hidden.reshape(-1, 16))[:, f].reshape(hidden.shape[:2])
+            hidden = hidden - own[..., None] * sae.W_dec[f]
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        with torch.no_grad():
+            clean = hf(row).logits[0, pos]
+            handle = hf.model.layers[1].register_forward_hook(remove)
+            ablated = hf(row).logits[0, pos]
+            handle.remove()
+        log_p, log_q = clean.log_softmax(-1), ablated.log_softmax(-1)
+        assert kl == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum()), rel=1e-3, abs=1e-7)
