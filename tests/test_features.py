@@ -29,8 +29,10 @@ from sae_e2e_plugin.features.passes import (
 from sae_e2e_plugin.features.stats import HIST_BINS, FeatureStats
 
 
-def run_stats(model, sae, toks, top_k=5, n_samples=6, batch_size=5) -> FeatureStats:
+def run_stats(model, sae, toks, top_k=5, n_samples=6, batch_size=5, flush_at=None) -> FeatureStats:
     stats = FeatureStats(D_SAE, top_k=top_k, n_samples=n_samples, seed=1)
+    if flush_at is not None:  # merge held-back entries every few, mid-batch too
+        stats.top.flush_at = stats.samples.flush_at = flush_at
     # 5 sequences per batch: the last batch is shorter, and top-k merges across batches.
     collect_stats(model, [plan_dictionary(model, sae)], toks, [stats], batch_size)
     return stats
@@ -55,9 +57,10 @@ def test_counts_maxima_histograms_and_l0_equal_brute_force() -> None:
         assert torch.equal(stats.histogram[f], expected), f
 
 
-def test_top_contexts_equal_brute_force_top_k() -> None:
+@pytest.mark.parametrize("flush_at", [None, 7])
+def test_top_contexts_equal_brute_force_top_k(flush_at: int | None) -> None:
     model, sae, toks = tiny_model(), random_sae(0), tokens()
-    stats = run_stats(model, sae, toks, top_k=5)
+    stats = run_stats(model, sae, toks, top_k=5, flush_at=flush_at)
     acts = all_feature_acts(model, sae, toks)
     few = 0
     for f in range(D_SAE):
@@ -72,9 +75,10 @@ def test_top_contexts_equal_brute_force_top_k() -> None:
     assert few > 0  # features firing fewer than k times are covered
 
 
-def test_samples_are_distinct_firing_tokens_with_their_activations() -> None:
+@pytest.mark.parametrize("flush_at", [None, 7])
+def test_samples_are_distinct_firing_tokens_with_their_activations(flush_at: int | None) -> None:
     model, sae, toks = tiny_model(), random_sae(0), tokens()
-    stats = run_stats(model, sae, toks, n_samples=6)
+    stats = run_stats(model, sae, toks, n_samples=6, flush_at=flush_at)
     acts = all_feature_acts(model, sae, toks)
     whole, partial = 0, 0
     for f in range(D_SAE):

@@ -205,6 +205,10 @@ def _tokens(
     chosen: Literal["train", "eval"] = "eval" if split == "eval" else "train"
     rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split=chosen)["tokens"]
     if len(rows) < n_sequences and chosen == "eval":
+        print(
+            f"the eval split of {dataset!r} holds {len(rows)} sequences of {context_size} "
+            f"tokens, fewer than the {n_sequences} asked for: reading the train split"
+        )
         rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split="train")["tokens"]
     if len(rows) < n_sequences:
         raise ValueError(

@@ -2,7 +2,10 @@
 the number of tokens: firing counts, sums and maxima, a log-scale activation histogram, a
 running top-k of activations, a uniform sample of firing tokens (reservoir sampling by random
 keys) and the L0 of every token as a histogram. Tokens are named by their flat index
-``sequence * context + position`` in the pass."""
+``sequence * context + position`` in the pass.
+
+Everything but the firing mask works on a batch's firing (token, feature) pairs alone, so a
+batch costs about its number of firing pairs (L0 × tokens), not tokens × d_sae."""
 
 from __future__ import annotations
 
@@ -20,10 +23,13 @@ HIST_BINS = 64
 
 @dataclass
 class RunningTopK:
-    """The ``k`` largest scores seen per feature and the tokens that gave them."""
+    """The ``k`` largest scores seen per feature, the tokens that gave them and a value each."""
 
     k: int
     d_sae: int
+    flush_at: int = 1 << 20
+    """Entries held back before a merge: merging touches [d_sae, 2k] tensors, so a few large
+    merges cost less than one per batch when d_sae is large."""
     scores: torch.Tensor = field(init=False)
     """[d_sae, k] best scores so far, descending; ``-inf`` where fewer were seen."""
     tokens: torch.Tensor = field(init=False)
@@ -35,23 +41,60 @@ class RunningTopK:
         self.scores = torch.full((self.d_sae, self.k), -torch.inf)
         self.tokens = torch.full((self.d_sae, self.k), -1, dtype=torch.long)
         self.values = torch.zeros(self.d_sae, self.k)
+        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._n_pending = 0
 
     @jaxtyped(typechecker=beartype)
     def update(
         self,
-        scores: Float[torch.Tensor, "tokens d_sae"],
-        values: Float[torch.Tensor, "tokens d_sae"],
-        first_token: int,
+        features: Int[torch.Tensor, " n"],
+        tokens: Int[torch.Tensor, " n"],
+        scores: Float[torch.Tensor, " n"],
+        values: Float[torch.Tensor, " n"],
     ) -> None:
-        """Merge a batch's scores (rows are tokens ``first_token``, ``first_token + 1``, ...)."""
-        k = min(self.k, scores.shape[0])
-        best, rows = scores.topk(k, dim=0)  # [k, d_sae] each
-        merged = torch.cat([self.scores, best.T.float()], dim=1)
-        merged_tokens = torch.cat([self.tokens, rows.T + first_token], dim=1)
-        merged_values = torch.cat([self.values, values.gather(0, rows).T.float()], dim=1)
-        self.scores, order = merged.topk(self.k, dim=1)
-        self.tokens = merged_tokens.gather(1, order)
-        self.values = merged_values.gather(1, order)
+        """Add a batch of (feature, flat token, score, value) entries, in any order."""
+        self._pending.append((features, tokens, scores.float(), values.float()))
+        self._n_pending += len(features)
+        if self._n_pending >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the entries held back into the kept ones."""
+        if not self._pending:
+            return
+        features, tokens, scores, values = (torch.cat(c) for c in zip(*self._pending, strict=True))
+        self._pending, self._n_pending = [], 0
+        # Sorted by feature, then by descending score (two stable sorts): each feature's
+        # entries form a run whose first ``k`` are its best of the batch.
+        by_score = torch.sort(scores, descending=True, stable=True).indices
+        order = by_score[torch.sort(features[by_score], stable=True).indices]
+        sorted_features = features[order]
+        counts = torch.bincount(sorted_features, minlength=self.d_sae)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(len(order)) - starts[sorted_features]
+        keep = rank < self.k
+        slot = (sorted_features[keep], rank[keep])
+        best_scores = torch.full((self.d_sae, self.k), -torch.inf)
+        best_scores[slot] = scores[order][keep].float()
+        best_tokens = torch.full((self.d_sae, self.k), -1, dtype=torch.long)
+        best_tokens[slot] = tokens[order][keep]
+        best_values = torch.zeros(self.d_sae, self.k)
+        best_values[slot] = values[order][keep].float()
+        merged = torch.cat([self.scores, best_scores], dim=1)
+        self.scores, pick = merged.topk(self.k, dim=1)
+        self.tokens = torch.cat([self.tokens, best_tokens], dim=1).gather(1, pick)
+        self.values = torch.cat([self.values, best_values], dim=1).gather(1, pick)
+
+    def kept(self, feature: int) -> list[tuple[int, float]]:
+        """(flat token, value) of each entry kept for ``feature``, best score first."""
+        self.flush()
+        return [
+            (int(t), float(v))
+            for t, v, s in zip(
+                self.tokens[feature], self.values[feature], self.scores[feature], strict=True
+            )
+            if s > -torch.inf
+        ]
 
 
 @dataclass
@@ -62,7 +105,7 @@ class FeatureStats:
     top_k: int = 20
     """Top-activating tokens kept per feature."""
     n_samples: int = 40
-    """Firing tokens sampled uniformly per feature (for the quantile bands)."""
+    """Firing tokens sampled uniformly per feature (for the activation bands)."""
     seed: int = 0
     n_tokens: int = 0
     """Tokens seen."""
@@ -78,8 +121,8 @@ class FeatureStats:
     """[d_sae + 1] tokens with each L0."""
     top: RunningTopK = field(init=False)
     samples: RunningTopK = field(init=False)
-    """Scores are minus random keys: the firing tokens with the smallest keys form a uniform
-    sample without replacement of every firing token seen."""
+    """Scores are random keys: the firing tokens with the largest keys ever drawn form a
+    uniform sample without replacement of every firing token seen."""
     _generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,49 +139,30 @@ class FeatureStats:
     def update(self, acts: Float[torch.Tensor, "tokens d_sae"]) -> None:
         """Add the feature activations of the next ``tokens`` tokens of the pass."""
         acts = acts.detach().float().cpu()
-        first = self.n_tokens
-        firing = acts > 0
-        self.fired += firing.sum(0)
-        self.act_sum += acts.sum(0, dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, acts.max(0).values.clamp(min=0))
-        self.l0_counts += torch.bincount(firing.sum(1), minlength=self.d_sae + 1)
-        self._add_histogram(acts, firing)
-        self.top.update(acts, acts, first)
-        self._add_samples(acts, firing, first)
-        self.n_tokens += acts.shape[0]
-
-    def _add_histogram(self, acts: torch.Tensor, firing: torch.Tensor) -> None:
-        token_idx, feature_idx = firing.nonzero(as_tuple=True)
-        bins = log10_bin(acts[token_idx, feature_idx])
-        flat = feature_idx * HIST_BINS + bins
+        token_idx, feature_idx = (acts > 0).nonzero(as_tuple=True)
+        values = acts[token_idx, feature_idx]
+        self.fired += torch.bincount(feature_idx, minlength=self.d_sae)
+        self.act_sum += torch.bincount(feature_idx, weights=values.double(), minlength=self.d_sae)
+        self.act_max.scatter_reduce_(0, feature_idx, values, reduce="amax")
+        l0 = torch.bincount(token_idx, minlength=acts.shape[0])
+        self.l0_counts += torch.bincount(l0, minlength=self.d_sae + 1)
+        flat = feature_idx * HIST_BINS + log10_bin(values)
         self.histogram += torch.bincount(flat, minlength=self.d_sae * HIST_BINS).view(
             self.d_sae, HIST_BINS
         )
-
-    def _add_samples(self, acts: torch.Tensor, firing: torch.Tensor, first: int) -> None:
-        keys = torch.rand(acts.shape, generator=self._generator)
-        # Non-firing tokens never enter the sample: their score is -inf.
-        scores = torch.where(firing, -keys, torch.tensor(-torch.inf))
-        self.samples.update(scores, acts, first)
+        tokens = token_idx + self.n_tokens
+        self.top.update(feature_idx, tokens, values, values)
+        keys = torch.rand(len(values), generator=self._generator)
+        self.samples.update(feature_idx, tokens, keys, values)
+        self.n_tokens += acts.shape[0]
 
     def top_examples(self, feature: int) -> list[tuple[int, float]]:
-        """The feature's top tokens as (flat token index, activation), firing ones only."""
-        return [
-            (int(t), float(s))
-            for t, s in zip(self.top.tokens[feature], self.top.scores[feature], strict=True)
-            if s > 0 and t >= 0
-        ]
+        """The feature's top tokens as (flat token index, activation), highest first."""
+        return self.top.kept(feature)
 
     def sampled_examples(self, feature: int) -> list[tuple[int, float]]:
         """The feature's sampled firing tokens as (flat token index, activation)."""
-        tokens = self.samples.tokens[feature]
-        values = self.samples.values[feature]
-        scores = self.samples.scores[feature]
-        return [
-            (int(t), float(a))
-            for t, a, s in zip(tokens, values, scores, strict=True)
-            if t >= 0 and s > -torch.inf
-        ]
+        return self.samples.kept(feature)
 
     @property
     def frequency(self) -> torch.Tensor:
