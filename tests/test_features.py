@@ -24,13 +24,15 @@ from sae_e2e_plugin.features.passes import (
     WindowRequest,
     collect_stats,
     plan_dictionary,
-    read_windows,
+    window_of,
 )
 from sae_e2e_plugin.features.stats import HIST_BINS, FeatureStats
 
 
 def run_stats(model, sae, toks, top_k=5, n_samples=6, batch_size=5, flush_at=None) -> FeatureStats:
-    stats = FeatureStats(D_SAE, top_k=top_k, n_samples=n_samples, seed=1)
+    stats = FeatureStats(
+        D_SAE, top_k, n_samples, seed=1, context_size=toks.shape[1], before=2, after=1
+    )
     if flush_at is not None:  # merge held-back entries every few, mid-batch too
         stats.top.flush_at = stats.samples.flush_at = flush_at
     # 5 sequences per batch: the last batch is shorter, and top-k merges across batches.
@@ -103,18 +105,23 @@ def test_samples_reach_every_part_of_the_pass() -> None:
     assert max(picked) > toks.numel() // 2 and min(picked) < toks.numel() // 2
 
 
-def test_windows_hold_the_activations_around_each_example() -> None:
+@pytest.mark.parametrize("flush_at", [None, 7])
+def test_windows_hold_the_activations_around_each_example(flush_at: int | None) -> None:
     model, sae, toks = tiny_model(), random_sae(0), tokens()
+    stats = run_stats(model, sae, toks, top_k=3, n_samples=3, flush_at=flush_at)
     acts = all_feature_acts(model, sae, toks).reshape(*toks.shape, D_SAE)
-    requests = [WindowRequest(3, 0), WindowRequest(3, 13), WindowRequest(7, 100)]
-    windows = read_windows(model, plan_dictionary(model, sae), toks, requests, 2, 1, 4)
-    for request in requests:
-        seq, pos = divmod(request.token, toks.shape[1])
-        window = windows[request]
-        start, stop = max(0, pos - 2), min(toks.shape[1], pos + 2)
-        assert (window.sequence, window.position, window.start) == (seq, pos, start)
-        assert list(window.token_ids) == toks[seq, start:stop].tolist()
-        assert torch.allclose(torch.tensor(window.acts), acts[seq, start:stop, request.feature])
+    edges = 0
+    for f in stats.fired.nonzero().flatten().tolist():
+        examples = stats.top_examples(f) + stats.sampled_examples(f)
+        for token, _ in examples:
+            window = window_of(stats, toks, WindowRequest(f, token))
+            seq, pos = divmod(token, toks.shape[1])
+            start, stop = max(0, pos - 2), min(toks.shape[1], pos + 2)
+            edges += start == 0 or stop == toks.shape[1]
+            assert (window.sequence, window.position, window.start) == (seq, pos, start)
+            assert list(window.token_ids) == toks[seq, start:stop].tolist()
+            assert torch.allclose(torch.tensor(window.acts), acts[seq, start:stop, f])
+    assert edges > 0  # windows cut at a sequence's ends are covered
 
 
 @pytest.mark.parametrize("norm", ["LN", "RMS"])
@@ -208,7 +215,7 @@ def test_a_hugging_face_model_gets_the_same_statistics_and_logit_table() -> None
         hf(toks)
     handle.remove()
     acts = sae.encode(seen[0].reshape(-1, 16)).float()
-    stats = FeatureStats(D_SAE, top_k=3, n_samples=2)
+    stats = FeatureStats(D_SAE, top_k=3, n_samples=2, context_size=toks.shape[1])
     dictionary = plan_dictionary(hf, sae, hook_name="model.layers.1")
     collect_stats(hf, [dictionary], toks, [stats], batch_size=7)
     assert torch.equal(stats.fired, (acts > 0).sum(0))

@@ -23,7 +23,7 @@ from sae_e2e_plugin.features.passes import (
     WindowRequest,
     collect_stats,
     plan_dictionary,
-    read_windows,
+    window_of,
 )
 from sae_e2e_plugin.features.stats import FeatureStats
 
@@ -72,7 +72,15 @@ def inspect_features(
     if compare is not None:
         dictionaries.append(plan_dictionary(model, compare))
     stats = [
-        FeatureStats(d.sae.cfg.d_sae, options.top_k, options.n_samples, options.seed)
+        FeatureStats(
+            d.sae.cfg.d_sae,
+            options.top_k,
+            options.n_samples,
+            options.seed,
+            context_size=tokens.shape[1],
+            before=options.before,
+            after=options.after,
+        )
         for d in dictionaries
     ]
     with _progress(show_progress, tokens.numel(), "tok", "features") as progress:
@@ -92,9 +100,7 @@ def inspect_features(
     requests = [
         WindowRequest(f, token) for f in selected for token, _ in main_stats.top_examples(f)
     ] + [r for bands in shown_samples.values() for band in bands for r in band]
-    windows = read_windows(
-        model, main, tokens, requests, options.before, options.after, options.batch_size
-    )
+    windows = {request: window_of(main_stats, tokens, request) for request in requests}
     inspection = Inspection(
         stats=main_stats,
         tokens=tokens,
@@ -194,6 +200,4 @@ def _add_comparison(
     requests = [
         WindowRequest(g, token) for g in matched for token, _ in other_stats.top_examples(g)
     ]
-    inspection.compare_windows = read_windows(
-        model, other, tokens, requests, options.before, options.after, options.batch_size
-    )
+    inspection.compare_windows = {r: window_of(other_stats, tokens, r) for r in requests}

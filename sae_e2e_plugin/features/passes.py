@@ -1,7 +1,6 @@
-"""The passes over the tokens: the model runs only up to each SAE's hook (the blocks after it
-are never run), the SAE encodes, and ``FeatureStats`` keeps what it needs. The second pass
-re-encodes only the sequences that hold a chosen feature's examples, for the activations
-around each example."""
+"""The pass over the tokens: the model runs only up to each SAE's hook (the blocks after it
+are never run), the SAE encodes, and ``FeatureStats`` keeps what it needs, the activations
+around each kept example included (so no second pass is needed)."""
 
 from __future__ import annotations
 
@@ -115,38 +114,14 @@ class WindowRequest:
     token: int
 
 
-@torch.no_grad()
-def read_windows(
-    model: Any,
-    dictionary: Dictionary,
-    tokens: Int[torch.Tensor, "seq pos"],
-    requests: Sequence[WindowRequest],
-    before: int,
-    after: int,
-    batch_size: int,
-) -> dict[WindowRequest, Window]:
-    """Each requested window, from one encoding of each sequence that holds one."""
-    context = tokens.shape[1]
-    by_sequence: dict[int, list[WindowRequest]] = {}
-    for request in requests:
-        by_sequence.setdefault(request.token // context, []).append(request)
-    sequences = sorted(by_sequence)
-    device = model_splice.model_facts(model).device
-    windows: dict[WindowRequest, Window] = {}
-    for first in range(0, len(sequences), batch_size):
-        chosen = sequences[first : first + batch_size]
-        batch = tokens[chosen]
-        acts = hook_activations(model, dictionary.plan, batch.to(device))
-        features = encode(dictionary.sae, acts)
-        for row, sequence in enumerate(chosen):
-            for request in by_sequence[sequence]:
-                position = request.token % context
-                start, stop = max(0, position - before), min(context, position + after + 1)
-                windows[request] = Window(
-                    sequence=sequence,
-                    position=position,
-                    start=start,
-                    token_ids=tuple(batch[row, start:stop].tolist()),
-                    acts=tuple(features[row, start:stop, request.feature].tolist()),
-                )
-    return windows
+def window_of(stats: FeatureStats, tokens: torch.Tensor, request: WindowRequest) -> Window:
+    """The window kept around an example of ``stats`` (a top or a sampled token)."""
+    start, acts = stats.window(request.feature, request.token)
+    sequence, position = divmod(request.token, tokens.shape[1])
+    return Window(
+        sequence=sequence,
+        position=position,
+        start=start,
+        token_ids=tuple(tokens[sequence, start : start + len(acts)].tolist()),
+        acts=tuple(acts),
+    )

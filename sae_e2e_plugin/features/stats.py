@@ -27,6 +27,8 @@ class RunningTopK:
 
     k: int
     d_sae: int
+    width: int = 1
+    """Activations kept around each entry (its window: ``before`` + 1 + ``after`` tokens)."""
     flush_at: int = 1 << 20
     """Entries held back before a merge: merging touches [d_sae, 2k] tensors, so a few large
     merges cost less than one per batch when d_sae is large."""
@@ -36,11 +38,15 @@ class RunningTopK:
     """[d_sae, k] flat token index of each score (-1 where none)."""
     values: torch.Tensor = field(init=False)
     """[d_sae, k] the activation at each kept token (0 where none)."""
+    windows: torch.Tensor = field(init=False)
+    """[d_sae, k, width] the feature's activations around each kept token (NaN outside its
+    sequence)."""
 
     def __post_init__(self) -> None:
         self.scores = torch.full((self.d_sae, self.k), -torch.inf)
         self.tokens = torch.full((self.d_sae, self.k), -1, dtype=torch.long)
         self.values = torch.zeros(self.d_sae, self.k)
+        self.windows = torch.full((self.d_sae, self.k, self.width), torch.nan)
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._n_pending = 0
 
@@ -51,9 +57,10 @@ class RunningTopK:
         tokens: Int[torch.Tensor, " n"],
         scores: Float[torch.Tensor, " n"],
         values: Float[torch.Tensor, " n"],
+        windows: Float[torch.Tensor, "n width"],
     ) -> None:
-        """Add a batch of (feature, flat token, score, value) entries, in any order."""
-        self._pending.append((features, tokens, scores.float(), values.float()))
+        """Add a batch of (feature, flat token, score, value, window) entries, in any order."""
+        self._pending.append((features, tokens, scores.float(), values.float(), windows))
         self._n_pending += len(features)
         if self._n_pending >= self.flush_at:
             self.flush()
@@ -62,28 +69,25 @@ class RunningTopK:
         """Merge the entries held back into the kept ones."""
         if not self._pending:
             return
-        features, tokens, scores, values = (torch.cat(c) for c in zip(*self._pending, strict=True))
+        features, tokens, scores, values, windows = (
+            torch.cat(c) for c in zip(*self._pending, strict=True)
+        )
         self._pending, self._n_pending = [], 0
-        # Sorted by feature, then by descending score (two stable sorts): each feature's
-        # entries form a run whose first ``k`` are its best of the batch.
-        by_score = torch.sort(scores, descending=True, stable=True).indices
-        order = by_score[torch.sort(features[by_score], stable=True).indices]
-        sorted_features = features[order]
-        counts = torch.bincount(sorted_features, minlength=self.d_sae)
-        starts = counts.cumsum(0) - counts
-        rank = torch.arange(len(order)) - starts[sorted_features]
-        keep = rank < self.k
-        slot = (sorted_features[keep], rank[keep])
+        chosen, slot = best_per_feature(features, scores, self.k, self.d_sae)
         best_scores = torch.full((self.d_sae, self.k), -torch.inf)
-        best_scores[slot] = scores[order][keep].float()
+        best_scores[slot] = scores[chosen]
         best_tokens = torch.full((self.d_sae, self.k), -1, dtype=torch.long)
-        best_tokens[slot] = tokens[order][keep]
+        best_tokens[slot] = tokens[chosen]
         best_values = torch.zeros(self.d_sae, self.k)
-        best_values[slot] = values[order][keep].float()
+        best_values[slot] = values[chosen]
+        best_windows = torch.full((self.d_sae, self.k, self.width), torch.nan)
+        best_windows[slot] = windows[chosen]
         merged = torch.cat([self.scores, best_scores], dim=1)
         self.scores, pick = merged.topk(self.k, dim=1)
         self.tokens = torch.cat([self.tokens, best_tokens], dim=1).gather(1, pick)
         self.values = torch.cat([self.values, best_values], dim=1).gather(1, pick)
+        both = torch.cat([self.windows, best_windows], dim=1)
+        self.windows = both.gather(1, pick.unsqueeze(-1).expand(-1, -1, self.width))
 
     def kept(self, feature: int) -> list[tuple[int, float]]:
         """(flat token, value) of each entry kept for ``feature``, best score first."""
@@ -96,6 +100,31 @@ class RunningTopK:
             if s > -torch.inf
         ]
 
+    def window(self, feature: int, token: int) -> list[float]:
+        """The activations around kept ``token`` of ``feature`` (inside its sequence)."""
+        self.flush()
+        where = (self.tokens[feature] == token).nonzero().flatten()
+        if len(where) == 0:
+            raise KeyError(f"token {token} is not kept for feature {feature}")
+        row = self.windows[feature, int(where[0])]
+        return row[~row.isnan()].tolist()
+
+
+def best_per_feature(
+    features: torch.Tensor, scores: torch.Tensor, k: int, d_sae: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The entries among each feature's ``k`` highest scores, and their (feature, rank) slots."""
+    # Sorted by feature, then by descending score (two stable sorts): each feature's entries
+    # form a run whose first ``k`` are its best.
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(features[by_score], stable=True).indices]
+    sorted_features = features[order]
+    counts = torch.bincount(sorted_features, minlength=d_sae)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(len(order)) - starts[sorted_features]
+    keep = rank < k
+    return order[keep], (sorted_features[keep], rank[keep])
+
 
 @dataclass
 class FeatureStats:
@@ -107,6 +136,12 @@ class FeatureStats:
     n_samples: int = 40
     """Firing tokens sampled uniformly per feature (for the activation bands)."""
     seed: int = 0
+    context_size: int = 1
+    """Tokens per sequence: windows stop at a sequence's ends."""
+    before: int = 0
+    """Tokens kept before each example token."""
+    after: int = 0
+    """Tokens kept after it."""
     n_tokens: int = 0
     """Tokens seen."""
     fired: torch.Tensor = field(init=False)
@@ -131,8 +166,9 @@ class FeatureStats:
         self.act_max = torch.zeros(self.d_sae)
         self.histogram = torch.zeros(self.d_sae, HIST_BINS, dtype=torch.long)
         self.l0_counts = torch.zeros(self.d_sae + 1, dtype=torch.long)
-        self.top = RunningTopK(self.top_k, self.d_sae)
-        self.samples = RunningTopK(self.n_samples, self.d_sae)
+        width = self.before + 1 + self.after
+        self.top = RunningTopK(self.top_k, self.d_sae, width)
+        self.samples = RunningTopK(self.n_samples, self.d_sae, width)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     @jaxtyped(typechecker=beartype)
@@ -150,11 +186,35 @@ class FeatureStats:
         self.histogram += torch.bincount(flat, minlength=self.d_sae * HIST_BINS).view(
             self.d_sae, HIST_BINS
         )
-        tokens = token_idx + self.n_tokens
-        self.top.update(feature_idx, tokens, values, values)
         keys = torch.rand(len(values), generator=self._generator)
-        self.samples.update(feature_idx, tokens, keys, values)
+        for kept, scores in ((self.top, values), (self.samples, keys)):
+            # Only the batch's best k per feature can be kept: their windows are read now,
+            # from this batch's activations, so no second pass is needed.
+            chosen, _ = best_per_feature(feature_idx, scores, kept.k, self.d_sae)
+            kept.update(
+                feature_idx[chosen],
+                token_idx[chosen] + self.n_tokens,
+                scores[chosen],
+                values[chosen],
+                self._windows(acts, token_idx[chosen], feature_idx[chosen]),
+            )
         self.n_tokens += acts.shape[0]
+
+    def _windows(
+        self, acts: torch.Tensor, token_idx: torch.Tensor, feature_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """[n, width] each entry's feature activations around its token, NaN past the ends of
+        its sequence (batches hold whole sequences)."""
+        if self.n_tokens % self.context_size or acts.shape[0] % self.context_size:
+            raise ValueError(
+                f"batches must hold whole sequences of context_size={self.context_size} tokens"
+            )
+        offsets = torch.arange(-self.before, self.after + 1)
+        position = (token_idx % self.context_size).unsqueeze(1) + offsets
+        inside = (position >= 0) & (position < self.context_size)
+        rows = (token_idx - token_idx % self.context_size).unsqueeze(1) + position
+        read = acts[rows.clamp(0, acts.shape[0] - 1), feature_idx.unsqueeze(1)]
+        return torch.where(inside, read, torch.tensor(torch.nan))
 
     def top_examples(self, feature: int) -> list[tuple[int, float]]:
         """The feature's top tokens as (flat token index, activation), highest first."""
@@ -163,6 +223,13 @@ class FeatureStats:
     def sampled_examples(self, feature: int) -> list[tuple[int, float]]:
         """The feature's sampled firing tokens as (flat token index, activation)."""
         return self.samples.kept(feature)
+
+    def window(self, feature: int, token: int) -> tuple[int, list[float]]:
+        """(first position, activations) of the window around a kept example of ``feature``."""
+        self.top.flush()
+        kept = self.top if token in self.top.tokens[feature] else self.samples
+        position = token % self.context_size
+        return max(0, position - self.before), kept.window(feature, token)
 
     @property
     def frequency(self) -> torch.Tensor:
