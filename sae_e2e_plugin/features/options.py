@@ -31,8 +31,9 @@ class InspectOptions:
     """Tokens shown before each example token."""
     after: int = 4
     """Tokens shown after it."""
-    ablation_contexts: int = 4
-    """Top contexts on which each shown feature is ablated (0: no ablation effect)."""
+    ablation_contexts: int = 2
+    """Top contexts on which each shown feature is ablated (0: no ablation effect). Each costs
+    one run of the model from the hook on, the clean one and the prefix before the hook."""
     logit_k: int = 10
     """Tokens listed as most raised and most lowered by each feature's decoder direction."""
     batch_size: int = 8

@@ -113,11 +113,12 @@ class RunningTopK:
 def best_per_feature(
     features: torch.Tensor, scores: torch.Tensor, k: int, d_sae: int
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The entries among each feature's ``k`` highest scores, and their (feature, rank) slots."""
-    # Sorted by feature, then by descending score (two stable sorts): each feature's entries
-    # form a run whose first ``k`` are its best.
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    order = by_score[torch.sort(features[by_score], stable=True).indices]
+    """The entries among each feature's ``k`` highest scores (scores >= 0), and their
+    (feature, rank) slots."""
+    # One sort on an int64 key: the feature, then the score descending. A non-negative
+    # float32's bit pattern orders as the float does, so the key is exact.
+    bits = scores.float().contiguous().view(torch.int32).long()
+    order = torch.argsort(features * (1 << 31) + ((1 << 31) - 1 - bits))
     sorted_features = features[order]
     counts = torch.bincount(sorted_features, minlength=d_sae)
     starts = counts.cumsum(0) - counts
