@@ -246,3 +246,16 @@ def test_a_hugging_face_model_gets_the_same_statistics_and_logit_table() -> None
             handle.remove()
         log_p, log_q = clean.log_softmax(-1), ablated.log_softmax(-1)
         assert kl == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum()), rel=1e-3, abs=1e-7)
+
+
+def test_the_l0_histogram_keeps_every_token_in_at_most_64_bars() -> None:
+    from sae_e2e_plugin.features.views import l0_histogram
+
+    counts = torch.zeros(5001, dtype=torch.long)
+    counts[[7, 8, 4000]] = torch.tensor([3, 4, 5])
+    shown = l0_histogram(counts)
+    assert len(shown["counts"]) <= 64 and sum(shown["counts"]) == 12
+    assert shown["counts"][0] == 7 and shown["counts"][-1] == 5
+    assert shown["labels"][0].startswith("L0 7–")
+    few = l0_histogram(counts[:10])
+    assert few["counts"] == [3, 4] and few["labels"] == ["L0 7", "L0 8"]

@@ -162,6 +162,7 @@ def _index_context(
     stats = inspection.stats
     freq = stats.frequency
     matches = inspection.matches
+    shown_tokens = views.top_tokens(stats, inspection.tokens, text)
     rows = [
         {
             "id": f,
@@ -169,7 +170,7 @@ def _index_context(
             "max": float(stats.act_max[f]),
             "ablation": inspection.ablation.get(f),
             "cosine": float(matches.cosine[f]) if matches is not None else None,
-            "top_tokens": views.top_tokens(stats, f, inspection.tokens, text),
+            "top_tokens": shown_tokens[f],
         }
         for f in inspection.selected
     ]
@@ -206,13 +207,14 @@ def _table_script(inspection: Inspection, text: views.TokenText) -> str:
     sums = stats.act_sum.tolist()
     cosine = inspection.matches.cosine.tolist() if inspection.matches is not None else None
     pages = set(inspection.selected)
+    shown_tokens = views.top_tokens(stats, inspection.tokens, text)
     rows = [
         [
             f,
             round(freq[f], 8),
             round(peak[f], 5),
             round(sums[f] / fired[f], 5) if fired[f] else 0.0,
-            views.top_tokens(stats, f, inspection.tokens, text),
+            shown_tokens[f],
             round(cosine[f], 4) if cosine is not None else None,
             int(f in pages),
         ]

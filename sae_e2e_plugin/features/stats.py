@@ -9,6 +9,7 @@ batch costs about its number of firing pairs (L0 × tokens), not tokens × d_sae
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -92,13 +93,13 @@ class RunningTopK:
     def kept(self, feature: int) -> list[tuple[int, float]]:
         """(flat token, value) of each entry kept for ``feature``, best score first."""
         self.flush()
-        return [
-            (int(t), float(v))
-            for t, v, s in zip(
-                self.tokens[feature], self.values[feature], self.scores[feature], strict=True
-            )
-            if s > -torch.inf
-        ]
+        rows = zip(
+            self.tokens[feature].tolist(),
+            self.values[feature].tolist(),
+            self.scores[feature].tolist(),
+            strict=True,
+        )
+        return [(t, v) for t, v, s in rows if s > -math.inf]
 
     def window(self, feature: int, token: int) -> list[float]:
         """The activations around kept ``token`` of ``feature`` (inside its sequence)."""

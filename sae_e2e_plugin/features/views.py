@@ -48,16 +48,18 @@ def example(
     return {"token": token, "value": value, "tokens": tokens}
 
 
-def top_tokens(stats: Any, feature: int, tokens: torch.Tensor, text: TokenText) -> str:
-    """The distinct texts of the tokens of its three highest activations."""
-    seen: list[str] = []
-    for token, _ in stats.top_examples(feature):
-        shown = text(int(tokens.view(-1)[token]))
-        if shown not in seen:
-            seen.append(shown)
-        if len(seen) == 3:
-            break
-    return " · ".join(seen)
+def top_tokens(stats: Any, tokens: torch.Tensor, text: TokenText) -> list[str]:
+    """Per feature, the distinct texts of the tokens of its three highest activations."""
+    stats.top.flush()
+    n = min(3, stats.top.k)
+    kept = stats.top.tokens[:, :n]
+    ids = torch.where(kept >= 0, tokens.reshape(-1)[kept.clamp(min=0)], -1).tolist()
+    firing = (stats.top.scores[:, :n] > -torch.inf).tolist()
+    shown = []
+    for row, alive in zip(ids, firing, strict=True):
+        texts = [text(i) for i, a in zip(row, alive, strict=True) if a]
+        shown.append(" · ".join(dict.fromkeys(texts)))
+    return shown
 
 
 def histogram(counts: list[int], labels: list[str]) -> dict[str, list[Any]]:
@@ -88,9 +90,23 @@ def frequency_histogram(freq: torch.Tensor, bins_per_decade: int = 4) -> dict[st
     return histogram(counts, labels)
 
 
-def l0_histogram(l0_counts: torch.Tensor) -> dict[str, list[Any]]:
-    counts = l0_counts.tolist()
-    return histogram(counts, [f"L0 {i}" for i in range(len(counts))])
+def l0_histogram(l0_counts: torch.Tensor, max_bars: int = 64) -> dict[str, list[Any]]:
+    """Tokens by L0, in at most ``max_bars`` bars of equal width over the L0s seen."""
+    used = l0_counts.nonzero().flatten()
+    if len(used) == 0:
+        return {"counts": [], "labels": []}
+    low, high = int(used[0]), int(used[-1]) + 1
+    width = max(1, math.ceil((high - low) / max_bars))
+    counts = l0_counts[low:high]
+    counts = torch.nn.functional.pad(counts, (0, (-len(counts)) % width))
+    bars = counts.view(-1, width).sum(1).tolist()
+    labels = [
+        f"L0 {low + i * width}"
+        if width == 1
+        else f"L0 {low + i * width}–{low + (i + 1) * width - 1}"
+        for i in range(len(bars))
+    ]
+    return {"counts": bars, "labels": labels}
 
 
 def feature_page(
