@@ -24,6 +24,8 @@ from sae_e2e_plugin.core.losses import (
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult
+from sae_e2e_plugin.features.dashboard import inspect_sae
+from sae_e2e_plugin.features.options import InspectOptions
 from sae_e2e_plugin.interop.reference import (
     convert_reference_checkpoint,
     reference_format_disk_loader,
@@ -52,6 +54,7 @@ __all__ = [
     "E2ESAETrainer",
     "E2ESAETrainingRunner",
     "EvalResult",
+    "InspectOptions",
     "JointEvalResult",
     "NonFiniteLossError",
     "ObjectiveInputs",
@@ -65,6 +68,7 @@ __all__ = [
     "convert_reference_checkpoint",
     "evaluate_sae",
     "evaluate_saes_jointly",
+    "inspect_sae",
     "kl_orig_to_patched",
     "load_builtin_dataset",
     "load_builtin_hf_model",

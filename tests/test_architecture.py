@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, and every import points down the layers.
 
 Layers, top to bottom (docs/architecture.md): the command line → whole runs → training,
-evaluation, interop, assets and analysis (side by side, never importing each other) →
+evaluation, interop, assets, analysis and features (side by side, never importing each other) →
 model plumbing (``core``) → the bottom-level modules. The public facade
 (``sae_e2e_plugin/__init__.py``) re-exports and is imported by no module of the package.
 """
@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "interop": 2,
     "assets": 2,
     "analysis": 2,
+    "features": 2,
     "runs": 3,
     "cli": 4,
     "__main__": 5,

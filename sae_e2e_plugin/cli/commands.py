@@ -1,4 +1,4 @@
-"""The ``sae-e2e`` command line: ``train``, ``eval``, ``sweep``, ``convert`` and ``upload``.
+"""The ``sae-e2e`` command line: ``train``, ``eval``, ``sweep``, ``convert``, ``upload``, ``inspect``.
 
 ``train`` takes every ``E2ERunnerConfig`` field as a flag (``--loss e2e``,
 ``--lr 1e-3``), SAE fields as ``--sae.<field>`` (``--sae.architecture topk
@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from sae_e2e_plugin.cli.field_help import fields_help
+from sae_e2e_plugin.cli.inspect_command import add_inspect_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "out", type=Path, help="output folder: one SAELens folder per SAE position"
     )
     convert.set_defaults(command="convert", handler=_convert)
+    add_inspect_parser(commands)
     return parser
 
 
