@@ -48,6 +48,7 @@ from sae_e2e_plugin.runs.run_setup import (
     warn_if_bf16_is_emulated,
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
+from sae_e2e_plugin.training.run_identity import check_resume_identity
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.data_parallel import (
     DataParallelE2ESAETrainer,
@@ -106,6 +107,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             else self._resolve_resume(cfg.resume_from_checkpoint)
         )
         """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
+        if self.resume_checkpoint is not None:  # the same run, or refused by field
+            check_resume_identity(self.resume_checkpoint, cfg)
         self._previous_run = check_output_folder(
             cfg.output_path,
             resuming=cfg.resume_from_checkpoint is not None,
