@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sae_e2e_plugin.cli.eval_command import add_eval_command
 from sae_e2e_plugin.cli.field_help import fields_help
 
 
@@ -119,60 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(command="train", handler=_train)
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="evaluate a SAELens-format SAE (local folder or hub release) on held-out text",
-        description="Evaluate a SAELens SAE spliced into its model: CE-loss increase, KL, L0, "
-        "alive features, explained variance, downstream MSE. Model, hook, context size and data "
-        "default to what the SAE's metadata records.",
-    )
-    evaluate.add_argument(
-        "sae", help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name"
-    )
-    evaluate.add_argument(
-        "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
-    )
-    evaluate.add_argument("--model_name", help="model to splice into (default: the SAE's metadata)")
-    evaluate.add_argument(
-        "--model_class_name",
-        choices=("HookedTransformer", "AutoModelForCausalLM"),
-        help="how to load the model (default: the SAE's metadata, else HookedTransformer)",
-    )
-    evaluate.add_argument("--hook_name", help="hook to splice at (default: the SAE's metadata)")
-    evaluate.add_argument(
-        "--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset"
-    )
-    evaluate.add_argument(
-        "--context_size",
-        type=int,
-        help="tokens per sequence (default: the SAE's metadata, else 128)",
-    )
-    evaluate.add_argument(
-        "--n_sequences", type=int, default=64, help="held-out sequences to evaluate (default 64)"
-    )
-    evaluate.add_argument(
-        "--batch_size", type=int, default=8, help="sequences per batch (default 8)"
-    )
-    evaluate.add_argument(
-        "--alive_window_tokens",
-        type=int,
-        default=None,
-        help="tokens for the alive count (default: all evaluated)",
-    )
-    evaluate.add_argument(
-        "--lm_dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="dtype for the model",
-    )
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument(
-        "--output",
-        type=Path,
-        default=Path("eval.json"),
-        help="where to write the JSON (default eval.json)",
-    )
-    evaluate.set_defaults(command="eval", handler=_eval)
+    add_eval_command(commands)
 
     sweep = commands.add_parser(
         "sweep",
@@ -275,72 +223,6 @@ def _train_several(fields: dict[str, Any], print_config: bool) -> int:
         for name in cfg.saes:
             print(f"saved SAE {name!r} (SAELens format) to {Path(cfg.output_path) / name}")
     return 0
-
-
-def _eval(args: argparse.Namespace, extra: list[str]) -> int:
-    import torch
-
-    from sae_e2e_plugin.assets.language_model import load_language_model
-    from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
-
-    sae = _load_any_sae(args.sae, args.sae_id, args.device)
-    meta = sae.cfg.metadata
-    model_name = args.model_name or meta.model_name
-    hook_name = args.hook_name or meta.hook_name
-    dataset = args.dataset_path or meta.dataset_path
-    context_size = args.context_size or meta.context_size or 128
-    for flag, value in (
-        ("--model_name", model_name),
-        ("--hook_name", hook_name),
-        ("--dataset_path", dataset),
-    ):
-        if not value:
-            raise ValueError(f"the SAE's metadata does not record {flag[2:]}; pass {flag}.")
-    model = load_language_model(
-        model_name,
-        model_class_name=args.model_class_name or meta.model_class_name or "HookedTransformer",
-        device=args.device,
-        model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs,
-    )
-    if args.lm_dtype:
-        model.to(getattr(torch, args.lm_dtype))
-    tokens = _eval_tokens(model, sae, dataset, context_size, args.n_sequences)
-    result = evaluate_sae(
-        sae,
-        model,
-        tokens.split(args.batch_size),
-        hook_name=hook_name,
-        alive_window_tokens=args.alive_window_tokens,
-    )
-    print(result.format_table())
-    print(f"saved the evaluation to {result.save_json(args.output)}")
-    return 0
-
-
-def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
-    from sae_lens import SAE
-
-    if Path(source).is_dir():
-        return SAE.load_from_disk(source, device=device)
-    if sae_id is None:
-        raise ValueError(
-            f"sae={source!r} is not a local folder, so it is read as a SAELens release; "
-            "pass --sae-id (e.g. --sae-id blocks.6.hook_resid_pre)."
-        )
-    return SAE.from_pretrained(source, sae_id, device=device)
-
-
-def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) -> Any:
-    import torch
-    from sae_lens.training.activations_store import ActivationsStore
-
-    from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
-
-    if is_builtin_dataset(dataset):
-        rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")
-        return torch.tensor(rows["tokens"][:n], dtype=torch.long)
-    store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
-    return store.get_batch_tokens(n, move_to_model_device=False)
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:

@@ -48,7 +48,6 @@ from sae_e2e_plugin.runs.run_setup import (
     warn_if_bf16_is_emulated,
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
-from sae_e2e_plugin.training.run_identity import check_resume_identity
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.data_parallel import (
     DataParallelE2ESAETrainer,
@@ -57,6 +56,7 @@ from sae_e2e_plugin.training.data_parallel import (
 from sae_e2e_plugin.training.distributed import barrier, from_main, setup_distributed
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.objectives import ResolvedObjective, resolve_objective
+from sae_e2e_plugin.training.run_identity import check_resume_identity
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
 from sae_e2e_plugin.version import __version__
