@@ -280,7 +280,12 @@ def parse_field_flags(tokens: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"flag --{name} needs a value.")
             value = tokens[i + 1]
             i += 1
-        flat[name.replace("-", "_")] = parse_value(value)
+        key = name.replace("-", "_")
+        if key in flat:  # the last would silently win
+            raise ValueError(
+                f"flag --{key} is given twice ({flat[key]!r}, {value!r}); give it once."
+            )
+        flat[key] = parse_value(value)
         i += 1
     return nest_dotted(flat)
 
@@ -289,6 +294,10 @@ def parse_value(text: str) -> Any:
     """A flag's text as a number, bool, null, list/mapping, or else the string itself."""
     if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)", text):
         return float(text)  # YAML 1.1 reads "1e-3" as a string
+    if ":" in text and not text.lstrip().startswith(("{", "[", "'", '"')):
+        # A slice (1:, 1:5), not YAML's {1: None} or its base-60 int 65: the field's type
+        # reads it (training.field_shapes).
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
