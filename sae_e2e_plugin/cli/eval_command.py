@@ -175,8 +175,10 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
     from sae_lens import SAE
 
+    from sae_e2e_plugin.interop.safe_load import load_sae_folder
+
     if Path(source).is_dir():
-        return SAE.load_from_disk(source, device=device)
+        return load_sae_folder(Path(source), device, f"sae={source!r}")
     if sae_id is None:
         raise ValueError(
             f"sae={source!r} is not a local folder, so it is read as a SAELens release; "

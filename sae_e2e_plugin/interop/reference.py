@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from sae_lens import StandardSAEConfig
@@ -39,7 +38,9 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import dtype_to_str, str_to_dtype
 from safetensors.torch import save_file
 
+from sae_e2e_plugin.config_files import load_yaml_file
 from sae_e2e_plugin.interop.local_paths import check_plain_hook_name, path_inside
+from sae_e2e_plugin.interop.safe_load import load_tensor_file
 
 CONFIG_FILENAME = "final_config.yaml"
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.pt$")
@@ -128,8 +129,7 @@ def _resolve_local_files(src: Path) -> tuple[Path, Path]:
 
 def _read_config(path: Path) -> dict[str, Any]:
     """The reference training config, checked for the keys the conversion needs."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
+    cfg = load_yaml_file(path, "reference config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} does not hold a YAML mapping (got {type(cfg).__name__}).")
     saes = cfg.get("saes")
@@ -149,7 +149,7 @@ def _load_state_dict(path: Path, device: str | torch.device) -> dict[str, torch.
     The training script saves ``model.saes.state_dict()`` (flat, no prefix). A state dict of
     the whole ``SAETransformer`` prefixes those keys with ``saes.``; strip it so both work.
     """
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_tensor_file(path, device)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors.")
     if any(k.startswith("saes.") for k in state):
