@@ -47,12 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tqdm.write(f"sae-e2e {args.command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as error:
+        from sae_e2e_plugin.run_files import DiskFullError
         from sae_e2e_plugin.runs.output_folder import FolderInUseError
         from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
         from sae_e2e_plugin.training.distributed import PeerFailure
         from sae_e2e_plugin.training.trainer import NonFiniteLossError
 
-        known = (NonFiniteLossError, CheckpointWriteError, FolderInUseError, PeerFailure)
+        known = (
+            NonFiniteLossError,
+            CheckpointWriteError,
+            FolderInUseError,
+            PeerFailure,
+            DiskFullError,
+        )
         if not isinstance(error, known):
             raise
         print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
@@ -191,6 +198,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     fields = merge_fields(fields, parse_field_flags(extra))
     if "saes" in fields:  # several SAEs: saes.<name>.<field>, hook_names, splice
         return _train_several(fields, args.print_config)
+    from sae_e2e_plugin.run_files import DiskFullError
     from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
     from sae_e2e_plugin.training.fields import config_from_fields
 
@@ -199,11 +207,25 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
     runner = E2ESAETrainingRunner(cfg)
-    runner.run()
+    try:
+        runner.run()
+    except DiskFullError as error:  # say which checkpoint the same command resumes from
+        where = runner.cfg.checkpoint_path
+        raise DiskFullError(f"{error} {latest_checkpoint_words(where)}") from None
     shutdown(runner.context)
     if cfg.output_path is not None and runner.context.is_main:
         print(f"saved the SAE (SAELens format) to {cfg.output_path}")
     return 0
+
+
+def latest_checkpoint_words(checkpoint_path: str | None) -> str:
+    """The latest complete checkpoint under ``checkpoint_path``, in words."""
+    from sae_e2e_plugin.training.checkpoints import latest_complete_checkpoint
+
+    latest = latest_complete_checkpoint(Path(checkpoint_path)) if checkpoint_path else None
+    if latest is None:
+        return "No checkpoint of this run was written."
+    return f"The latest complete checkpoint is {latest} (--resume_from_checkpoint {latest})."
 
 
 def _train_several(fields: dict[str, Any], print_config: bool) -> int:

@@ -32,7 +32,12 @@ from typing import Any
 
 from sae_lens.constants import SAE_CFG_FILENAME
 
-from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, RUN_OUTPUT_FILES
+from sae_e2e_plugin.run_files import (
+    CHECKPOINTS_DIRNAME,
+    RUN_OUTPUT_FILES,
+    disk_full,
+    is_disk_full,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +119,10 @@ def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda n: n == SAE_CFG_FILENAME):
             os.replace(staging / name, output / name)
+    except Exception as error:
+        if is_disk_full(error):  # SAELens' or safetensors' own error, named as what it is
+            raise disk_full(output / SAE_CFG_FILENAME) from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
