@@ -32,6 +32,7 @@ from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
+from sae_e2e_plugin.runs.data_paths import local_dataset
 from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches, reposition
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import (
@@ -116,6 +117,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         )
         self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
         data_name = dataset_label(cfg, overridden=override_dataset is not None)
+        if override_dataset is None:  # a local folder or file, checked (None: hub or built-in)
+            override_dataset = local_dataset(cfg)
         override_model, override_dataset = resolve_builtins(cfg, override_model, override_dataset)
         check_dataset(cfg, override_dataset, data_name)
         if override_sae is None and cfg.pretrained_sae is not None:
