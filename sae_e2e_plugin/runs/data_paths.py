@@ -25,8 +25,11 @@ _TEXT_FORMATS = {"json", "text", "csv"}
 _ROWS_CHECKED = 64
 
 
-def local_dataset(cfg: Any) -> Any:
-    """The dataset ``cfg.dataset_path`` names on this machine (None: not a local path)."""
+def local_dataset(cfg: Any, given: Any = None) -> Any:
+    """The dataset ``cfg.dataset_path`` names on this machine (None: not a local path); a
+    dataset ``given`` (``override_dataset``) instead, as it is."""
+    if given is not None:
+        return given
     path_text = str(cfg.dataset_path)
     path = Path(path_text).expanduser()
     looks_local = path_text.startswith(("/", ".", "~")) or path.exists()

@@ -43,6 +43,7 @@ from sae_e2e_plugin.runs.output_folder import (
 )
 from sae_e2e_plugin.runs.run_setup import (
     held_out_tokens,
+    initial_weights_from_seed,
     model_dtype,
     position_filter,
     resolve_builtins,
@@ -108,8 +109,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             else self._resolve_resume(cfg.resume_from_checkpoint)
         )
         """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
-        if self.resume_checkpoint is not None:  # the same run, or refused by field
-            check_resume_identity(self.resume_checkpoint, cfg)
+        check_resume_identity(self.resume_checkpoint, cfg)  # the same run, or refused by field
         self._previous_run = check_output_folder(
             cfg.output_path,
             resuming=cfg.resume_from_checkpoint is not None,
@@ -117,8 +117,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         )
         self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
         data_name = dataset_label(cfg, overridden=override_dataset is not None)
-        if override_dataset is None:  # a local folder or file, checked (None: hub or built-in)
-            override_dataset = local_dataset(cfg)
+        override_dataset = local_dataset(cfg, override_dataset)  # a local path read, checked
         override_model, override_dataset = resolve_builtins(cfg, override_model, override_dataset)
         check_dataset(cfg, override_dataset, data_name)
         if override_sae is None and cfg.pretrained_sae is not None:
@@ -131,6 +130,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             override_model=override_model,
             override_sae=override_sae,
         )
+        if override_sae is None and cfg.from_pretrained_path is None:  # the same on every path
+            initial_weights_from_seed(self.sae, cfg)
         if not is_spliceable(self.model):
             raise ValueError(
                 f"the model is a {type(self.model).__name__}; end-to-end training needs a "

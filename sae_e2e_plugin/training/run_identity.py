@@ -88,9 +88,11 @@ def run_identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return identity
 
 
-def check_resume_identity(checkpoint: Path, cfg: Any) -> None:
+def check_resume_identity(checkpoint: Path | None, cfg: Any) -> None:
     """Refuse resuming ``checkpoint`` with ``cfg`` when a field of the run's identity differs,
-    or when the checkpoint has already trained ``cfg.training_tokens``."""
+    or when the checkpoint has already trained ``cfg.training_tokens`` (None: not resuming)."""
+    if checkpoint is None:
+        return
     field = f"resume_from_checkpoint={str(checkpoint)!r}"
     record = checkpoint / RUNNER_CFG_FILENAME
     if record.is_file():
