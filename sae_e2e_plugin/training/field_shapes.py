@@ -14,6 +14,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+_CHOSEN_ELSEWHERE = frozenset({"loss", "normalize_activations"})
+"""Literal-typed fields whose values are checked where they are used: ``loss`` also takes
+registered objectives, SAELens' ``normalize_activations`` more values than its type lists."""
 _TRUE = {"true", "yes", "on"}
 _FALSE = {"false", "no", "off"}
 
@@ -39,17 +42,43 @@ def container_fields(cls: type) -> dict[str, str]:
             shape = "strings"
         elif set(members) == {bool, list[int]}:
             shape = "ids_or_bool"
+        elif name not in _CHOSEN_ELSEWHERE and any(
+            typing.get_origin(m) is typing.Literal for m in members
+        ):
+            shape = "choice"
         if shape is not None:
             found[name] = shape + ("?" if optional else "")
     return found
 
 
-def coerce_container(name: str, value: Any, shape: str) -> Any:
-    """``value`` of field ``name`` in ``shape`` (see ``container_fields``), or a ``ValueError``
-    naming the field, the value and an example."""
+@functools.cache
+def field_choices(cls: type, name: str) -> tuple[tuple[Any, ...], bool]:
+    """The values a ``choice`` field takes, and whether an int is allowed besides them
+    (``sequence_separator_token: int | 'bos' | 'eos' | 'sep' | None``)."""
+    hint = typing.get_type_hints(cls)[name]
+    members = typing.get_args(hint) if typing.get_origin(hint) is not typing.Literal else [hint]
+    choices: list[Any] = []
+    for member in members:
+        if typing.get_origin(member) is typing.Literal:
+            choices += typing.get_args(member)
+    return tuple(choices), int in members
+
+
+def coerce_container(name: str, value: Any, shape: str, cls: type | None = None) -> Any:
+    """``value`` of field ``name`` in ``shape`` (see ``container_fields``; ``cls`` the
+    dataclass, for a ``choice`` field's values), or a ``ValueError`` naming the field, the
+    value and an example."""
     if value is None and shape.endswith("?"):
         return None
     shape = shape.rstrip("?")
+    if shape == "choice":
+        if cls is None:
+            return value
+        choices, ints = field_choices(cls, name.rsplit(".", 1)[-1])
+        if value in choices or (ints and isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        extra = " or a token id (int)" if ints else ""
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}{extra}.")
     if shape == "slice":
         return _slice(name, value)
     if shape == "mapping":
@@ -111,3 +140,14 @@ def _ids_or_bool(name: str, value: Any) -> bool | list[int]:
         f"{name}={value!r} is neither true/false nor a list of token ids; e.g. {name}: true "
         f"(the tokenizer's special tokens) or {name}: [0, 1]."
     )
+
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+"""The dtype names SAELens reads (also with a ``torch.`` prefix)."""
+
+
+def check_dtype(name: str, value: Any) -> None:
+    """Refuse a ``dtype`` field that SAELens cannot read, naming the choices."""
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return
+    raise ValueError(f"{name}={value!r} is not a dtype; use one of {', '.join(DTYPES)}.")

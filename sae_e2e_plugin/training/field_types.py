@@ -17,7 +17,7 @@ import types
 import typing
 from typing import Any
 
-from sae_e2e_plugin.training.field_shapes import coerce_container, container_fields
+from sae_e2e_plugin.training.field_shapes import check_dtype, coerce_container, container_fields
 
 _SCALARS = (bool, int, float, str)
 _TRUE = {"true", "yes", "on", "1"}
@@ -49,7 +49,7 @@ def coerce_fields(cls: type, fields: dict[str, Any], prefix: str = "") -> dict[s
     return {
         name: coerce(prefix + name, value, *declared[name])
         if name in declared
-        else coerce_container(prefix + name, value, containers[name])
+        else coerce_container(prefix + name, value, containers[name], cls)
         if name in containers
         else value
         for name, value in fields.items()
@@ -82,9 +82,11 @@ def check_field_types(obj: Any, prefix: str = "") -> None:
 
     A whole float in an int field (``training_tokens=1e6``) becomes that int; ints in float
     fields stay as given."""
+    if isinstance(getattr(obj, "dtype", None), str):
+        check_dtype(prefix + "dtype", obj.dtype)
     for name, shape in container_fields(type(obj)).items():
         value = getattr(obj, name)
-        shaped = coerce_container(prefix + name, value, shape)
+        shaped = coerce_container(prefix + name, value, shape, type(obj))
         if shaped is not value and shaped != value:
             setattr(obj, name, shaped)
     for name, (kind, optional) in scalar_fields(type(obj)).items():

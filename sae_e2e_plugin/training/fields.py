@@ -118,6 +118,11 @@ def _sae_config(sae_fields: dict[str, Any], prefix: str) -> Any:
             f"({error})."
         ) from None
     _check_known(prefix, sae_fields, sae_cfg_class)
+    if "metadata" in sae_fields:
+        raise ValueError(
+            f"{prefix}metadata is written by the run (model, hook, positions, objective); "
+            "leave it out of the config."
+        )
     if "d_in" not in sae_fields or "d_sae" not in sae_fields:
         raise ValueError(
             f"{prefix}d_in and {prefix}d_sae are required, e.g. --{prefix}d_in 576 "
