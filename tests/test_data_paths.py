@@ -14,13 +14,8 @@ from sae_e2e_plugin import E2ESAETrainingRunner
 
 
 def build(tmp_path: Path, dataset_path: Path | str, **overrides: Any) -> E2ESAETrainingRunner:
-    cfg = make_cfg(
-        tmp_path,
-        dataset_path=str(dataset_path),
-        training_tokens=2 * 4 * CONTEXT,
-        n_eval_batches=0,
-        **overrides,
-    )
+    fields: dict[str, Any] = dict(training_tokens=2 * 4 * CONTEXT, n_eval_batches=0)
+    cfg = make_cfg(tmp_path, dataset_path=str(dataset_path), **(fields | overrides))
     return E2ESAETrainingRunner(cfg, override_model=tiny_model())
 
 
@@ -82,3 +77,17 @@ def test_a_file_without_a_text_column_is_refused(tmp_path: Path) -> None:
     path.write_text('{"body": "words here"}\n')
     message = refusal(tmp_path, path, is_dataset_tokenized=False)
     assert "has no 'text' column (its columns: ['body'])" in message
+
+
+def test_a_local_eval_dataset_path_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.jsonl"
+    rows = token_dataset(n_rows=32)["tokens"]
+    path.write_text("".join(json.dumps({"tokens": row}) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"dataset_path='.*held-out.jsonl' does not exist"):
+        build(
+            tmp_path,
+            path,
+            n_eval_batches=1,
+            eval_batch_size_prompts=2,
+            eval_dataset_path=str(tmp_path / "held-out.jsonl"),
+        )

@@ -17,6 +17,7 @@ from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_datas
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.core.positions import PositionFilter
+from sae_e2e_plugin.runs.data_paths import local_dataset
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 
 logger = logging.getLogger(__name__)
@@ -132,5 +133,6 @@ def held_out_tokens(
                 "Lower n_eval_batches or eval_batch_size_prompts."
             )
         return torch.tensor(rows["tokens"][:n], dtype=torch.long)
-    eval_store = ActivationsStore.from_config(model, with_dataset(cfg, name))
+    other = with_dataset(cfg, name)  # a local eval_dataset_path is read and checked too
+    eval_store = ActivationsStore.from_config(model, other, override_dataset=local_dataset(other))
     return eval_store.get_batch_tokens(n, move_to_model_device=False)
