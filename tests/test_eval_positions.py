@@ -149,3 +149,23 @@ def test_cli_eval_refuses_a_seqpos_slice_flag_it_cannot_read(
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path), "--seqpos_slice", text])
     assert f"--seqpos_slice: {text!r}" in capsys.readouterr().err.replace('"', "'")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--n_sequences", "0"), ("--batch_size", "-1"), ("--context_size", "0")]
+    + [("--alive_window_tokens", "x")],
+)
+def test_cli_eval_refuses_a_count_below_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), flag, value])
+    assert f"argument {flag}: {value!r}" in capsys.readouterr().err
+
+
+def test_cli_eval_of_a_path_that_is_not_a_folder_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert f"sae={str(tmp_path / 'nowhere')!r} is not a folder" in capsys.readouterr().err

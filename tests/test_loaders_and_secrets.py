@@ -136,3 +136,12 @@ def test_a_state_dict_of_tensors_still_converts(tmp_path: Path) -> None:
     (pt,) = (tmp_path / "ref").glob("*.pt")
     assert isinstance(torch.load(pt, weights_only=True), dict)
     assert len(convert_reference_checkpoint(tmp_path / "ref", tmp_path / "out")) == 2
+
+
+def test_convert_refuses_to_replace_an_sae_and_writes_nothing(tmp_path: Path) -> None:
+    _write_reference_run(tmp_path / "ref", samples=(900,))
+    first = convert_reference_checkpoint(tmp_path / "ref", tmp_path / "out")
+    before = {p: p.read_bytes() for folder in first for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="already holds an SAE; converting would replace it"):
+        convert_reference_checkpoint(tmp_path / "ref", tmp_path / "out")
+    assert {p: p.read_bytes() for folder in first for p in folder.iterdir()} == before

@@ -44,18 +44,21 @@ def add_eval_command(commands: Any) -> None:
     )
     evaluate.add_argument(
         "--context_size",
-        type=int,
+        type=positive_int,
         help="tokens per sequence (default: the SAE's metadata, else 128)",
     )
     evaluate.add_argument(
-        "--n_sequences", type=int, default=64, help="held-out sequences to evaluate (default 64)"
+        "--n_sequences",
+        type=positive_int,
+        default=64,
+        help="held-out sequences to evaluate (default 64)",
     )
     evaluate.add_argument(
-        "--batch_size", type=int, default=8, help="sequences per batch (default 8)"
+        "--batch_size", type=positive_int, default=8, help="sequences per batch (default 8)"
     )
     evaluate.add_argument(
         "--alive_window_tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="tokens for the alive count (default: all evaluated)",
     )
@@ -83,6 +86,17 @@ def add_eval_command(commands: Any) -> None:
         "the positions the SAE's metadata records it was trained on)",
     )
     evaluate.set_defaults(command="eval", handler=run_eval)
+
+
+def positive_int(text: str) -> int:
+    """A count flag: a whole number >= 1 (argparse names the flag when this refuses)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
 
 
 def parse_seqpos_slice(text: str) -> tuple[int | None, ...]:
@@ -179,6 +193,10 @@ def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
 
     if Path(source).is_dir():
         return load_sae_folder(Path(source), device, f"sae={source!r}")
+    if source.startswith(("/", ".", "~")) or Path(source).exists():  # a path, not a release
+        raise ValueError(
+            f"sae={source!r} is not a folder; give the SAE's folder (cfg.json + weights)."
+        )
     if sae_id is None:
         raise ValueError(
             f"sae={source!r} is not a local folder, so it is read as a SAELens release; "

@@ -36,11 +36,12 @@ from sae_lens import StandardSAEConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import dtype_to_str, str_to_dtype
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from sae_e2e_plugin.config_files import load_yaml_file
 from sae_e2e_plugin.interop.local_paths import check_plain_hook_name, path_inside
 from sae_e2e_plugin.interop.safe_load import load_tensor_file
+from sae_e2e_plugin.run_files import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILENAME = "final_config.yaml"
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.pt$")
@@ -325,13 +326,23 @@ def convert_reference_checkpoint(
         hook_name: path_inside(out, hook_name, f"SAE position {hook_name!r} of {checkpoint}")
         for hook_name in converted
     }
+    taken = [
+        f
+        for f in folders.values()
+        if (f / SAE_CFG_FILENAME).exists() or (f / SAE_WEIGHTS_FILENAME).exists()
+    ]
+    if taken:
+        raise ValueError(
+            f"{taken[0]} already holds an SAE; converting would replace it. Choose an empty "
+            "output folder, or remove that SAE first."
+        )
     written = []
     for hook_name, (cfg_dict, weights) in converted.items():
         folder = folders[hook_name]
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(folder / SAE_WEIGHTS_FILENAME))
-        with open(folder / SAE_CFG_FILENAME, "w") as f:
-            json.dump(cfg_dict, f, indent=2)
+        # Each file replaced whole (never through a link), cfg.json last: a folder SAELens can
+        # load holds complete weights.
+        atomic_write_bytes(folder / SAE_WEIGHTS_FILENAME, save_safetensors(weights))
+        atomic_write_text(folder / SAE_CFG_FILENAME, json.dumps(cfg_dict, indent=2))
         written.append(folder)
     return written
 
