@@ -9,6 +9,7 @@ the last one win silently.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,16 @@ def load_yaml_text(text: str, source: str) -> Any:
 def load_yaml_file(path: Path, what: str) -> Any:
     """A YAML/JSON file's content, refused by name when it cannot be read or parsed."""
     return load_yaml_text(read_text_file(path, what), f"{what} {path}")
+
+
+def load_json_file(path: Path, fix: str = "") -> Any:
+    """A JSON file's content, or a ``ValueError`` naming the file, where it is broken and
+    ``fix`` (what to do about it)."""
+    text = read_text_file(path, "the file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
+            f"{error.colno}): it is damaged or truncated.{' ' + fix if fix else ''}"
+        ) from None

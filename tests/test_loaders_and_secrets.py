@@ -145,3 +145,15 @@ def test_convert_refuses_to_replace_an_sae_and_writes_nothing(tmp_path: Path) ->
     with pytest.raises(ValueError, match="already holds an SAE; converting would replace it"):
         convert_reference_checkpoint(tmp_path / "ref", tmp_path / "out")
     assert {p: p.read_bytes() for folder in first for p in folder.iterdir()} == before
+
+
+def test_a_damaged_eval_json_in_a_sweep_is_named_with_the_fix(tmp_path: Path) -> None:
+    from sae_e2e_plugin.analysis.results import read_training_log, run_row
+
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "eval.json").write_text('{"ce_loss_increase": 0.')
+    with pytest.raises(ValueError, match=r"eval.json is not valid JSON .* --reevaluate"):
+        run_row(run_dir, "a", {})
+    (run_dir / "training_log.jsonl").write_text('{"step": 1, "l0": 3}\n{"step": 2, "l')
+    assert read_training_log(run_dir / "training_log.jsonl") == [{"step": 1, "l0": 3}]
