@@ -154,3 +154,16 @@ def test_an_sae_of_size_zero_is_refused_by_evaluation(d_in: int, d_sae: int) -> 
             torch.zeros(2, 8, dtype=torch.long),
             hook_name="blocks.1.hook_resid_pre",
         )
+
+
+def test_a_config_changed_after_it_was_built_is_checked_again(tmp_path: Path) -> None:
+    from conftest import token_dataset
+
+    from sae_e2e_plugin import E2ESAETrainingRunner
+
+    cfg = make_cfg(tmp_path)
+    cfg.sae.d_sae = 0  # Python code may set a field after the config checked it
+    with pytest.raises(ValueError, match=r"sae.d_sae must be >= 1 .* got 0"):
+        E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
+    with pytest.raises(ValueError, match="override_dataset is a list; pass a datasets Dataset"):
+        E2ESAETrainingRunner(make_cfg(tmp_path), override_model=tiny_model(), override_dataset=[1])

@@ -19,6 +19,7 @@ from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.runs.data_paths import local_dataset
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.numbers import check_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ def resolve_builtins(
     """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one.
 
     SAELens loads any other model itself; a built-in corpus needs the model's tokenizer, so
-    then the model is loaded here too.
+    then the model is loaded here too. The config's numbers are checked again first: Python
+    code may have changed a field after the config was built (``cfg.sae.d_sae = 0``).
     """
+    check_numbers(cfg)
     if model is None and (is_builtin_model(cfg.model_name) or is_builtin_dataset(cfg.dataset_path)):
         model = load_language_model(
             cfg.model_name,
