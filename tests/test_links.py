@@ -100,3 +100,15 @@ def test_overwrite_output_refuses_a_foreign_folder_before_deleting_anything(
     with pytest.raises(ValueError, match=r"eval.json is a folder, which no run writes"):
         runner(tmp_path, overwrite_output=True)
     assert sorted(p.name for p in output.iterdir()) == before
+
+
+def test_a_sweep_run_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    spec = {"base": {}, "grid": {"seed": [1]}}
+    (run,) = expand_grid(spec["grid"])
+    (tmp_path / "sweep" / "runs").mkdir(parents=True)
+    (tmp_path / "sweep" / "runs" / run.run_id).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"{run.run_id} is a link .* only inside output_dir"):
+        run_sweep(spec, tmp_path / "sweep", make_runner=lambda cfg: None, plots=False)
+    assert list(outside.iterdir()) == []

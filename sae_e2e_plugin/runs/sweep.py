@@ -255,6 +255,12 @@ def _flat(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _claimed(run_dir: Path) -> Iterator[bool]:
     """Hold ``run_dir`` for this sweep process while the block runs; ``False`` when another
     process holds it. Only the claim is guarded: errors from the block itself propagate."""
+    for folder in (run_dir.parent, run_dir):  # runs/ and runs/<run id> stay inside output_dir
+        if folder.is_symlink():
+            raise ValueError(
+                f"{folder} is a link (to {folder.readlink()}); a sweep writes its runs only "
+                "inside output_dir. Replace the link with a folder."
+            )
     with ExitStack() as stack:
         try:
             stack.enter_context(hold_folder(run_dir, "run", lock_name=CLAIM_FILENAME))
