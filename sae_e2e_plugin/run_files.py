@@ -8,7 +8,9 @@ sweeps read them, so both sides take the names from here.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +47,32 @@ RUN_OUTPUT_FILES = (
 """The files a run writes into ``output_path``: their presence marks a folder as a run's."""
 
 
+class DiskFullError(RuntimeError):
+    """A file could not be written for lack of space (or quota); the message names the file."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (an ``OSError``, or a library's error wrapping one) says the disk or
+    the quota is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota" in text
+
+
+def disk_full(path: Path, needed: int | None = None) -> DiskFullError:
+    """The one-line error for ``path`` not written on a full disk."""
+    size = f"; {needed} bytes were to be written" if needed is not None else ""
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        space = f", {free} bytes free{size}"
+    except OSError:
+        space = size
+    return DiskFullError(
+        f"no space left on the device to write {path}{space}. Free some space, then resume."
+    )
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary sibling renamed into place: a reader (or a
     run killed mid-write) sees the old file or the new one, never half of one."""
@@ -61,7 +89,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full(path, len(data)) from error
         raise
     return path

@@ -21,6 +21,7 @@ ROOT = Path(sae_e2e_plugin.__file__).parent
 LAYERS: dict[str, int] = {
     "version": 0,
     "run_files": 0,
+    "config_files": 0,
     "core": 1,
     "training": 2,
     "evaluation": 2,

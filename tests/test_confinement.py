@@ -250,7 +250,8 @@ class RunsCode:
 def test_resume_refuses_a_trainer_state_that_would_run_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    common: dict[str, Any] = dict(training_tokens=2 * 4 * CONTEXT, n_eval_batches=0)
+    # Four steps: the checkpoint is mid-run (a finished run's is refused before it is read).
+    common: dict[str, Any] = dict(training_tokens=4 * 4 * CONTEXT, n_eval_batches=0)
     first = E2ESAETrainingRunner(
         make_cfg(tmp_path / "a", n_checkpoints=1, **common),
         override_model=tiny_model(),

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from sae_e2e_plugin.analysis.geometry import within_summary
 from sae_e2e_plugin.analysis.matched_l0 import gap_closed
+from sae_e2e_plugin.config_files import load_json_file
 from sae_e2e_plugin.run_files import (
     EVAL_FILENAME,
     GEOMETRY_FILENAME,
@@ -51,7 +52,9 @@ def run_row(run_dir: Path, run_id: str, overrides: dict[str, Any]) -> dict[str, 
     eval_file = run_dir / EVAL_FILENAME
     if not eval_file.exists():
         return None
-    metrics = json.loads(eval_file.read_text())
+    metrics = load_json_file(
+        eval_file, "Remove it and run `sae-e2e sweep --reevaluate` to evaluate the run again."
+    )
     row: dict[str, Any] = {"run_id": run_id, **overrides}
     row.update({name: metrics.get(name) for name in RESULT_METRICS})
     row.update(geometry_summary(run_dir))
@@ -69,7 +72,10 @@ def geometry_summary(run_dir: Path) -> dict[str, float | None]:
     written there first when it is missing or describes other weights. Without weights the
     file's numbers stand (its weights were not kept); without either, None."""
     record_path, weights_path = run_dir / GEOMETRY_FILENAME, run_dir / SAE_WEIGHTS_FILENAME
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    try:
+        record = load_json_file(record_path) if record_path.exists() else None
+    except ValueError:  # damaged: recomputed from the weights below, when they are kept
+        record = None
     if weights_path.exists():
         digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
         if record is None or record.get("weights_sha256") != digest:
@@ -184,7 +190,15 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
     """The rows of a run's ``training_log.jsonl`` (empty if it has none)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a row cut short by a full disk or a kill: not a step's numbers
+            continue
+    return rows
 
 
 def training_l0_summary(path: Path) -> dict[str, float | None]:

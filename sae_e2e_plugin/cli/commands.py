@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sae_e2e_plugin.cli.eval_command import add_eval_command
 from sae_e2e_plugin.cli.field_help import fields_help
 from sae_e2e_plugin.cli.inspect_command import add_inspect_parser
 
@@ -47,12 +48,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tqdm.write(f"sae-e2e {args.command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as error:
+        from sae_e2e_plugin.run_files import DiskFullError
         from sae_e2e_plugin.runs.output_folder import FolderInUseError
         from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
         from sae_e2e_plugin.training.distributed import PeerFailure
         from sae_e2e_plugin.training.trainer import NonFiniteLossError
 
-        known = (NonFiniteLossError, CheckpointWriteError, FolderInUseError, PeerFailure)
+        known = (
+            NonFiniteLossError,
+            CheckpointWriteError,
+            FolderInUseError,
+            PeerFailure,
+            DiskFullError,
+        )
         if not isinstance(error, known):
             raise
         print(f"sae-e2e {args.command}: error: {error}", file=sys.stderr)
@@ -120,60 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(command="train", handler=_train)
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="evaluate a SAELens-format SAE (local folder or hub release) on held-out text",
-        description="Evaluate a SAELens SAE spliced into its model: CE-loss increase, KL, L0, "
-        "alive features, explained variance, downstream MSE. Model, hook, context size and data "
-        "default to what the SAE's metadata records.",
-    )
-    evaluate.add_argument(
-        "sae", help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name"
-    )
-    evaluate.add_argument(
-        "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
-    )
-    evaluate.add_argument("--model_name", help="model to splice into (default: the SAE's metadata)")
-    evaluate.add_argument(
-        "--model_class_name",
-        choices=("HookedTransformer", "AutoModelForCausalLM"),
-        help="how to load the model (default: the SAE's metadata, else HookedTransformer)",
-    )
-    evaluate.add_argument("--hook_name", help="hook to splice at (default: the SAE's metadata)")
-    evaluate.add_argument(
-        "--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset"
-    )
-    evaluate.add_argument(
-        "--context_size",
-        type=int,
-        help="tokens per sequence (default: the SAE's metadata, else 128)",
-    )
-    evaluate.add_argument(
-        "--n_sequences", type=int, default=64, help="held-out sequences to evaluate (default 64)"
-    )
-    evaluate.add_argument(
-        "--batch_size", type=int, default=8, help="sequences per batch (default 8)"
-    )
-    evaluate.add_argument(
-        "--alive_window_tokens",
-        type=int,
-        default=None,
-        help="tokens for the alive count (default: all evaluated)",
-    )
-    evaluate.add_argument(
-        "--lm_dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="dtype for the model",
-    )
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument(
-        "--output",
-        type=Path,
-        default=Path("eval.json"),
-        help="where to write the JSON (default eval.json)",
-    )
-    evaluate.set_defaults(command="eval", handler=_eval)
+    add_eval_command(commands)
 
     sweep = commands.add_parser(
         "sweep",
@@ -245,6 +200,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     fields = merge_fields(fields, parse_field_flags(extra))
     if "saes" in fields:  # several SAEs: saes.<name>.<field>, hook_names, splice
         return _train_several(fields, args.print_config)
+    from sae_e2e_plugin.run_files import DiskFullError
     from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
     from sae_e2e_plugin.training.fields import config_from_fields
 
@@ -253,11 +209,25 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
     runner = E2ESAETrainingRunner(cfg)
-    runner.run()
+    try:
+        runner.run()
+    except DiskFullError as error:  # say which checkpoint the same command resumes from
+        where = runner.cfg.checkpoint_path
+        raise DiskFullError(f"{error} {latest_checkpoint_words(where)}") from None
     shutdown(runner.context)
     if cfg.output_path is not None and runner.context.is_main:
         print(f"saved the SAE (SAELens format) to {cfg.output_path}")
     return 0
+
+
+def latest_checkpoint_words(checkpoint_path: str | None) -> str:
+    """The latest complete checkpoint under ``checkpoint_path``, in words."""
+    from sae_e2e_plugin.training.checkpoints import latest_complete_checkpoint
+
+    latest = latest_complete_checkpoint(Path(checkpoint_path)) if checkpoint_path else None
+    if latest is None:
+        return "No checkpoint of this run was written."
+    return f"The latest complete checkpoint is {latest} (--resume_from_checkpoint {latest})."
 
 
 def _train_several(fields: dict[str, Any], print_config: bool) -> int:
@@ -277,72 +247,6 @@ def _train_several(fields: dict[str, Any], print_config: bool) -> int:
         for name in cfg.saes:
             print(f"saved SAE {name!r} (SAELens format) to {Path(cfg.output_path) / name}")
     return 0
-
-
-def _eval(args: argparse.Namespace, extra: list[str]) -> int:
-    import torch
-
-    from sae_e2e_plugin.assets.language_model import load_language_model
-    from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
-
-    sae = _load_any_sae(args.sae, args.sae_id, args.device)
-    meta = sae.cfg.metadata
-    model_name = args.model_name or meta.model_name
-    hook_name = args.hook_name or meta.hook_name
-    dataset = args.dataset_path or meta.dataset_path
-    context_size = args.context_size or meta.context_size or 128
-    for flag, value in (
-        ("--model_name", model_name),
-        ("--hook_name", hook_name),
-        ("--dataset_path", dataset),
-    ):
-        if not value:
-            raise ValueError(f"the SAE's metadata does not record {flag[2:]}; pass {flag}.")
-    model = load_language_model(
-        model_name,
-        model_class_name=args.model_class_name or meta.model_class_name or "HookedTransformer",
-        device=args.device,
-        model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs,
-    )
-    if args.lm_dtype:
-        model.to(getattr(torch, args.lm_dtype))
-    tokens = _eval_tokens(model, sae, dataset, context_size, args.n_sequences)
-    result = evaluate_sae(
-        sae,
-        model,
-        tokens.split(args.batch_size),
-        hook_name=hook_name,
-        alive_window_tokens=args.alive_window_tokens,
-    )
-    print(result.format_table())
-    print(f"saved the evaluation to {result.save_json(args.output)}")
-    return 0
-
-
-def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
-    from sae_lens import SAE
-
-    if Path(source).is_dir():
-        return SAE.load_from_disk(source, device=device)
-    if sae_id is None:
-        raise ValueError(
-            f"sae={source!r} is not a local folder, so it is read as a SAELens release; "
-            "pass --sae-id (e.g. --sae-id blocks.6.hook_resid_pre)."
-        )
-    return SAE.from_pretrained(source, sae_id, device=device)
-
-
-def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) -> Any:
-    import torch
-    from sae_lens.training.activations_store import ActivationsStore
-
-    from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
-
-    if is_builtin_dataset(dataset):
-        rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")
-        return torch.tensor(rows["tokens"][:n], dtype=torch.long)
-    store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
-    return store.get_batch_tokens(n, move_to_model_device=False)
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
@@ -400,7 +304,12 @@ def parse_field_flags(tokens: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"flag --{name} needs a value.")
             value = tokens[i + 1]
             i += 1
-        flat[name.replace("-", "_")] = parse_value(value)
+        key = name.replace("-", "_")
+        if key in flat:  # the last would silently win
+            raise ValueError(
+                f"flag --{key} is given twice ({flat[key]!r}, {value!r}); give it once."
+            )
+        flat[key] = parse_value(value)
         i += 1
     return nest_dotted(flat)
 
@@ -409,6 +318,10 @@ def parse_value(text: str) -> Any:
     """A flag's text as a number, bool, null, list/mapping, or else the string itself."""
     if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)", text):
         return float(text)  # YAML 1.1 reads "1e-3" as a string
+    if ":" in text and not text.lstrip().startswith(("{", "[", "'", '"')):
+        # A slice (1:, 1:5), not YAML's {1: None} or its base-60 int 65: the field's type
+        # reads it (training.field_shapes).
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

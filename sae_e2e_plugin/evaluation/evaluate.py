@@ -32,12 +32,12 @@ from sae_e2e_plugin.core.model_splice import (
     run_prefix,
 )
 from sae_e2e_plugin.core.positions import (
-    ALL_POSITIONS,
     PositionFilter,
     selected_positions,
     with_reconstruction,
 )
 from sae_e2e_plugin.core.splice import SplicePlan, flatten_heads
+from sae_e2e_plugin.evaluation.eval_positions import eval_positions
 from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import (
     DEFAULT_ALIVE_WINDOW_TOKENS,
@@ -71,7 +71,9 @@ def evaluate_sae(
     max_batches: int | None = ...,
     logits_chunk_size: int = ...,
     activation_scaler: ActivationScaler | None = ...,
-    positions: PositionFilter = ...,
+    positions: PositionFilter | Sequence[int | None] | None = ...,
+    seqpos_slice: Sequence[int | None] | None = ...,
+    exclude_special_tokens: bool | Sequence[int] | None = ...,
 ) -> EvalResult: ...
 
 
@@ -88,7 +90,9 @@ def evaluate_sae(
     max_batches: int | None = ...,
     logits_chunk_size: int = ...,
     activation_scaler: ActivationScaler | None = ...,
-    positions: PositionFilter = ...,
+    positions: PositionFilter | Sequence[int | None] | None = ...,
+    seqpos_slice: Sequence[int | None] | None = ...,
+    exclude_special_tokens: bool | Sequence[int] | None = ...,
 ) -> JointEvalResult: ...
 
 
@@ -105,7 +109,9 @@ def evaluate_sae(
     max_batches: int | None = None,
     logits_chunk_size: int = 1024,
     activation_scaler: ActivationScaler | None = None,
-    positions: PositionFilter = ALL_POSITIONS,
+    positions: PositionFilter | Sequence[int | None] | None = None,
+    seqpos_slice: Sequence[int | None] | None = None,
+    exclude_special_tokens: bool | Sequence[int] | None = None,
 ) -> EvalResult | JointEvalResult:
     """Evaluate ``sae`` spliced into ``model`` on held-out ``(batch, pos)`` token batches.
 
@@ -138,14 +144,26 @@ def evaluate_sae(
             ``normalize_activations="expected_average_only_in"`` or
             ``"covariance_whitening"`` (scaling that lives outside the SAE until export).
         positions: the positions the SAE reads and replaces (``core.positions.PositionFilter``:
-            a ``seqpos_slice`` and excluded token ids); the others keep their clean activation.
-            L0, alive features and explained variance are over the selected positions, CE and
-            KL over all. Default: every position.
+            a ``seqpos_slice`` and excluded token ids, or a ``seqpos_slice`` tuple such as
+            ``(1, None)``); the others keep their clean activation. L0, alive features and
+            explained variance are over the selected positions, CE and KL over all. Default:
+            the positions the SAE's metadata records it was trained on (every position when
+            it records none; several SAEs: every position).
+        seqpos_slice: instead of ``positions``, in the config's form, e.g. ``(1, None)``.
+        exclude_special_tokens: with ``seqpos_slice``, in the config's form: ``True`` (the
+            tokenizer's special tokens), ``False`` or a list of token ids. Default: metadata.
 
     Raises:
         ValueError: for an SAE or token batch this function cannot evaluate; the
             message names the field and the fix.
     """
+    positions = eval_positions(
+        None if isinstance(sae, Mapping) else sae,
+        model,
+        positions,
+        seqpos_slice,
+        exclude_special_tokens,
+    )
     if isinstance(sae, Mapping):
         if activation_scaler is not None or hook_name is not None:
             raise ValueError(

@@ -107,6 +107,10 @@ def check_sae(
             "sae is a transcoder (it writes to a different hook than it reads); "
             "evaluate_sae splices an SAE's reconstruction back into its own hook."
         )
+    for size in ("d_in", "d_sae"):
+        value = getattr(sae.cfg, size)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sae.cfg.{size}={value!r}: an SAE's {size} is a whole number >= 1.")
     if sae.cfg.metadata.hook_head_index is not None:
         raise ValueError(
             f"sae.cfg.metadata.hook_head_index={sae.cfg.metadata.hook_head_index}: single-head "

@@ -26,6 +26,7 @@ from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 
 from sae_e2e_plugin.interop.local_paths import check_relative_id, path_inside, scrub_json_file
+from sae_e2e_plugin.interop.safe_load import load_sae_folder
 from sae_e2e_plugin.run_files import atomic_write_text
 
 # The files SAELens' uploader sends for each SAE (its allow-list).
@@ -68,11 +69,11 @@ def _load_inference_sae(source: str, sae_id: str | None, device: str) -> SAE[Any
                 f"pretrained_sae={source!r} is a reference-format run; set pretrained_sae_id "
                 "to the SAE position, e.g. 'blocks.6.hook_resid_pre'."
             )
-        return SAE.load_from_disk(
-            str(path / sae_id), device=device, converter=reference_format_disk_loader
+        return load_sae_folder(
+            path / sae_id, device, f"pretrained_sae={source!r}", reference_format_disk_loader
         )
     if path.is_dir():
-        return SAE.load_from_disk(str(path), device=device)
+        return load_sae_folder(path, device, f"pretrained_sae={source!r}")
     if sae_id is None:
         raise ValueError(
             f"pretrained_sae={source!r} is not a local folder, so it is read as a SAELens release "

@@ -96,19 +96,38 @@ def is_local_path(value: str) -> bool:
     return value.startswith("~") or ".." in PurePosixPath(value).parts or os.path.exists(value)
 
 
-def without_local_paths(value: Any, key: str | None = None) -> Any:
-    """A copy of a JSON-like config with each local path replaced by its base name.
+SECRET_KEY = re.compile(
+    r"(use_auth_|hf_|auth_|access_|api_)?token|api_?key|.*(password|passwd|secret|credentials?)",
+    re.IGNORECASE,
+)
+"""Keys whose values are credentials (``token``, ``use_auth_token``, ``hf_token``, ``api_key``):
+never written next to an SAE or published, whatever folder or field holds them."""
 
-    Every absolute path is replaced, under any key; in ``LOCAL_PATH_FIELDS`` relative
-    paths that exist here are replaced too (a hub id such as ``org/dataset`` stays).
+REMOVED = "<removed>"
+"""What a credential's value is replaced by."""
+
+
+def without_local_paths(value: Any, key: str | None = None) -> Any:
+    """A copy of a JSON-like config with each local path replaced by its base name and each
+    credential (``SECRET_KEY``) by ``REMOVED``.
+
+    Every absolute path and every ``~`` path is replaced, under any key; in
+    ``LOCAL_PATH_FIELDS`` relative paths that exist here are replaced too (a hub id such as
+    ``org/dataset`` stays).
     """
     if isinstance(value, dict):
-        return {k: without_local_paths(v, str(k)) for k, v in value.items()}
+        return {
+            k: REMOVED
+            if SECRET_KEY.fullmatch(str(k)) and v not in (None, False, True)
+            else without_local_paths(v, str(k))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [without_local_paths(v) for v in value]
     if not isinstance(value, str):
         return value
     absolute = PurePosixPath(value).is_absolute() or bool(PureWindowsPath(value).drive)
+    absolute = absolute or value.startswith("~")
     if absolute or (key in LOCAL_PATH_FIELDS and is_local_path(value)):
         return PurePosixPath(value.replace("\\", "/")).name
     return value
@@ -121,5 +140,10 @@ def write_json_atomically(path: Path, data: Any) -> Path:
 
 def scrub_json_file(source: Path, target: Path) -> Path:
     """Write ``source``'s JSON to ``target`` without local paths (``without_local_paths``)."""
-    data = json.loads(source.read_text())
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(
+            f"{source} is not valid JSON ({type(error).__name__}: {error}); the file is damaged."
+        ) from None
     return write_json_atomically(target, without_local_paths(data))

@@ -30,16 +30,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from sae_lens import StandardSAEConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import dtype_to_str, str_to_dtype
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
+from sae_e2e_plugin.config_files import load_yaml_file
 from sae_e2e_plugin.interop.local_paths import check_plain_hook_name, path_inside
+from sae_e2e_plugin.interop.safe_load import load_tensor_file
+from sae_e2e_plugin.run_files import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILENAME = "final_config.yaml"
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.pt$")
@@ -128,8 +130,7 @@ def _resolve_local_files(src: Path) -> tuple[Path, Path]:
 
 def _read_config(path: Path) -> dict[str, Any]:
     """The reference training config, checked for the keys the conversion needs."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
+    cfg = load_yaml_file(path, "reference config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} does not hold a YAML mapping (got {type(cfg).__name__}).")
     saes = cfg.get("saes")
@@ -149,7 +150,7 @@ def _load_state_dict(path: Path, device: str | torch.device) -> dict[str, torch.
     The training script saves ``model.saes.state_dict()`` (flat, no prefix). A state dict of
     the whole ``SAETransformer`` prefixes those keys with ``saes.``; strip it so both work.
     """
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_tensor_file(path, device)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors.")
     if any(k.startswith("saes.") for k in state):
@@ -325,13 +326,23 @@ def convert_reference_checkpoint(
         hook_name: path_inside(out, hook_name, f"SAE position {hook_name!r} of {checkpoint}")
         for hook_name in converted
     }
+    taken = [
+        f
+        for f in folders.values()
+        if (f / SAE_CFG_FILENAME).exists() or (f / SAE_WEIGHTS_FILENAME).exists()
+    ]
+    if taken:
+        raise ValueError(
+            f"{taken[0]} already holds an SAE; converting would replace it. Choose an empty "
+            "output folder, or remove that SAE first."
+        )
     written = []
     for hook_name, (cfg_dict, weights) in converted.items():
         folder = folders[hook_name]
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(folder / SAE_WEIGHTS_FILENAME))
-        with open(folder / SAE_CFG_FILENAME, "w") as f:
-            json.dump(cfg_dict, f, indent=2)
+        # Each file replaced whole (never through a link), cfg.json last: a folder SAELens can
+        # load holds complete weights.
+        atomic_write_bytes(folder / SAE_WEIGHTS_FILENAME, save_safetensors(weights))
+        atomic_write_text(folder / SAE_CFG_FILENAME, json.dumps(cfg_dict, indent=2))
         written.append(folder)
     return written
 

@@ -36,6 +36,11 @@ def check_dataset(cfg: Any, dataset: Any, name: str) -> None:
     dataset as "no dataset given" and fails on text in a ``tokens`` column."""
     if dataset is None or cfg.use_chat_formatting:
         return
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise ValueError(
+            f"{name} is a {type(dataset).__name__}; pass a datasets Dataset or IterableDataset "
+            "(e.g. Dataset.from_dict({'tokens': [...]}) or datasets.load_dataset(...))."
+        )
     first = _first_row(dataset)
     if first is None:
         raise ValueError(f"{name} is empty: it has no rows to train on. Pass a non-empty dataset.")

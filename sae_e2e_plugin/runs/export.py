@@ -47,6 +47,10 @@ def record_exported_l0(output_path: str | Path, l0: float) -> Path:
 
 
 def remove_local_paths(output_path: str | Path) -> Path:
-    """Rewrite the exported ``runner_cfg.json`` without local paths: it is what gets uploaded."""
+    """Rewrite the exported ``runner_cfg.json`` and ``cfg.json`` without local paths or
+    credentials (``interop.local_paths.without_local_paths``): they are what gets uploaded."""
+    cfg = Path(output_path) / SAE_CFG_FILENAME
+    if cfg.is_file():
+        scrub_json_file(cfg, cfg)
     path = Path(output_path) / RUNNER_CFG_FILENAME
     return scrub_json_file(path, path)

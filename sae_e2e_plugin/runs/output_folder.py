@@ -16,20 +16,28 @@ place, ``cfg.json`` last: a folder that SAELens can load holds a complete export
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sae_lens.constants import SAE_CFG_FILENAME
 
-from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, RUN_OUTPUT_FILES
+from sae_e2e_plugin.run_files import (
+    CHECKPOINTS_DIRNAME,
+    RUN_OUTPUT_FILES,
+    disk_full,
+    is_disk_full,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +51,15 @@ class FolderInUseError(RuntimeError):
 
 def previous_run_files(output: Path) -> list[Path]:
     """The files and folders of an earlier run in ``output``."""
-    found = [output / name for name in RUN_OUTPUT_FILES if (output / name).exists()]
-    if (output / CHECKPOINTS_DIRNAME).is_dir() and any((output / CHECKPOINTS_DIRNAME).iterdir()):
-        found.append(output / CHECKPOINTS_DIRNAME)
+    found = [output / name for name in RUN_OUTPUT_FILES if _present(output / name)]
+    checkpoints = output / CHECKPOINTS_DIRNAME
+    if checkpoints.is_symlink() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        found.append(checkpoints)
     return found
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link is there too
 
 
 def check_output_folder(output_path: str | None, *, resuming: bool, overwrite: bool) -> list[Path]:
@@ -68,6 +81,14 @@ def check_output_folder(output_path: str | None, *, resuming: bool, overwrite: b
             "output_path, resume that run with resume_from_checkpoint=<its checkpoint>, or set "
             "overwrite_output=True to delete those files and start again."
         )
+    # Checked for every file before any is removed: a refusal leaves the folder as it was.
+    for path in previous:
+        if path.name != CHECKPOINTS_DIRNAME and path.is_dir() and not path.is_symlink():
+            raise ValueError(
+                f"output_path={output_path!r}: {path.name} is a folder, which no run writes, "
+                "so overwrite_output=True does not delete it. Move it away or choose a new "
+                "output_path."
+            )
     return previous
 
 
@@ -77,7 +98,11 @@ def remove_previous_run(previous: list[Path]) -> None:
         names = ", ".join(path.name for path in previous)
         logger.warning(f"overwrite_output=True: removing the previous run's {names}")
     for path in previous:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        # A link is removed itself, never the folder or file it points to.
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
@@ -94,6 +119,10 @@ def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda n: n == SAE_CFG_FILENAME):
             os.replace(staging / name, output / name)
+    except Exception as error:
+        if is_disk_full(error):  # SAELens' or safetensors' own error, named as what it is
+            raise disk_full(output / SAE_CFG_FILENAME) from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -118,7 +147,7 @@ def hold_folder(
         return
     path = Path(folder) / lock_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    with open_lock_file(path, field, folder) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,6 +161,7 @@ def hold_folder(
             logger.warning(f"could not lock {field}={str(folder)!r} ({error}); not guarded")
             yield
             return
+        handle.seek(0)
         handle.truncate(0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         handle.write(json.dumps(holder))
@@ -140,6 +170,29 @@ def hold_folder(
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_lock_file(path: Path, field: str, folder: str | Path) -> Any:
+    """``path`` opened for reading and writing, never through a link: a lock file that is a
+    symlink (or anything but a plain file) is refused by name, so taking the lock never
+    truncates or writes a file outside the folder."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    refusal = (
+        f"{field}={str(folder)!r}: its lock file {path} is a link or not a plain file, so it "
+        "is not opened (writing it could change a file elsewhere). Remove it and start again."
+    )
+    if path.is_symlink():
+        raise ValueError(refusal)
+    try:
+        descriptor = os.open(path, flags, 0o644)
+    except OSError as error:  # ELOOP: a link put there between the check and the open
+        if error.errno in (errno.ELOOP, errno.EISDIR):
+            raise ValueError(refusal) from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ValueError(refusal)
+    return os.fdopen(descriptor, "r+")
 
 
 def _holder(text: str) -> str:

@@ -1,5 +1,6 @@
-"""What a run resolves once before it trains: the built-in model and corpus it names, a warning
-for a bf16 model on a CPU that emulates bf16, and the positions the SAE reads and replaces."""
+"""What a run resolves once before it trains: the built-in model and corpus it names, the SAE's
+initial weights from the seed alone, a warning for a bf16 model on a CPU that emulates bf16,
+and the positions the SAE reads and replaces."""
 
 from __future__ import annotations
 
@@ -9,15 +10,34 @@ from typing import Any
 
 import torch
 from sae_lens.config import HfDataset
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.activations_store import ActivationsStore
 
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.core.positions import PositionFilter
+from sae_e2e_plugin.runs.data_paths import local_dataset
 from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.numbers import check_numbers
 
 logger = logging.getLogger(__name__)
+
+
+def initial_weights_from_seed(sae: TrainingSAE[Any], cfg: E2ERunnerConfig[Any]) -> None:
+    """Draw ``sae``'s initial weights again, from ``cfg.seed`` alone, and leave torch's
+    generator in the state that follows them.
+
+    SAELens draws them from torch's global generator after loading the model, and loading a
+    model draws from it too (a ``HookedTransformer`` is built with random weights first): a run
+    whose model was loaded for it (``sae-e2e train``, a built-in model) started from other
+    weights than the same config given an already loaded model (the Python API, sweeps).
+    Redrawn here, every path starts, and continues, from the same state."""
+    torch.manual_seed(cfg.seed)
+    sae_cfg = TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict())
+    fresh = TrainingSAE.from_dict(sae_cfg.to_dict())
+    with torch.no_grad():
+        sae.load_state_dict(fresh.state_dict())
 
 
 def resolve_builtins(
@@ -28,8 +48,10 @@ def resolve_builtins(
     """Load the bundled model / corpus when ``model_name`` / ``dataset_path`` name one.
 
     SAELens loads any other model itself; a built-in corpus needs the model's tokenizer, so
-    then the model is loaded here too.
+    then the model is loaded here too. The config's numbers are checked again first: Python
+    code may have changed a field after the config was built (``cfg.sae.d_sae = 0``).
     """
+    check_numbers(cfg)
     if model is None and (is_builtin_model(cfg.model_name) or is_builtin_dataset(cfg.dataset_path)):
         model = load_language_model(
             cfg.model_name,
@@ -114,5 +136,6 @@ def held_out_tokens(
                 "Lower n_eval_batches or eval_batch_size_prompts."
             )
         return torch.tensor(rows["tokens"][:n], dtype=torch.long)
-    eval_store = ActivationsStore.from_config(model, with_dataset(cfg, name))
+    other = with_dataset(cfg, name)  # a local eval_dataset_path is read and checked too
+    eval_store = ActivationsStore.from_config(model, other, override_dataset=local_dataset(other))
     return eval_store.get_batch_tokens(n, move_to_model_device=False)

@@ -32,6 +32,7 @@ from sae_e2e_plugin.evaluation.metrics import EvalResult
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
 from sae_e2e_plugin.run_files import EVAL_FILENAME, TRAINING_LOG_FILENAME
 from sae_e2e_plugin.runs.data_checks import check_dataset, check_model_and_data, dataset_label
+from sae_e2e_plugin.runs.data_paths import local_dataset
 from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches, reposition
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import (
@@ -42,6 +43,7 @@ from sae_e2e_plugin.runs.output_folder import (
 )
 from sae_e2e_plugin.runs.run_setup import (
     held_out_tokens,
+    initial_weights_from_seed,
     model_dtype,
     position_filter,
     resolve_builtins,
@@ -56,6 +58,7 @@ from sae_e2e_plugin.training.data_parallel import (
 from sae_e2e_plugin.training.distributed import barrier, from_main, setup_distributed
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 from sae_e2e_plugin.training.objectives import ResolvedObjective, resolve_objective
+from sae_e2e_plugin.training.run_identity import check_resume_identity
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 from sae_e2e_plugin.training.trainer import E2ESAETrainer, TrainingInterrupted, freeze
 from sae_e2e_plugin.version import __version__
@@ -106,6 +109,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             else self._resolve_resume(cfg.resume_from_checkpoint)
         )
         """The complete checkpoint ``resume_from_checkpoint`` names (checked before anything runs)."""
+        check_resume_identity(self.resume_checkpoint, cfg)  # the same run, or refused by field
         self._previous_run = check_output_folder(
             cfg.output_path,
             resuming=cfg.resume_from_checkpoint is not None,
@@ -113,6 +117,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         )
         self._builtin_dataset = override_dataset is None and is_builtin_dataset(cfg.dataset_path)
         data_name = dataset_label(cfg, overridden=override_dataset is not None)
+        override_dataset = local_dataset(cfg, override_dataset)  # a local path read, checked
         override_model, override_dataset = resolve_builtins(cfg, override_model, override_dataset)
         check_dataset(cfg, override_dataset, data_name)
         if override_sae is None and cfg.pretrained_sae is not None:
@@ -125,6 +130,8 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
             override_model=override_model,
             override_sae=override_sae,
         )
+        if override_sae is None and cfg.from_pretrained_path is None:  # the same on every path
+            initial_weights_from_seed(self.sae, cfg)
         if not is_spliceable(self.model):
             raise ValueError(
                 f"the model is a {type(self.model).__name__}; end-to-end training needs a "

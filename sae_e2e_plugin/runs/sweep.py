@@ -36,6 +36,7 @@ from sae_e2e_plugin.analysis.results import run_row, short_key, with_gap_closed,
 from sae_e2e_plugin.analysis.seeds import seed_sections
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
+from sae_e2e_plugin.config_files import load_yaml_file, load_yaml_text
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.export import load_exported_sae
 from sae_e2e_plugin.runs.output_folder import FolderInUseError, hold_folder
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 CLAIM_FILENAME = ".sae-e2e-sweep.lock"
 """Held in a run's folder by the sweep process training it (the run holds its own lock too)."""
+SWEEP_KEYS = frozenset({"base", "grid", "output_dir"})
+"""The keys of a sweep file; any other is refused (a misspelt ``grid`` would run nothing)."""
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 SWEEP_RECORD_FILENAME = "sweep.yaml"
 """The sweep file as last started on ``output_dir``; its ``base`` must not change."""
 
@@ -63,9 +67,13 @@ class SweepRun:
 
 def load_sweep_file(path: Path) -> dict[str, Any]:
     """Read a sweep file and check its shape."""
-    if not path.exists():
-        raise ValueError(f"sweep file {path} does not exist.")
-    spec = yaml.safe_load(path.read_text())
+    spec = load_yaml_file(path, "sweep file")
+    unknown = sorted(set(spec) - SWEEP_KEYS) if isinstance(spec, dict) else []
+    if unknown:
+        raise ValueError(
+            f"sweep file {path}: {', '.join(map(repr, unknown))} is not a sweep file key; a "
+            f"sweep file holds {', '.join(sorted(SWEEP_KEYS))} (config fields go under base)."
+        )
     grids = spec.get("grid") if isinstance(spec, dict) else None
     grids = [grids] if isinstance(grids, dict) else grids
     if (
@@ -79,9 +87,21 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
         )
     for grid in grids:
         for key, values in grid.items():
+            check_grid_key(key, path)
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{path}: grid.{key} must be a non-empty list, got {values!r}.")
     return spec
+
+
+def check_grid_key(key: Any, source: Path | str = "the sweep") -> None:
+    """Refuse a grid key that is not a dotted field name (``sae.l1_coefficient``): a key is a
+    part of a run's folder name, so a path (``/tmp/x``, ``../x``) could place runs outside
+    ``output_dir``."""
+    if not isinstance(key, str) or not _FIELD_NAME.fullmatch(key):
+        raise ValueError(
+            f"{source}: grid key {key!r} is not a dotted config field name (e.g. "
+            "sae.l1_coefficient); a grid key names a field, never a path."
+        )
 
 
 def expand_grid(grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list[SweepRun]:
@@ -89,6 +109,8 @@ def expand_grid(grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list
     runs: list[SweepRun] = []
     for part in [grid] if isinstance(grid, dict) else grid:
         keys = list(part)
+        for key in keys:  # a spec built in Python is not read by load_sweep_file
+            check_grid_key(key)
         for values in itertools.product(*(part[k] for k in keys)):
             overrides = dict(zip(keys, values, strict=True))
             run_id = "__".join(f"{short_key(k)}={_slug(v)}" for k, v in overrides.items())
@@ -110,9 +132,9 @@ def run_sweep(
     ``make_runner(cfg)`` builds the runner (default ``E2ESAETrainingRunner(cfg)`` with the
     bundled model loaded once and shared between runs).
     """
+    runs = expand_grid(spec["grid"])  # every grid key checked before anything is written
     record_sweep(spec, output_dir)
     make_runner = make_runner or _default_runner_factory()
-    runs = expand_grid(spec["grid"])
     for index, run in enumerate(runs, start=1):
         run_dir = output_dir / "runs" / run.run_id
         with _claimed(run_dir) as claimed:
@@ -205,7 +227,8 @@ def check_base(spec: dict[str, Any], output_dir: Path) -> None:
     record = output_dir / SWEEP_RECORD_FILENAME
     spec = json.loads(json.dumps(spec, default=str))  # compared as YAML would read it back
     if record.exists():
-        before = _flat((yaml.safe_load(record.read_text()) or {}).get("base") or {})
+        recorded = load_yaml_text(record.read_text(encoding="utf-8"), str(record)) or {}
+        before = _flat(recorded.get("base") or {} if isinstance(recorded, dict) else {})
         now = _flat(spec.get("base") or {})
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
@@ -232,6 +255,12 @@ def _flat(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _claimed(run_dir: Path) -> Iterator[bool]:
     """Hold ``run_dir`` for this sweep process while the block runs; ``False`` when another
     process holds it. Only the claim is guarded: errors from the block itself propagate."""
+    for folder in (run_dir.parent, run_dir):  # runs/ and runs/<run id> stay inside output_dir
+        if folder.is_symlink():
+            raise ValueError(
+                f"{folder} is a link (to {folder.readlink()}); a sweep writes its runs only "
+                "inside output_dir. Replace the link with a folder."
+            )
     with ExitStack() as stack:
         try:
             stack.enter_context(hold_folder(run_dir, "run", lock_name=CLAIM_FILENAME))

@@ -82,7 +82,7 @@ def staged_checkpoint(base: Path, name: str, marker: dict[str, Any]) -> Iterator
             f"could not write the checkpoint {final} ({type(error).__name__}: {error}); {kept}. "
             "Check the free disk space and permissions of checkpoint_path, then resume."
         ) from error
-    _remove_stale_staging(base)
+    remove_stale_staging(base)
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
@@ -110,8 +110,11 @@ def _replace_folder(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale_staging(base: Path) -> None:
-    # Staging folders of writes that were killed (SIGKILL, power cut) hold nothing resumable.
+def remove_stale_staging(base: Path) -> None:
+    """Remove the staging folders of checkpoint writes that were killed (SIGKILL, power cut):
+    they hold nothing resumable. After each write, and when a run resumes from ``base``."""
+    if not base.is_dir():
+        return
     for path in base.iterdir():
         if path.name.startswith(".") and (_STAGING_MARK in path.name or ".old-" in path.name):
             shutil.rmtree(path, ignore_errors=True)
@@ -156,6 +159,8 @@ def resolve_resume_checkpoint(path: str) -> Path:
     field = f"resume_from_checkpoint={path!r}"
     if not folder.is_dir():
         raise ResumeError(f"{field} does not exist; pass a checkpoint folder of an earlier run.")
+    # What killed checkpoint writes left (in the run's folder, or next to the checkpoint).
+    remove_stale_staging(folder if not is_complete_checkpoint(folder) else folder.parent)
     if is_complete_checkpoint(folder):
         return _with_required_files(folder, field)
     latest = latest_complete_checkpoint(folder)

@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any
 
+from sae_e2e_plugin.training.field_shapes import check_dtype, coerce_container, container_fields
+
 _SCALARS = (bool, int, float, str)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -43,8 +45,13 @@ def scalar_fields(cls: type) -> dict[str, tuple[type, bool]]:
 def coerce_fields(cls: type, fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``fields`` (from a file or flags) with each scalar converted to ``cls``' declared type."""
     declared = scalar_fields(cls)
+    containers = container_fields(cls)
     return {
-        name: coerce(prefix + name, value, *declared[name]) if name in declared else value
+        name: coerce(prefix + name, value, *declared[name])
+        if name in declared
+        else coerce_container(prefix + name, value, containers[name], cls)
+        if name in containers
+        else value
         for name, value in fields.items()
     }
 
@@ -75,6 +82,13 @@ def check_field_types(obj: Any, prefix: str = "") -> None:
 
     A whole float in an int field (``training_tokens=1e6``) becomes that int; ints in float
     fields stay as given."""
+    if isinstance(getattr(obj, "dtype", None), str):
+        check_dtype(prefix + "dtype", obj.dtype)
+    for name, shape in container_fields(type(obj)).items():
+        value = getattr(obj, name)
+        shaped = coerce_container(prefix + name, value, shape, type(obj))
+        if shaped is not value and shaped != value:
+            setattr(obj, name, shaped)
     for name, (kind, optional) in scalar_fields(type(obj)).items():
         value = getattr(obj, name)
         if value is None and optional:

@@ -13,10 +13,10 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sae_lens import LoggingConfig
 from sae_lens.registry import get_sae_training_class
 
+from sae_e2e_plugin.config_files import load_yaml_file
 from sae_e2e_plugin.training.config import E2ERunnerConfig
 from sae_e2e_plugin.training.field_types import coerce_fields
 from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
@@ -24,9 +24,7 @@ from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of config fields."""
-    if not path.exists():
-        raise ValueError(f"--config {path}: no such file.")
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml_file(path, "--config")
     if not isinstance(data, dict):
         raise ValueError(
             f"--config {path}: expected a mapping of config fields, got {type(data).__name__}."
@@ -120,6 +118,11 @@ def _sae_config(sae_fields: dict[str, Any], prefix: str) -> Any:
             f"({error})."
         ) from None
     _check_known(prefix, sae_fields, sae_cfg_class)
+    if "metadata" in sae_fields:
+        raise ValueError(
+            f"{prefix}metadata is written by the run (model, hook, positions, objective); "
+            "leave it out of the config."
+        )
     if "d_in" not in sae_fields or "d_sae" not in sae_fields:
         raise ValueError(
             f"{prefix}d_in and {prefix}d_sae are required, e.g. --{prefix}d_in 576 "
