@@ -27,7 +27,11 @@ def add_eval_command(commands: Any) -> None:
         "default to what the SAE's metadata records.",
     )
     evaluate.add_argument(
-        "sae", help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name"
+        "sae",
+        nargs="+",
+        help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name; "
+        "several folders, or a run folder holding one folder per SAE, are spliced in together "
+        "(the joint table: CE-loss increase, KL, each SAE's L0 and explained variance)",
     )
     evaluate.add_argument(
         "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
@@ -148,7 +152,8 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 
     output = check_output_file(args.output, args.overwrite)  # before the slow part
-    sae = _load_any_sae(args.sae, args.sae_id, args.device)
+    saes = _load_saes(args)
+    sae = next(iter(saes.values()))
     meta = sae.cfg.metadata
     model_name = args.model_name or meta.model_name
     hook_name = args.hook_name or meta.hook_name
@@ -170,20 +175,72 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if args.lm_dtype:
         model.to(getattr(torch, args.lm_dtype))
     tokens = _eval_tokens(model, sae, dataset, context_size, args.n_sequences)
-    result = evaluate_sae(
-        sae,
-        model,
-        tokens.split(args.batch_size),
-        hook_name=hook_name,
-        alive_window_tokens=args.alive_window_tokens,
-        seqpos_slice=args.seqpos_slice,
-    )
+    if len(saes) > 1:
+        result: Any = evaluate_sae(
+            saes,
+            model,
+            tokens.split(args.batch_size),
+            positions=_joint_positions(saes, model, args.seqpos_slice),
+        )
+    else:
+        result = evaluate_sae(
+            sae,
+            model,
+            tokens.split(args.batch_size),
+            hook_name=hook_name,
+            alive_window_tokens=args.alive_window_tokens,
+            seqpos_slice=args.seqpos_slice,
+        )
     print(result.format_table())
     if output is None:
         print("not written to a file (pass --output FILE to save it as JSON)")
     else:
         print(f"saved the evaluation to {write_output_file(output, result.to_dict())}")
     return 0
+
+
+def _load_saes(args: argparse.Namespace) -> dict[str, Any]:
+    """The SAEs named on the command line by name: one, several folders (named by their folder),
+    or a run folder of several (each sub-folder holding a cfg.json)."""
+    sources = list(args.sae)
+    if len(sources) == 1 and _run_of_several(Path(sources[0])):
+        sources = [str(p) for p in _run_of_several(Path(sources[0]))]
+    if len(sources) == 1:
+        return {"sae": _load_any_sae(sources[0], args.sae_id, args.device)}
+    for flag, value in (("--sae-id", args.sae_id), ("--hook_name", args.hook_name)):
+        if value is not None:
+            raise ValueError(
+                f"{flag} is for one SAE; several SAEs are each spliced at the hook their "
+                "metadata records. Evaluate one SAE to override it."
+            )
+    names = [Path(source).name for source in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the SAE folders {sources} share a name; give folders of distinct names.")
+    return {
+        name: _load_any_sae(source, None, args.device)
+        for name, source in zip(names, sources, strict=True)
+    }
+
+
+def _run_of_several(folder: Path) -> list[Path]:
+    """The SAE folders inside a several-SAE run's output folder (empty for an SAE's folder)."""
+    if not folder.is_dir() or (folder / "cfg.json").exists():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
+
+
+def _joint_positions(saes: dict[str, Any], model: Any, seqpos_slice: Any) -> Any:
+    """The positions every SAE was trained on (a run of several SAEs trains them on the same
+    ones); ``--seqpos_slice`` overrides. SAEs trained on different positions are refused."""
+    from sae_e2e_plugin.evaluation.eval_positions import eval_positions
+
+    found = {name: eval_positions(sae, model, None, seqpos_slice) for name, sae in saes.items()}
+    if len(set(found.values())) > 1:
+        raise ValueError(
+            f"the SAEs were trained on different positions ({found}); spliced in together they "
+            "need one set. Pass --seqpos_slice to choose it."
+        )
+    return next(iter(found.values()))
 
 
 def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
