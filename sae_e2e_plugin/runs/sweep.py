@@ -39,10 +39,12 @@ from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.config_files import load_yaml_file, load_yaml_text
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.export import load_exported_sae
+from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
 from sae_e2e_plugin.runs.output_folder import FolderInUseError, hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
 from sae_e2e_plugin.training.checkpoints import complete_checkpoints
 from sae_e2e_plugin.training.fields import config_from_fields, merge_fields, nest_dotted
+from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,9 @@ def run_sweep(
             # Checked under the claim: a run another process finished a moment ago is kept.
             if not claimed:
                 logger.info(f"[{index}/{len(runs)}] {run.run_id}: held by another process, left")
-            elif (run_dir / EVAL_FILENAME).exists():
+            elif _finished(
+                run_dir, merge_fields(spec.get("base") or {}, nest_dotted(run.overrides))
+            ):
                 logger.info(f"[{index}/{len(runs)}] {run.run_id}: finished earlier, kept")
             else:
                 logger.info(f"[{index}/{len(runs)}] {run.run_id}: training")
@@ -189,6 +193,8 @@ def reevaluate_sweep(
     make_runner = make_runner or _default_runner_factory()
     for run in expand_grid(spec["grid"]):
         run_dir = output_dir / "runs" / run.run_id
+        if _several_sae_folders(run_dir):
+            logger.warning(f"{run.run_id}: several SAEs per run are not evaluated again, left")
         if not (run_dir / EVAL_FILENAME).exists():
             continue
         with _claimed(run_dir) as claimed:
@@ -271,11 +277,32 @@ def _claimed(run_dir: Path) -> Iterator[bool]:
 
 
 def collect_results(output_dir: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
-    """One row per finished run (grid values + metrics); written as CSV, JSON and markdown."""
-    rows = [run_row(output_dir / "runs" / run.run_id, run.run_id, run.overrides) for run in runs]
+    """One row per finished run (grid values + metrics; a run of several SAEs: one row per SAE,
+    ``run_id/<name>``, with the SAE's name under ``sae``); written as CSV, JSON and markdown."""
+    rows = []
+    for run in runs:
+        run_dir = output_dir / "runs" / run.run_id
+        rows.append(run_row(run_dir, run.run_id, run.overrides))
+        for folder in _several_sae_folders(run_dir):
+            overrides = run.overrides | {"sae": folder.name}
+            rows.append(run_row(folder, f"{run.run_id}/{folder.name}", overrides))
     finished = with_gap_closed([row for row in rows if row is not None])
     write_results(output_dir, finished, seed_sections(finished))
     return finished
+
+
+def _finished(run_dir: Path, fields: dict[str, Any]) -> bool:
+    """Whether the run has its evaluation: ``eval.json`` (a run of several SAEs: in every SAE's
+    folder), written last by the runner."""
+    names = list(fields.get("saes") or {}) or [""]
+    return all((run_dir / name / EVAL_FILENAME).exists() for name in names)
+
+
+def _several_sae_folders(run_dir: Path) -> list[Path]:
+    # A run of several SAEs exports (and evaluates) each into <run>/<name>/.
+    if not run_dir.is_dir() or (run_dir / EVAL_FILENAME).exists():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / EVAL_FILENAME).is_file())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -317,6 +344,8 @@ def _default_runner_factory() -> Callable[[Any], Any]:
                     device=cfg.llm_device,
                 )
             model = models[key]
+        if isinstance(cfg, E2EMultiRunnerConfig):
+            return E2EMultiSAETrainingRunner(cfg, override_model=model)
         return E2ESAETrainingRunner(cfg, override_model=model)
 
     return make

@@ -56,7 +56,10 @@ def merge_fields(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 
 
 def config_from_fields(fields: dict[str, Any]) -> E2ERunnerConfig[Any]:
-    """Build an ``E2ERunnerConfig`` from a nested field mapping, with clear errors for unknown keys."""
+    """Build an ``E2ERunnerConfig`` from a nested field mapping, with clear errors for unknown keys
+    (an ``E2EMultiRunnerConfig`` where the mapping has ``saes``)."""
+    if "saes" in fields:
+        return multi_config_from_fields(fields)
     fields = dict(fields)
     for group in ("sae", "logger"):
         if not isinstance(fields.get(group) or {}, dict):
