@@ -19,6 +19,7 @@ import wandb
 from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE
 from safetensors.torch import save_file
+from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.model_splice import naming_the_sae, plan_multi_splice
 from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
@@ -121,6 +122,15 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         )
         """Where each SAE sits and what each mode compares (resolved once)."""
         self._check_downstream()
+        if (
+            cfg.checkpoint_blocks
+            and cfg.splice == "joint"
+            and not isinstance(self.model, HookedTransformer)
+        ):
+            logger.warning(
+                "checkpoint_blocks=True: a joint run on a Hugging Face model does not recompute "
+                "its layers in the backward pass (same SAEs, the memory of a plain run)."
+            )
         self.multi_trainer: E2EMultiSAETrainer | None = None
         self.eval_results: dict[str, EvalResult] = {}
         """Each exported SAE's final evaluation alone, by name."""
