@@ -10,6 +10,7 @@ the last one win silently.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,29 @@ def load_json_file(path: Path, fix: str = "") -> Any:
             f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
             f"{error.colno}): it is damaged or truncated.{' ' + fix if fix else ''}"
         ) from None
+
+
+SECRET_KEY = re.compile(
+    r"(use_auth_|hf_|auth_|access_|api_)?token|api_?key|.*(password|passwd|secret|credentials?)",
+    re.IGNORECASE,
+)
+"""Keys whose values are credentials (``token``, ``use_auth_token``, ``hf_token``, ``api_key``):
+never written next to an SAE, into a checkpoint or an upload, whatever field holds them."""
+
+REMOVED = "<removed>"
+"""What a credential's value is replaced by."""
+
+
+def without_secrets(value: Any) -> Any:
+    """A copy of a JSON-like config with each credential's value (``SECRET_KEY``; not a bool or
+    None, e.g. ``use_auth_token: true``) replaced by ``REMOVED``."""
+    if isinstance(value, dict):
+        return {
+            k: REMOVED
+            if SECRET_KEY.fullmatch(str(k)) and v not in (None, False, True)
+            else without_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    return value

@@ -167,3 +167,16 @@ def test_a_config_changed_after_it_was_built_is_checked_again(tmp_path: Path) ->
         E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
     with pytest.raises(ValueError, match="override_dataset is a list; pass a datasets Dataset"):
         E2ESAETrainingRunner(make_cfg(tmp_path), override_model=tiny_model(), override_dataset=[1])
+
+
+def test_a_sweep_with_a_bad_grid_value_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    from sae_e2e_plugin.runs.sweep import run_sweep
+
+    base = {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "x"}
+    base |= {"sae": {"d_in": 16, "d_sae": 32}, "training_tokens": 4096}
+    spec = {"base": base, "grid": {"lr": [1e-3, "abc"]}}
+    with pytest.raises(ValueError, match=r"run lr=abc of the sweep: lr='abc' is not a number"):
+        run_sweep(spec, tmp_path / "sweep", make_runner=lambda cfg: None, plots=False)
+    assert not (tmp_path / "sweep").exists()

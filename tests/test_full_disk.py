@@ -125,3 +125,11 @@ def test_the_final_eval_json_on_a_full_disk_ends_in_one_line(
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("sae-e2e train: error: no space left on the device to write")
     assert "eval.json" in last and "The latest complete checkpoint is" in last
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path: Path) -> None:
+    stale = tmp_path / "output" / ".export-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "sae_weights.safetensors").write_bytes(b"half")
+    runner(tmp_path, overwrite_output=True).run()
+    assert not stale.exists() and (tmp_path / "output" / "cfg.json").is_file()

@@ -105,7 +105,9 @@ def test_overwrite_output_refuses_a_foreign_folder_before_deleting_anything(
 def test_a_sweep_run_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    spec = {"base": {}, "grid": {"seed": [1]}}
+    base = {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "x"}
+    base |= {"sae": {"d_in": 16, "d_sae": 32}, "training_tokens": 4096}
+    spec = {"base": base, "grid": {"seed": [1]}}
     (run,) = expand_grid(spec["grid"])
     (tmp_path / "sweep" / "runs").mkdir(parents=True)
     (tmp_path / "sweep" / "runs" / run.run_id).symlink_to(outside, target_is_directory=True)

@@ -110,8 +110,9 @@ def test_a_token_and_home_paths_stay_out_of_the_export_and_the_upload(tmp_path: 
     secret = "hf_s3cr3tT0ken"
     cfg = make_cfg(
         tmp_path,
-        training_tokens=2 * 4 * CONTEXT,
+        training_tokens=4 * 4 * CONTEXT,
         n_eval_batches=0,
+        n_checkpoints=1,
         model_from_pretrained_kwargs={"token": secret, "cache_dir": "~/hf-cache"},
     )
     runner = E2ESAETrainingRunner(
@@ -129,6 +130,10 @@ def test_a_token_and_home_paths_stay_out_of_the_export_and_the_upload(tmp_path: 
             assert secret not in path.read_text()
     kwargs = json.loads((output / "runner_cfg.json").read_text())["model_from_pretrained_kwargs"]
     assert kwargs == {"token": "<removed>", "cache_dir": "hf-cache"}
+    # Nowhere on disk: the checkpoints' runner_cfg.json (SAELens') too.
+    written_files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.parent.parent.parent.name == "checkpoints" for p in written_files)
+    assert not [p for p in written_files if secret.encode() in p.read_bytes()]
 
 
 def test_a_state_dict_of_tensors_still_converts(tmp_path: Path) -> None:

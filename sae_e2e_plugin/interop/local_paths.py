@@ -17,6 +17,7 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from sae_e2e_plugin.config_files import without_secrets
 from sae_e2e_plugin.run_files import atomic_write_text
 
 PLAIN_HOOK_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -96,32 +97,17 @@ def is_local_path(value: str) -> bool:
     return value.startswith("~") or ".." in PurePosixPath(value).parts or os.path.exists(value)
 
 
-SECRET_KEY = re.compile(
-    r"(use_auth_|hf_|auth_|access_|api_)?token|api_?key|.*(password|passwd|secret|credentials?)",
-    re.IGNORECASE,
-)
-"""Keys whose values are credentials (``token``, ``use_auth_token``, ``hf_token``, ``api_key``):
-never written next to an SAE or published, whatever folder or field holds them."""
-
-REMOVED = "<removed>"
-"""What a credential's value is replaced by."""
-
-
 def without_local_paths(value: Any, key: str | None = None) -> Any:
     """A copy of a JSON-like config with each local path replaced by its base name and each
-    credential (``SECRET_KEY``) by ``REMOVED``.
+    credential by ``config_files.REMOVED`` (``config_files.without_secrets``).
 
     Every absolute path and every ``~`` path is replaced, under any key; in
     ``LOCAL_PATH_FIELDS`` relative paths that exist here are replaced too (a hub id such as
     ``org/dataset`` stays).
     """
+    value = without_secrets(value)
     if isinstance(value, dict):
-        return {
-            k: REMOVED
-            if SECRET_KEY.fullmatch(str(k)) and v not in (None, False, True)
-            else without_local_paths(v, str(k))
-            for k, v in value.items()
-        }
+        return {k: without_local_paths(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [without_local_paths(v) for v in value]
     if not isinstance(value, str):

@@ -113,6 +113,9 @@ def export_atomically(output_path: str, write: Callable[[str], None]) -> None:
     """
     output = Path(output_path)
     output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(".export-*"):  # a killed export's (the folder is held: not live)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=output, prefix=".export-"))
     try:
         write(str(staging))

@@ -135,6 +135,7 @@ def run_sweep(
     bundled model loaded once and shared between runs).
     """
     runs = expand_grid(spec["grid"])  # every grid key checked before anything is written
+    check_run_configs(spec, output_dir, runs)
     record_sweep(spec, output_dir)
     make_runner = make_runner or _default_runner_factory()
     for index, run in enumerate(runs, start=1):
@@ -155,6 +156,19 @@ def run_sweep(
                 except FolderInUseError as error:  # a run started outside the sweep holds it
                     logger.warning(f"[{index}/{len(runs)}] {run.run_id}: left, {error}")
     return _report(output_dir, runs, plots)
+
+
+def check_run_configs(spec: dict[str, Any], output_dir: Path, runs: list[SweepRun]) -> None:
+    """Build every run's config before anything is written: a bad value in ``base`` or the
+    grid is refused naming the run, not after earlier runs trained (no model is loaded)."""
+    for run in runs:
+        fields = merge_fields(spec.get("base") or {}, nest_dotted(run.overrides))
+        run_dir = output_dir / "runs" / run.run_id
+        fields.update(output_path=str(run_dir), checkpoint_path=str(run_dir / CHECKPOINTS_DIRNAME))
+        try:
+            config_from_fields(fields)
+        except ValueError as error:
+            raise ValueError(f"run {run.run_id} of the sweep: {error}") from None
 
 
 def report_sweep(

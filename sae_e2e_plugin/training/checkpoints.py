@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from sae_lens.constants import (
     ACTIVATION_SCALER_CFG_FILENAME,
+    RUNNER_CFG_FILENAME,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
 )
 from sae_lens.constants import TRAINER_STATE_FILENAME as SAELENS_TRAINER_STATE_FILENAME
 
+from sae_e2e_plugin.config_files import without_secrets
 from sae_e2e_plugin.run_files import CHECKPOINT_COMPLETE_FILENAME, TRAINER_STATE_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ def staged_checkpoint(base: Path, name: str, marker: dict[str, Any]) -> Iterator
     final = base / name
     try:
         yield staging
+        _remove_secrets(staging)
         _write_marker(staging, marker)
         _replace_folder(staging, final)
     except BaseException as error:
@@ -83,6 +86,14 @@ def staged_checkpoint(base: Path, name: str, marker: dict[str, Any]) -> Iterator
             "Check the free disk space and permissions of checkpoint_path, then resume."
         ) from error
     remove_stale_staging(base)
+
+
+def _remove_secrets(folder: Path) -> None:
+    # SAELens writes the whole run config (and the SAE's metadata, which repeats the model's
+    # loading arguments) into each checkpoint: credentials stay out of them.
+    for path in [*folder.rglob(RUNNER_CFG_FILENAME), *folder.rglob(SAE_CFG_FILENAME)]:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(without_secrets(saved)), encoding="utf-8")
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
