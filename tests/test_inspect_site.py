@@ -214,3 +214,11 @@ def test_cli_refuses_bad_flags_by_name(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--features '3,x'" in capsys.readouterr().err
     assert main(["inspect", "--sae", str(tmp_path), "--n-tokens", "0"]) == 2
     assert "--n-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_refuses_more_ablation_contexts_than_top_contexts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["inspect", "--sae", str(tmp_path), "--top-k", "3", "--ablation-contexts", "5"]
+    assert main(argv) == 2
+    assert "ablation_contexts=5 exceeds top_k=3" in capsys.readouterr().err
