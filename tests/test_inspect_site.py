@@ -53,7 +53,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         name="A",
         compare_name="B",
         tokenizer=Tokenizer(),
-        metrics={"ce_loss_increase": 0.125, "downstream": {"nested": 1}},
+        metrics={"ce_loss_increase": 0.125, "n_tokens": 40, "downstream": {"nested": 1}},
     )
     return {"out": out, "model": model, "a": a, "b": b, "tokens": toks}
 
@@ -169,6 +169,8 @@ def test_index_and_feature_table_show_every_feature(site: dict[str, Any]) -> Non
     assert int(by_id(tree, "dead").get("data-value")) == int((firing.sum(0) == 0).sum())
     metrics = by_id(tree, "eval-metrics")
     assert [th.text for th in metrics.iterfind(".//h:th", NS)] == ["ce_loss_increase"]
+    every = by_id(tree, "eval-all")
+    assert [th.text for th in every.iterfind(".//h:th", NS)] == ["ce_loss_increase", "n_tokens"]
 
 
 def test_a_folder_with_other_files_is_refused_before_the_pass(tmp_path: Path) -> None:
@@ -212,3 +214,11 @@ def test_cli_refuses_bad_flags_by_name(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--features '3,x'" in capsys.readouterr().err
     assert main(["inspect", "--sae", str(tmp_path), "--n-tokens", "0"]) == 2
     assert "--n-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_refuses_more_ablation_contexts_than_top_contexts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["inspect", "--sae", str(tmp_path), "--top-k", "3", "--ablation-contexts", "5"]
+    assert main(argv) == 2
+    assert "ablation_contexts=5 exceeds top_k=3" in capsys.readouterr().err

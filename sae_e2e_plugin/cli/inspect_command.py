@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +91,7 @@ def run_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from sae_e2e_plugin.features.site import check_out_folder
 
     options = _options(args)
+    options.check(d_sae=sys.maxsize)  # all but the ids' range, before anything is loaded
     if args.n_tokens < 1:
         raise ValueError(f"--n-tokens must be >= 1, got {args.n_tokens}.")
     out = args.out or Path(f"{_name(args.sae, args.sae_id)}-inspect")
@@ -156,7 +158,7 @@ def _options(args: argparse.Namespace) -> Any:
         n_features=args.n_features,
         feature_ids=ids,
         top_k=args.top_k,
-        ablation_contexts=min(args.ablation_contexts, args.top_k),
+        ablation_contexts=args.ablation_contexts,
         batch_size=args.batch_size,
         seed=args.seed,
         no_match_below=args.no_match_below,

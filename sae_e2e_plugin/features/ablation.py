@@ -65,7 +65,8 @@ def ablation_kls(
         patched_logits = head(patched.final_resid[index])
         for j, i in enumerate(order[first : first + batch_size]):
             kl = losses.kl_orig_to_patched(clean_logits[j : j + 1], patched_logits[j : j + 1])
-            results[i] = float(kl)
+            # A KL is >= 0; float32 rounding leaves about -1e-7 where the feature does nothing.
+            results[i] = max(0.0, float(kl))
         if progress is not None:
             progress(len(chosen))
     return results

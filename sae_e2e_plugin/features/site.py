@@ -27,6 +27,15 @@ from sae_e2e_plugin.version import __version__
 MARKER = ".sae-e2e-inspect.json"
 """The file that marks a folder as a site written by ``sae-e2e inspect``."""
 _TEMPLATES = Path(__file__).parent / "templates"
+KEY_METRICS = (
+    "ce_loss_increase",
+    "ce_loss_score",
+    "kl_orig_patched",
+    "l0",
+    "alive_fraction",
+    "explained_variance",
+)
+"""The evaluation's numbers shown first on the index; the rest fold away."""
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
@@ -184,6 +193,7 @@ def _index_context(
         "dense": int((freq > views.DENSE_ABOVE).sum()),
         "dense_above": views.DENSE_ABOVE,
         "metrics": _scalar_metrics(metrics),
+        "key_metrics": KEY_METRICS,
         "freq_hist": views.frequency_histogram(freq),
         "l0_hist": views.l0_histogram(stats.l0_counts),
         "compare": compare,
