@@ -162,3 +162,31 @@ def test_a_damaged_eval_json_in_a_sweep_is_named_with_the_fix(tmp_path: Path) ->
         run_row(run_dir, "a", {})
     (run_dir / "training_log.jsonl").write_text('{"step": 1, "l0": 3}\n{"step": 2, "l')
     assert read_training_log(run_dir / "training_log.jsonl") == [{"step": 1, "l0": 3}]
+
+
+def test_the_wandb_config_carries_no_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+    from sae_lens import LoggingConfig
+
+    from sae_e2e_plugin import E2ESAETrainingRunner
+
+    configs: list[dict[str, Any]] = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: configs.append(kwargs["config"]))
+    monkeypatch.setattr(wandb, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(wandb, "finish", lambda: None)
+    monkeypatch.setattr(wandb, "Histogram", lambda *args, **kwargs: None)
+    cfg = make_cfg(
+        tmp_path,
+        training_tokens=2 * 4 * 8,
+        n_eval_batches=0,
+        checkpoint_path=None,
+        output_path=None,
+        model_from_pretrained_kwargs={"token": "hf_do_not_log_me", "revision": "main"},
+        logger=LoggingConfig(log_to_wandb=True),
+    )
+    E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset()).run()
+    (logged,) = configs
+    assert "hf_do_not_log_me" not in json.dumps(logged, default=str)
+    assert logged["model_from_pretrained_kwargs"]["revision"] == "main"  # the rest is kept

@@ -35,6 +35,7 @@ from sae_e2e_plugin.runs.output_folder import (
     hold_folder,
     remove_previous_run,
 )
+from sae_e2e_plugin.runs.run_setup import start_wandb
 from sae_e2e_plugin.runs.runner import (
     E2ESAETrainingRunner,
     objective_metadata,
@@ -196,13 +197,7 @@ class E2EMultiSAETrainingRunner(E2ESAETrainingRunner):
         self._set_metadata()
         self._compile_saes_if_needed()
         if cfg.logger.log_to_wandb and main:
-            wandb.init(
-                project=cfg.logger.wandb_project,
-                entity=cfg.logger.wandb_entity,
-                config=cfg.to_dict(),
-                name=cfg.logger.run_name,
-                id=cfg.logger.wandb_id,
-            )
+            start_wandb(cfg)
         tokens = TokenBatches(self.activations_store, cfg.sequences_per_batch)
         step_pass = MultiStepPass(
             self.model,

@@ -16,6 +16,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
 from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
+from sae_e2e_plugin.config_files import without_secrets
 from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.runs.data_paths import local_dataset
 from sae_e2e_plugin.training.config import E2ERunnerConfig
@@ -139,3 +140,17 @@ def held_out_tokens(
     other = with_dataset(cfg, name)  # a local eval_dataset_path is read and checked too
     eval_store = ActivationsStore.from_config(model, other, override_dataset=local_dataset(other))
     return eval_store.get_batch_tokens(n, move_to_model_device=False)
+
+
+def start_wandb(cfg: E2ERunnerConfig[Any]) -> None:
+    """Start the run's wandb run (rank 0, ``logger.log_to_wandb``), its config logged without
+    credentials (``model_from_pretrained_kwargs`` tokens and the like)."""
+    import wandb
+
+    wandb.init(
+        project=cfg.logger.wandb_project,
+        entity=cfg.logger.wandb_entity,
+        config=without_secrets(cfg.to_dict()),
+        name=cfg.logger.run_name,
+        id=cfg.logger.wandb_id,
+    )

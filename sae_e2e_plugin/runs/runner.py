@@ -47,6 +47,7 @@ from sae_e2e_plugin.runs.run_setup import (
     model_dtype,
     position_filter,
     resolve_builtins,
+    start_wandb,
     warn_if_bf16_is_emulated,
 )
 from sae_e2e_plugin.training.checkpoints import ResumeError, resolve_resume_checkpoint
@@ -198,13 +199,7 @@ class E2ESAETrainingRunner(LanguageModelSAETrainingRunner):
         self._set_sae_metadata()
         self._set_objective_metadata()
         if self.cfg.logger.log_to_wandb and main:
-            wandb.init(
-                project=self.cfg.logger.wandb_project,
-                entity=self.cfg.logger.wandb_entity,
-                config=self.cfg.to_dict(),
-                name=self.cfg.logger.run_name,
-                id=self.cfg.logger.wandb_id,
-            )
+            start_wandb(self.cfg)
         tokens = TokenBatches(self.activations_store, self.cfg.sequences_per_batch)
         # Built for a schedule with local steps only: an all-e2e run draws exactly as before.
         local = (
