@@ -216,11 +216,14 @@ def _check_pretrained(cfg: E2EMultiRunnerConfig[Any]) -> None:
                 f"from {names}."
             )
         unknown = [name for name in mapping if name not in names]
-        bad = [name for name, value in mapping.items() if not isinstance(value, str) or not value]
-        if unknown or bad:
+        if unknown:
             raise ValueError(
-                f"{field_name} names {unknown or bad}, which "
-                f"{'are not among ' + repr(names) if unknown else 'have no source string'}; "
-                f"give {{name: source}} for SAEs of saes ({field_name}=pretrained_sae_ids keys "
-                "must be in pretrained_saes)."
+                f"{field_name} names {unknown}, which are not among {names}; give "
+                "{name: value} with those names."
+            )
+        bad = [name for name, value in mapping.items() if not isinstance(value, str) or not value]
+        if bad:
+            raise ValueError(
+                f"{field_name} names {bad}, which have no source string; give each a folder, "
+                "a hub repo or a SAELens release (and its id in pretrained_sae_ids)."
             )

@@ -153,10 +153,6 @@ class ResolvedObjective:
         inputs = ObjectiveInputs(model, prefix, plan, clean, reconstruction, self.params, timer)
         return self.objective.fn(inputs)
 
-    @property
-    def has_joint_form(self) -> bool:
-        return self.objective.terms is not None
-
     def joint_terms(
         self,
         model: Any,
