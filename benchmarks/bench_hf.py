@@ -3,8 +3,8 @@
 
 The two paths train the same SAE (same initial weights) at the same place in the model:
 ``blocks.L.hook_resid_pre`` on the HookedTransformer is the output of decoder layer L-1,
-``model.layers.{L-1}``, on the Hugging Face model. Each step is ``E2ESAETrainer.step`` as
-``SAETrainer.fit`` calls it (shared prefix, clean continuation, SAE, patched continuation,
+``model.layers.{L-1}``, on the Hugging Face model. Each step is ``E2ETrainer.step`` as
+the runner's training loop calls it (shared prefix, clean continuation, SAE, patched continuation,
 chunked KL, backward, Adam), built by ``E2ESAETrainingRunner`` from one ``E2ERunnerConfig``
 that differs only in ``model_class_name`` and ``hook_name``. Both models live in one process;
 the paths alternate, ``--reps`` times, so a disturbance hits both. Token batches are
@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     OtherLoad,
     bare_trainer,
     machine,
+    one_step,
     package_version,
     step_only_fields,
 )
@@ -79,9 +80,7 @@ def step_fn(args: argparse.Namespace, model: Any, hook: str, path: str) -> Calla
     trainer = bare_trainer(cfg, model, args.batch)
 
     def step(tokens: torch.Tensor) -> dict[str, float]:
-        trainer.maybe_reset_sparsity()
-        output = trainer.step(tokens)
-        trainer.n_training_steps += 1
+        (output,) = one_step(trainer, tokens).values()
         return {name: float(v.detach()) for name, v in output.losses.items()}
 
     return step

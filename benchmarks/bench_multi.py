@@ -5,10 +5,10 @@ with random weights (``common.gpt2_shaped_model``), one standard SAE with 16 × 
 at ``blocks.<layer>.hook_resid_pre`` for each ``--layers`` entry, and identical random token
 batches. A timed step trains every SAE once on the batch:
 
-- ``--mode independent``: ``E2EMultiSAETrainer.step`` with ``splice="independent"`` (shared
+- ``--mode independent``: ``E2ETrainer.step`` with ``splice="independent"`` (shared
   prefix up to the earliest SAE and one clean run; each SAE's own continuation);
 - ``--mode joint``: the same with ``splice="joint"`` (one patched run, one KL);
-- ``--mode singles``: one ``E2ESAETrainer.step`` per SAE on the same batch, one after the other
+- ``--mode singles``: one single-SAE run's ``E2ETrainer.step`` per SAE on the same batch, one after the other
   (what N separate runs compute per batch; their separate processes would also each hold the
   model, which this mode does not count).
 
@@ -42,9 +42,9 @@ from common import (  # noqa: E402
     bare_trainer,
     gpt2_shaped_model,
     machine,
+    one_step,
     package_version,
     peak_rss_bytes,
-    placeholder_dataset,
     step_only_fields,
     token_batches,
 )
@@ -78,9 +78,7 @@ def sae_config(d_model: int) -> Any:
 
 
 def multi_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], float], int]:
-    from sae_e2e_plugin import E2EMultiRunnerConfig, E2EMultiSAETrainingRunner
-    from sae_e2e_plugin.training.multi_step import MultiStepPass
-    from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
+    from sae_e2e_plugin import E2EMultiRunnerConfig
 
     model = gpt2_shaped_model(args.seed, args.shape)
     d_model = model.cfg.d_model
@@ -94,18 +92,10 @@ def multi_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], fl
         splice=args.mode,
         **config_fields(args, d_model),
     )
-    runner = E2EMultiSAETrainingRunner(
-        cfg, override_model=model, override_dataset=placeholder_dataset(args.batch, args.seq)
-    )
-    step_pass = MultiStepPass(
-        runner.model, runner.multi_plan, runner.objective, "fixed", runner.positions
-    )
-    trainer = E2EMultiSAETrainer(cfg.to_sae_trainer_config(), runner.saes, iter(()), step_pass, cfg)
+    trainer = bare_trainer(cfg, model, args.batch)
 
     def step(tokens: torch.Tensor) -> float:
-        outputs = trainer.step(tokens)
-        for inner in trainer.trainers.values():
-            inner.n_training_steps += 1
+        outputs = one_step(trainer, tokens)
         return float(sum(float(out.loss.detach()) for out in outputs.values()))
 
     return step, model.cfg.d_vocab
@@ -128,9 +118,8 @@ def singles_step_fn(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], 
     def step(tokens: torch.Tensor) -> float:
         total = 0.0
         for trainer in trainers:
-            trainer.maybe_reset_sparsity()
-            total += float(trainer.step(tokens).loss.detach())
-            trainer.n_training_steps += 1
+            (output,) = one_step(trainer, tokens).values()
+            total += float(output.loss.detach())
         return total
 
     return step, model.cfg.d_vocab

@@ -26,7 +26,7 @@ config class used only to load a locally trained tlens model); a stub module is 
 ``wandb``, ``python-dotenv``, ``pyyaml`` and ``jaxtyping``, all already dependencies of
 SAELens or this plugin.
 
-``--impl plugin`` runs ``E2ESAETrainer.step`` (as ``SAETrainer.fit`` calls it) built by
+``--impl plugin`` runs ``E2ETrainer.step`` (as the runner's training loop calls it) built by
 ``E2ESAETrainingRunner`` from an ``E2ERunnerConfig`` with a standard SAELens SAE,
 ``loss="e2e"``, the same coefficients (L1 1.5 / d_model, KL 1.0, clip 10) and the
 options given here (``--lm-dtype``, ``--kl-chunk-size``, ``--autocast``).
@@ -64,6 +64,7 @@ from common import (  # noqa: E402
     gpt2_shaped_model,
     limit_address_space,
     machine,
+    one_step,
     package_version,
     peak_device_memory_gib,
     peak_rss_bytes,
@@ -267,13 +268,11 @@ def plugin_step_fn(
     )
     # The trainer names its phases (sae_e2e_plugin.training.timing); --phases times them.
     trainer = bare_trainer(cfg, model, args.batch, timer)
-    trainer.sae.to(cfg.device)
+    for sae in trainer.saes.values():
+        sae.to(cfg.device)
 
     def step(tokens: torch.Tensor) -> float:
-        # What SAETrainer.fit does around E2ESAETrainer.step, minus logging and checkpoints.
-        trainer.maybe_reset_sparsity()
-        output = trainer.step(tokens)
-        trainer.n_training_steps += 1
+        (output,) = one_step(trainer, tokens).values()
         return float(output.loss.detach())
 
     step.checksum = checksum  # type: ignore[attr-defined]

@@ -89,22 +89,30 @@ def step_only_fields(batch: int, seq: int, steps: int, seed: int) -> dict[str, A
 
 
 def bare_trainer(cfg: Any, model: Any, batch: int, timer: Any = None) -> Any:
-    """An ``E2ESAETrainer`` set up as ``E2ESAETrainingRunner(cfg)`` sets it up for ``model``,
-    with no data provider (the benchmark calls ``step`` on its own batches) and no files."""
-    from sae_e2e_plugin import E2ESAETrainer, E2ESAETrainingRunner
+    """The ``E2ETrainer`` that ``E2ESAETrainingRunner(cfg).run()`` (or the multi runner's, for
+    an ``E2EMultiRunnerConfig``) trains with, for ``model``, writing no files; the benchmark
+    calls ``one_step`` on its own batches."""
+    from sae_e2e_plugin import E2EMultiRunnerConfig, E2EMultiSAETrainingRunner, E2ESAETrainingRunner
 
+    several = isinstance(cfg, E2EMultiRunnerConfig)
+    runner_class = E2EMultiSAETrainingRunner if several else E2ESAETrainingRunner
     dataset = placeholder_dataset(batch, cfg.context_size)
-    runner = E2ESAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
-    return E2ESAETrainer(
-        cfg=cfg.to_sae_trainer_config(),
-        sae=runner.sae,
-        data_provider=iter(()),
-        model=runner.model,
-        plan=runner.plan,
-        e2e_cfg=cfg,
-        objective=runner.objective,
-        **({} if timer is None else {"timer": timer}),
-    )
+    runner = runner_class(cfg, override_model=model, override_dataset=dataset)
+    if timer is not None:
+        runner.timer = timer
+    return runner.build_trainer()
+
+
+def one_step(trainer: Any, tokens: torch.Tensor) -> dict[str, Any]:
+    """What ``E2ETrainer.fit`` does around its step, minus logging and checkpoints: each SAE's
+    training output by name."""
+    for inner in trainer.trainers.values():
+        inner.maybe_reset_sparsity()
+    outputs = trainer.step(tokens)
+    for inner in trainer.trainers.values():
+        inner.n_training_steps += 1
+    trainer.n_training_steps += 1
+    return outputs
 
 
 def weights_checksum(model: torch.nn.Module) -> float:

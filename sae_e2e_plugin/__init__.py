@@ -33,8 +33,9 @@ from sae_e2e_plugin.interop.reference import (
 from sae_e2e_plugin.interop.reference_hub import reference_format_loader
 from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
-from sae_e2e_plugin.training.config import E2ERunnerConfig
-from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
+from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig
+from sae_e2e_plugin.training.config.multi_config import E2EMultiRunnerConfig
+from sae_e2e_plugin.training.loop.sae_trainer import E2ESAETrainer, NonFiniteLossError
 from sae_e2e_plugin.training.objectives import (
     ObjectiveInputs,
     ObjectiveOutput,
@@ -42,7 +43,6 @@ from sae_e2e_plugin.training.objectives import (
     register_objective,
 )
 from sae_e2e_plugin.training.timing import PhaseTimer
-from sae_e2e_plugin.training.trainer import E2ESAETrainer, NonFiniteLossError
 from sae_e2e_plugin.version import __version__
 
 __all__ = [

@@ -26,7 +26,7 @@ TRAINER_STATE_FILENAME = "e2e_trainer_state.json"
 
 CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
 """In a checkpoint: written last, so a folder without it is a checkpoint whose writing never
-finished (see ``training.checkpoints``)."""
+finished (see ``training.loop.checkpoints``)."""
 
 GEOMETRY_FILENAME = "geometry.json"
 """Written by a sweep's results next to a finished run's weights: its dictionary's geometry

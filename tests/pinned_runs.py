@@ -175,7 +175,7 @@ from pathlib import Path
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
 from pinned_runs import DISTRIBUTED_CASES, run_case
-from sae_e2e_plugin.training.distributed import launcher_context, shutdown
+from sae_e2e_plugin.training.parallel.distributed import launcher_context, shutdown
 
 out = Path(sys.argv[2])
 for case in DISTRIBUTED_CASES:

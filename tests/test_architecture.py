@@ -70,7 +70,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def group(module: str) -> str:
-    """``sae_e2e_plugin.training.trainer`` → ``training``; the facade is ``""``."""
+    """``sae_e2e_plugin.training.loop.sae_trainer`` → ``training``; the facade is ``""``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -128,7 +128,7 @@ def test_no_import_cycles() -> None:
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
-    trainer, runner = f"{PACKAGE}.training.trainer", f"{PACKAGE}.runs.runner"
+    trainer, runner = f"{PACKAGE}.training.loop.trainer", f"{PACKAGE}.runs.runner"
     # A function-level import is read like a top-level one.
     source = tmp_path / "trainer.py"
     source.write_text(f"def f():\n    from {runner} import E2ESAETrainingRunner\n")

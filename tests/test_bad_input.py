@@ -18,7 +18,7 @@ from sae_lens.registry import get_sae_training_class
 
 from sae_e2e_plugin import E2ESAETrainingRunner
 from sae_e2e_plugin.cli import main
-from sae_e2e_plugin.training.fields import config_from_fields, load_config_file
+from sae_e2e_plugin.training.config.fields import config_from_fields, load_config_file
 
 BATCH = 4 * CONTEXT  # make_cfg's train_batch_size_tokens; make_cfg trains 10 batches
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_e2e_plugin.cli import field_docs, main, parse_field_flags, parse_value
-from sae_e2e_plugin.training.config import E2ERunnerConfig
+from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig
 
 
 def test_values_parse_like_yaml_with_exponent_floats() -> None:

@@ -33,8 +33,8 @@ from sae_e2e_plugin import (
     ObjectiveOutput,
     register_objective,
 )
-from sae_e2e_plugin.training.checkpoints import complete_checkpoints
-from sae_e2e_plugin.training.distributed import (
+from sae_e2e_plugin.training.loop.checkpoints import complete_checkpoints
+from sae_e2e_plugin.training.parallel.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     check_shardable,
@@ -74,8 +74,8 @@ sys.path.insert(0, sys.argv[1])
 from conftest import make_cfg, tiny_model, token_dataset
 from test_distributed import SAE_CONFIGS, CASES, run_config
 from sae_e2e_plugin import E2ESAETrainingRunner
-from sae_e2e_plugin.training.checkpoints import complete_checkpoints
-from sae_e2e_plugin.training.distributed import launcher_context, shutdown
+from sae_e2e_plugin.training.loop.checkpoints import complete_checkpoints
+from sae_e2e_plugin.training.parallel.distributed import launcher_context, shutdown
 
 out, mode = sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
@@ -95,11 +95,11 @@ for arch, loss in cases:
         return export(*args, **kwargs)
     runner.save_final_sae = counted
     sae = runner.run()
-    trainer = runner.trainer
+    trainer = runner.trainer.trainers["sae"]
     torch.save(
         {"sae": sae.state_dict(), "act_freq_scores": trainer.act_freq_scores,
          "n_frac_active_samples": trainer.n_frac_active_samples,
-         "last_losses": trainer.last_losses},
+         "last_losses": runner.trainer.last_losses["sae"]},
         os.path.join(out, f"{name}-rank{rank}.pt"),
     )
 shutdown(launcher_context())
@@ -243,12 +243,14 @@ def test_two_ranks_train_the_sae_one_process_trains(
     # ...and training moved it (equal SAEs that never trained would prove nothing).
     assert (reference["W_enc"] - one_init["W_enc"]).abs().max() > 1e-3
     # Firing statistics count the global batch's rows, as one process does.
-    assert rank0["n_frac_active_samples"] == one.trainer.n_frac_active_samples
+    assert rank0["n_frac_active_samples"] == one.trainer.trainers["sae"].n_frac_active_samples
     all_rows = STEPS * SEQUENCES * CONTEXT
     assert rank0["n_frac_active_samples"] == all_rows or loss == "e2e-excluding"
-    torch.testing.assert_close(rank0["act_freq_scores"], one.trainer.act_freq_scores)
+    torch.testing.assert_close(
+        rank0["act_freq_scores"], one.trainer.trainers["sae"].act_freq_scores
+    )
     # The logged loss terms are the global means.
-    assert rank0["last_losses"] == pytest.approx(one.trainer.last_losses, rel=1e-4)
+    assert rank0["last_losses"] == pytest.approx(one.trainer.last_losses["sae"], rel=1e-4)
     if "batchtopk" in arch:
         assert reference["topk_threshold"] > 0
 
@@ -358,7 +360,8 @@ def test_one_process_without_a_launcher_is_unchanged(tmp_path: Path) -> None:
     for name in ("RANK", "WORLD_SIZE"):
         assert name not in os.environ
     runs = [single_process_run(tmp_path / str(i), "standard", "e2e")[0] for i in range(2)]
-    assert all(type(r.trainer).__name__ == "E2ESAETrainer" for r in runs)
+    assert all(r.trainer is not None and r.trainer.context is None for r in runs)
+    assert all(type(r.trainer.trainers["sae"]).__name__ == "E2ESAETrainer" for r in runs)  # type: ignore[union-attr]
     assert runs[0].context == SINGLE_PROCESS
     for key, value in runs[0].sae.state_dict().items():
         assert torch.equal(value, runs[1].sae.state_dict()[key]), key
@@ -401,7 +404,7 @@ def test_the_command_line_reports_a_failed_peer_in_one_line_and_exits_1(
 ) -> None:
     from sae_e2e_plugin.cli import main
     from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner as Runner
-    from sae_e2e_plugin.training.distributed import PeerFailure
+    from sae_e2e_plugin.training.parallel.distributed import PeerFailure
 
     def without_a_model(self: Runner, cfg: Any) -> None:
         self.context = SINGLE_PROCESS

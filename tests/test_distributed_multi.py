@@ -20,7 +20,7 @@ from test_distributed import SEQUENCES, STEPS, TOLERANCE, launch, wait_for
 from test_multi_sae import ARCHITECTURES, multi_cfg
 
 from sae_e2e_plugin import E2EMultiSAETrainingRunner
-from sae_e2e_plugin.training.checkpoints import complete_checkpoints
+from sae_e2e_plugin.training.loop.checkpoints import complete_checkpoints
 
 HOOKS = {"a": "blocks.0.hook_resid_post", "b": "blocks.1.hook_resid_post"}
 # name: (splice, architectures of "a" and "b", config fields)
@@ -53,8 +53,8 @@ from pathlib import Path
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
 from test_distributed_multi import CASES, runner_for
-from sae_e2e_plugin.training.checkpoints import complete_checkpoints
-from sae_e2e_plugin.training.distributed import launcher_context, shutdown
+from sae_e2e_plugin.training.loop.checkpoints import complete_checkpoints
+from sae_e2e_plugin.training.parallel.distributed import launcher_context, shutdown
 
 out, rank = Path(sys.argv[2]), int(os.environ["RANK"])
 for case in [*CASES, "independent-downstream-resumed"]:
@@ -63,7 +63,7 @@ for case in [*CASES, "independent-downstream-resumed"]:
         (resume,) = complete_checkpoints(out / "independent-downstream" / "checkpoints")
     runner = runner_for(out / case, case.removesuffix("-resumed"), resume)
     saes = runner.run()
-    trainer = runner.multi_trainer
+    trainer = runner.trainer
     torch.save(
         {name: {"sae": sae.state_dict(),
                 "act_freq_scores": trainer.trainers[name].act_freq_scores,
@@ -112,7 +112,7 @@ def test_two_ranks_train_the_saes_one_process_trains(
     one = runner_for(tmp_path, case)
     initial = {name: sae.W_enc.detach().clone() for name, sae in one.saes.items()}
     one.run()
-    assert one.multi_trainer is not None
+    assert one.trainer is not None
     for name in HOOKS:
         # Both ranks hold the same SAE and statistics ...
         for key, value in rank0[name]["sae"].items():
@@ -125,12 +125,12 @@ def test_two_ranks_train_the_saes_one_process_trains(
             torch.testing.assert_close(rank0[name]["sae"][key], value, **TOLERANCE, msg=key)
         # ... after training moved it.
         assert (reference["W_enc"] - initial[name]).abs().max() > 1e-3, name
-        trainer = one.multi_trainer.trainers[name]
+        trainer = one.trainer.trainers[name]
         assert rank0[name]["n_frac_active_samples"] == trainer.n_frac_active_samples
         all_rows = STEPS * SEQUENCES * CONTEXT
         assert (trainer.n_frac_active_samples == all_rows) == ("excluding" not in case)
         torch.testing.assert_close(rank0[name]["act_freq_scores"], trainer.act_freq_scores)
-        expected_losses = one.multi_trainer.last_losses[name]
+        expected_losses = one.trainer.last_losses[name]
         assert rank0[name]["last_losses"] == pytest.approx(expected_losses, rel=1e-4)
 
 

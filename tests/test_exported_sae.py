@@ -89,7 +89,7 @@ def test_without_output_path_the_inference_sae_is_still_what_is_evaluated(
 ) -> None:
     runner = trained(tmp_path, "batchtopk", output_path=None)
     assert not (tmp_path / "output").exists()
-    _, final = runner.eval_history[-1]
+    _, _, final = runner.eval_history[-1]
     runner.sae.save_inference_model(tmp_path / "by_hand")
     exported = sae_lens.SAE.load_from_disk(str(tmp_path / "by_hand"))
     assert final.l0 == pytest.approx(counted_l0(exported, runner), rel=1e-6)
@@ -98,8 +98,8 @@ def test_without_output_path_the_inference_sae_is_still_what_is_evaluated(
 
 def test_periodic_evaluations_still_evaluate_the_training_sae(tmp_path: Path) -> None:
     runner = trained(tmp_path, "batchtopk", eval_every_n_steps=1)
-    steps = [step for step, _ in runner.eval_history]
+    steps = [step for step, _, _ in runner.eval_history]
     assert steps == [1, 2, 3, 3]
     # During training the batch top-k training SAE is evaluated (k per token), at the end the file.
-    assert all(result.l0 == pytest.approx(K) for _, result in runner.eval_history[:-1])
-    assert runner.eval_history[-1][1].l0 > K
+    assert all(result.l0 == pytest.approx(K) for _, _, result in runner.eval_history[:-1])
+    assert runner.eval_history[-1][2].l0 > K

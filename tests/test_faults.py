@@ -31,7 +31,7 @@ from sae_e2e_plugin import (
 from sae_e2e_plugin.cli import EXIT_INTERRUPTED, main
 from sae_e2e_plugin.run_files import CHECKPOINT_COMPLETE_FILENAME
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
-from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
+from sae_e2e_plugin.training.loop.checkpoints import CheckpointWriteError
 
 TESTS = Path(__file__).parent
 STEP_TOKENS = 4 * CONTEXT

@@ -139,25 +139,21 @@ def _ht_fields(tmp_path: Path) -> dict[str, Any]:
 )
 def test_every_pair_of_options_trains_and_exports(tmp_path: Path, case: dict[str, Any]) -> None:
     runner = _runner(tmp_path, case)
-    saes = getattr(runner, "saes", None) or {"": runner.sae}
-    before = {name: _state(sae) for name, sae in saes.items()}
+    several = runner.trains_several_saes
+    before = {name: _state(sae) for name, sae in runner.saes.items()}
     runner.run()
-    trainer = getattr(runner, "multi_trainer", None) or runner.trainer
-    losses = trainer.last_losses
-    values = (
-        [v for terms in losses.values() for v in terms.values()]
-        if saes.keys() != {""}
-        else list(losses.values())
-    )
+    assert runner.trainer is not None
+    losses = runner.trainer.last_losses
+    values = [v for terms in losses.values() for v in terms.values()]
     assert values and all(math.isfinite(v) for v in values), losses
-    for name, sae in saes.items():
+    for name, sae in runner.saes.items():
         moved = [k for k, v in _state(sae).items() if not torch.equal(v, before[name][k])]
         assert moved, f"SAE {name!r} did not train"
-        loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "output" / name))
+        loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "output" / (name if several else "")))
         seqpos = (1, None) if case["positions"] == "from-1" else (None,)
         assert tuple(loaded.cfg.metadata.seqpos_slice or (None,)) == seqpos
         assert loaded.cfg.metadata.hook_name == (
-            HOOKS[case["family"]][1] if name in ("", "b") else HOOKS[case["family"]][0]
+            HOOKS[case["family"]][1] if name in ("sae", "b") else HOOKS[case["family"]][0]
         )
 
 

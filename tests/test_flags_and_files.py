@@ -15,7 +15,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_e2e_plugin.cli import main, parse_field_flags
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
 from sae_e2e_plugin.runs.sweep import load_sweep_file
-from sae_e2e_plugin.training.fields import config_from_fields
+from sae_e2e_plugin.training.config.fields import config_from_fields
 
 BASE = ["--model_name", "tiny", "--hook_name", "blocks.1.hook_resid_pre", "--dataset_path", "x"]
 BASE += ["--sae.d_in", "16", "--sae.d_sae", "32", "--training_tokens", "409600"]

@@ -16,8 +16,8 @@ from conftest import CONTEXT, make_cfg, tiny_model, token_dataset
 from sae_e2e_plugin import E2ESAETrainingRunner
 from sae_e2e_plugin.cli import main
 from sae_e2e_plugin.run_files import DiskFullError, atomic_write_text
-from sae_e2e_plugin.training.checkpoints import ResumeError
-from sae_e2e_plugin.training.training_log import append_row, truncate_after
+from sae_e2e_plugin.training.loop.checkpoints import ResumeError
+from sae_e2e_plugin.training.loop.training_log import append_row, truncate_after
 
 STEP_TOKENS = 4 * CONTEXT
 BASE = ["--hook_name", "blocks.1.hook_resid_pre", "--dataset_path", "x", "--sae.d_in", "16"]

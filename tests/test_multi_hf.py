@@ -22,7 +22,6 @@ from sae_e2e_plugin import (
     E2ESAETrainingRunner,
     evaluate_sae,
 )
-from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 HOOKS = {"early": "model.layers.0", "late": "model.layers.1"}
 STEPS = 12
@@ -162,17 +161,8 @@ def test_independent_gradients_on_a_hf_model_equal_single_runs_at_each_hook(
             override_dataset=token_dataset(),
             override_sae=initial[name],
         )
-        one = E2ESAETrainer(
-            cfg=single.cfg.to_sae_trainer_config(),
-            sae=initial[name],
-            data_provider=iter(()),
-            model=single.model,
-            plan=single.plan,
-            e2e_cfg=single.cfg,
-            objective=single.objective,
-        )
-        one._apply_gradients = lambda: None  # type: ignore[method-assign]  # gradients only
-        one._e2e_train_step(tokens)
+        one = single.build_trainer()
+        one.step_pass.run(tokens, one.trainers)  # the gradients, no update
         for param, value in initial[name].named_parameters():
             got = dict(runner.saes[name].named_parameters())[param].grad
             assert value.grad is not None and got is not None and value.grad.abs().max() > 0
@@ -191,7 +181,7 @@ from pathlib import Path
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
 from test_multi_hf import multi_runner
-from sae_e2e_plugin.training.distributed import launcher_context, shutdown
+from sae_e2e_plugin.training.parallel.distributed import launcher_context, shutdown
 
 out = Path(sys.argv[2])
 for splice in ("joint", "independent"):

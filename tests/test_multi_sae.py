@@ -32,10 +32,9 @@ from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
 from sae_e2e_plugin.runs import multi_runner as multi_runner_module
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
-from sae_e2e_plugin.training.distributed import SINGLE_PROCESS
-from sae_e2e_plugin.training.multi_step import MultiStepPass
-from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
-from sae_e2e_plugin.training.trainer import E2ESAETrainer
+from sae_e2e_plugin.training.loop.step_pass import StepPass
+from sae_e2e_plugin.training.loop.trainer import E2ETrainer
+from sae_e2e_plugin.training.parallel.distributed import SINGLE_PROCESS
 
 ARCHITECTURES: dict[str, Any] = {
     "standard": lambda: sae_cfg(),
@@ -87,13 +86,9 @@ def multi_runner(tmp_path: Path, saes: dict[str, Any], hooks: Any, splice: str, 
     return E2EMultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
 
 
-def bare_trainer(runner: E2EMultiSAETrainingRunner) -> E2EMultiSAETrainer:
-    step = MultiStepPass(
-        runner.model, runner.multi_plan, runner.objective, "fixed", runner.positions
-    )
-    return E2EMultiSAETrainer(
-        runner.cfg.to_sae_trainer_config(), runner.saes, iter(()), step, runner.cfg
-    )
+def bare_trainer(runner: E2EMultiSAETrainingRunner) -> E2ETrainer:
+    step = StepPass(runner.model, runner.plan, runner.objective, "fixed", runner.positions)
+    return E2ETrainer(runner.cfg.to_sae_trainer_config(), runner.saes, iter(()), step, runner.cfg)
 
 
 def batch(seed: int = 7) -> torch.Tensor:
@@ -183,24 +178,15 @@ def test_independent_gradients_equal_single_runs_at_each_hook(
             override_dataset=token_dataset(),
             override_sae=single_sae,
         )
-        trainer = E2ESAETrainer(
-            cfg=single.cfg.to_sae_trainer_config(),
-            sae=single_sae,
-            data_provider=iter(()),
-            model=single.model,
-            plan=single.plan,
-            e2e_cfg=single.cfg,
-            objective=single.objective,
-        )
-        trainer._apply_gradients = lambda: None  # type: ignore[method-assign]  # grads only
-        trainer._e2e_train_step(tokens)
+        trainer = single.build_trainer()
+        trainer.step_pass.run(tokens, trainer.trainers)  # the gradients, no update
         expected, got = grads(single_sae), grads(runner.saes[name])
         assert expected.keys() == got.keys() and len(got) == 4
         for param in expected:
             assert expected[param].abs().max() > 0, (name, param)
             torch.testing.assert_close(got[param], expected[param], rtol=1e-5, atol=1e-7)
-    first = runner.multi_plan.names[0]  # the earliest hook: every block output after it
-    assert runner.multi_plan.plans[first].downstream_hooks == tuple(
+    first = runner.plan.names[0]  # the earliest hook: every block output after it
+    assert runner.plan.plans[first].downstream_hooks == tuple(
         f"blocks.{k}.hook_resid_post" for k in range(3)
     )
 
@@ -393,7 +379,7 @@ def test_resume_ends_with_the_same_weights_for_every_sae(tmp_path: Path) -> None
         **common,
     )
     resumed.run()
-    assert resumed.multi_trainer.n_steps_taken == full.multi_trainer.n_steps_taken == 6
+    assert resumed.trainer.n_steps_taken == full.trainer.n_steps_taken == 6
     for name in saes:
         for (key, a), (_, b) in zip(
             full.saes[name].state_dict().items(),
@@ -401,8 +387,8 @@ def test_resume_ends_with_the_same_weights_for_every_sae(tmp_path: Path) -> None
             strict=True,
         ):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
-        lr = resumed.multi_trainer.trainers[name].optimizer.param_groups[0]["lr"]
-        assert lr == full.multi_trainer.trainers[name].optimizer.param_groups[0]["lr"]
+        lr = resumed.trainer.trainers[name].optimizer.param_groups[0]["lr"]
+        assert lr == full.trainer.trainers[name].optimizer.param_groups[0]["lr"]
 
 
 def test_resuming_with_other_saes_is_refused(tmp_path: Path) -> None:
@@ -413,8 +399,20 @@ def test_resuming_with_other_saes_is_refused(tmp_path: Path) -> None:
     full = multi_runner(tmp_path / "a", {"a": sae_cfg(), "b": sae_cfg()}, hooks, "joint", **common)
     full.run()
     (checkpoint,) = [p for p in Path(full.cfg.checkpoint_path).iterdir() if p.is_dir()]
+    # Refused before anything runs: the checkpoint's config names the changed field.
+    with pytest.raises(ValueError, match=r"splice: 'joint' -> 'independent'"):
+        multi_runner(
+            tmp_path / "b",
+            {"a": sae_cfg(), "b": sae_cfg()},
+            hooks,
+            "independent",
+            resume_from_checkpoint=str(checkpoint),
+            **common,
+        )
+    # A checkpoint of other SAEs, its config record gone: its own state names them.
+    (checkpoint / "runner_cfg.json").unlink()
     other = multi_runner(
-        tmp_path / "b",
+        tmp_path / "c",
         {"a": sae_cfg(), "b": sae_cfg()},
         hooks,
         "independent",
@@ -624,7 +622,7 @@ def test_a_bf16_model_trains_float32_saes_on_selected_positions(
         assert all(p.dtype == torch.float32 for p in sae.parameters()), name
         assert all(torch.isfinite(p).all() for p in sae.parameters()), name
         # Two of the 8 positions are never read: the dead-feature statistics count 6 per row.
-        assert runner.multi_trainer.trainers[name].n_frac_active_samples == 2 * 4 * 6
+        assert runner.trainer.trainers[name].n_frac_active_samples == 2 * 4 * 6
         assert runner.eval_results[name].n_spliced == 4 * 6
 
 
@@ -637,21 +635,21 @@ def test_sigint_finishes_the_step_checkpoints_every_sae_and_resumes_exactly(
     common: dict[str, Any] = dict(
         training_tokens=5 * 4 * CONTEXT, n_eval_batches=0, dataset=dataset
     )
-    real_step = E2EMultiSAETrainer.step
+    real_step = E2ETrainer.step
 
-    def sigint_during_third_step(trainer: E2EMultiSAETrainer, tokens: torch.Tensor) -> Any:
+    def sigint_during_third_step(trainer: E2ETrainer, tokens: torch.Tensor) -> Any:
         output = real_step(trainer, tokens)
         if trainer.n_steps_taken == 3:
             signal.raise_signal(signal.SIGINT)  # handled: the step finishes, then training stops
         return output
 
-    monkeypatch.setattr(E2EMultiSAETrainer, "step", sigint_during_third_step)
+    monkeypatch.setattr(E2ETrainer, "step", sigint_during_third_step)
     interrupted = multi_runner(tmp_path / "a", saes, hooks, "joint", **common)
     with pytest.raises(KeyboardInterrupt) as stopped:
         interrupted.run()
     checkpoint = stopped.value.checkpoint  # type: ignore[attr-defined]
     assert checkpoint is not None and checkpoint.name == str(3 * 4 * CONTEXT)
-    monkeypatch.setattr(E2EMultiSAETrainer, "step", real_step)
+    monkeypatch.setattr(E2ETrainer, "step", real_step)
     resumed = multi_runner(
         tmp_path / "b", saes, hooks, "joint", resume_from_checkpoint=str(checkpoint), **common
     )
@@ -733,10 +731,11 @@ def test_evaluation_during_training_measures_each_sae_and_the_joint_suite(tmp_pa
         eval_every_n_steps=2,
     )
     runner.run()
-    seen = [(step, name) for step, name, _ in runner.multi_eval_history]
-    assert seen == [(2, "a"), (2, "b"), (2, "joint"), (4, "a"), (4, "b"), (4, "joint")]
+    seen = [(step, name) for step, name, _ in runner.eval_history]
+    during = [(2, "a"), (2, "b"), (2, "joint"), (4, "a"), (4, "b"), (4, "joint")]
+    assert seen == during + [(4, "a"), (4, "b"), (4, "joint")]  # then the exported SAEs'
     # After the last step the training SAEs are the exported ones: the same numbers.
-    last_joint = runner.multi_eval_history[-1][2]
+    last_joint = runner.eval_history[len(during) - 1][2]
     assert runner.joint_eval is not None
     assert last_joint.kl_orig_patched == pytest.approx(runner.joint_eval.kl_orig_patched, rel=1e-5)
 
@@ -770,6 +769,8 @@ def test_wandb_rows_carry_every_sae_under_its_name(
     monkeypatch.setattr(wandb, "init", lambda **kw: calls["init"].append(kw))
     monkeypatch.setattr(wandb, "log", lambda row, step: calls["log"].append((step, row)))
     monkeypatch.setattr(wandb, "finish", lambda: calls["finish"].append(True))
+    uploads: list[str] = []
+    monkeypatch.setattr(wandb, "log_artifact", lambda art, aliases=None: uploads.append(art.name))
     hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
     runner = multi_runner(
         tmp_path,
@@ -785,6 +786,13 @@ def test_wandb_rows_carry_every_sae_under_its_name(
     (init,) = calls["init"]
     assert init["project"] == "p" and init["config"]["splice"] == "joint"
     assert calls["finish"] == [True]
+    # Each SAE's export is uploaded under its own name (weights, then sparsity).
+    names = [runner.saes[n].get_name() for n in hooks]
+    assert names[0] != names[1]
+    assert uploads == [names[0], f"{names[0]}_log_feature_sparsity"] + [
+        names[1],
+        f"{names[1]}_log_feature_sparsity",
+    ]
     train_rows = [(step, row) for step, row in calls["log"] if "a/losses/kl_loss" in row]
     assert [step for step, _ in train_rows] == [1, 3]  # every second step
     for _, row in train_rows:

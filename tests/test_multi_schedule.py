@@ -14,7 +14,7 @@ from conftest import CONTEXT, D_MODEL, token_dataset
 from sae_lens.training.sae_trainer import SAETrainer
 from test_multi_sae import multi_runner, sae_cfg
 
-from sae_e2e_plugin.training.multi_trainer import E2EMultiSAETrainer
+from sae_e2e_plugin.training.loop.trainer import E2ETrainer
 
 HOOKS = {"a": "blocks.0.hook_resid_post", "b": "blocks.2.hook_resid_pre"}
 STEPS = 8
@@ -38,9 +38,9 @@ def test_the_local_phase_moves_each_sae_by_saelens_own_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[Any] = []
-    original = E2EMultiSAETrainer.step
+    original = E2ETrainer.step
 
-    def spy(trainer: E2EMultiSAETrainer, batch: Any) -> Any:
+    def spy(trainer: E2ETrainer, batch: Any) -> Any:
         seen.append(copy.deepcopy(batch) if isinstance(batch, dict) else batch.clone())
         if len(seen) == 1:  # each SAE's state before the first local step
             # SAELens' plain trainer of a copy of each SAE, as it stands before the step.
@@ -59,10 +59,10 @@ def test_the_local_phase_moves_each_sae_by_saelens_own_step(
 
     before: dict[str, SAETrainer[Any, Any]] = {}
     after: dict[str, dict[str, torch.Tensor]] = {}
-    monkeypatch.setattr(E2EMultiSAETrainer, "step", spy)
+    monkeypatch.setattr(E2ETrainer, "step", spy)
     runner = runner_for(tmp_path)
     runner.run()
-    trainer = runner.multi_trainer
+    trainer = runner.trainer
     # 4 local steps on {hook: [sequences × positions, d_in]}, then 4 e2e steps on tokens.
     assert [type(b).__name__ for b in seen] == ["dict"] * 4 + ["Tensor"] * 4
     assert all(set(b) == set(HOOKS.values()) for b in seen[:4])
@@ -103,15 +103,15 @@ def test_a_schedule_with_positions_trains_several_saes_on_the_selected_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shapes: list[Any] = []
-    original = E2EMultiSAETrainer.step
+    original = E2ETrainer.step
 
-    def spy(trainer: E2EMultiSAETrainer, batch: Any) -> Any:
+    def spy(trainer: E2ETrainer, batch: Any) -> Any:
         shapes.append(
             {h: tuple(v.shape) for h, v in batch.items()} if isinstance(batch, dict) else None
         )
         return original(trainer, batch)
 
-    monkeypatch.setattr(E2EMultiSAETrainer, "step", spy)
+    monkeypatch.setattr(E2ETrainer, "step", spy)
     runner_for(tmp_path, "independent", seqpos_slice=(1, None), n_batches_in_buffer=4).run()
     rows = 4 * (CONTEXT - 1)
     assert shapes[:4] == [{h: (rows, D_MODEL) for h in HOOKS.values()}] * 4
@@ -123,8 +123,13 @@ def test_resume_with_another_schedule_is_refused(tmp_path: Path) -> None:
     (checkpoint,) = [
         p for p in Path(full.cfg.checkpoint_path).iterdir() if not p.name.startswith(".")
     ]
+    # The checkpoint's config names the changed field before anything runs.
+    with pytest.raises(ValueError, match=r"e2e_fraction: 0.5 -> 0.25"):
+        runner_for(tmp_path / "other", e2e_fraction=0.25, resume_from_checkpoint=str(checkpoint))
+    # Without that record, the checkpoint's own schedule refuses it.
+    (checkpoint / "runner_cfg.json").unlink()
     other = runner_for(
-        tmp_path / "other", e2e_fraction=0.25, resume_from_checkpoint=str(checkpoint)
+        tmp_path / "again", e2e_fraction=0.25, resume_from_checkpoint=str(checkpoint)
     )
-    with pytest.raises(ValueError, match="e2e_fraction"):
+    with pytest.raises(ValueError, match="first e2e step|first end-to-end step"):
         other.run()

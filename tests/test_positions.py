@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import CONTEXT, D_MODEL, make_cfg, tiny_model, token_dataset
 from sae_lens import StandardTrainingSAEConfig
 
-from sae_e2e_plugin import E2ESAETrainer, E2ESAETrainingRunner, evaluate_sae
+from sae_e2e_plugin import E2ESAETrainingRunner, evaluate_sae
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.positions import PositionFilter, selected_positions
 from sae_e2e_plugin.core.splice import logits_from_final_resid, run_clean, run_patched, run_prefix
@@ -24,18 +24,9 @@ def runner(tmp_path: Path, **overrides: Any) -> E2ESAETrainingRunner:
     return E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
 
 
-def trainer_without_updates(run: E2ESAETrainingRunner) -> tuple[E2ESAETrainer, dict[str, Any]]:
+def trainer_without_updates(run: E2ESAETrainingRunner) -> tuple[Any, dict[str, Any]]:
     """A trainer whose step records the reconstruction and the SAE's gradients, and steps nothing."""
-    trainer = E2ESAETrainer(
-        cfg=run.cfg.to_sae_trainer_config(),
-        sae=run.sae,
-        data_provider=iter(()),
-        model=run.model,
-        plan=run.plan,
-        e2e_cfg=run.cfg,
-        objective=run.objective,
-        positions=run.positions,
-    )
+    trainer = run.build_trainer()
     seen: dict[str, Any] = {}
 
     class Spy:
@@ -53,12 +44,12 @@ def trainer_without_updates(run: E2ESAETrainingRunner) -> tuple[E2ESAETrainer, d
     def record_gradients() -> None:
         # The step pass has run the backward pass; record its gradients, step nothing.
         seen["grads"] = {
-            n: p.grad.clone() for n, p in trainer.sae.named_parameters() if p.grad is not None
+            n: p.grad.clone() for n, p in run.sae.named_parameters() if p.grad is not None
         }
-        trainer.optimizer.zero_grad()
+        trainer.trainers["sae"].optimizer.zero_grad()
 
     trainer.step_pass.objective = Spy()  # type: ignore[assignment]
-    trainer._apply_gradients = record_gradients  # type: ignore[method-assign]
+    trainer.trainers["sae"]._apply_gradients = record_gradients
     return trainer, seen
 
 
@@ -74,9 +65,11 @@ def test_position_zero_keeps_its_clean_activation_and_gives_no_gradient(tmp_path
     model, sae = run.model, run.sae
     sae.zero_grad()
     prefix = run_prefix(model, tokens, run.plan.start_layer)
-    clean = run_clean(model, prefix, run.plan)
+    clean = run_clean(model, prefix, run.plan.plans["sae"])
     rows = sae(clean.acts[:, 1:].reshape(-1, D_MODEL)).reshape(4, CONTEXT - 1, D_MODEL)
-    patched = run_patched(model, prefix, run.plan, torch.cat([clean.acts[:, :1], rows], dim=1))
+    patched = run_patched(
+        model, prefix, run.plan.plans["sae"], torch.cat([clean.acts[:, :1], rows], dim=1)
+    )
     assert clean.final_resid is not None
     kl = kl_orig_to_patched(
         logits_from_final_resid(model, clean.final_resid),
@@ -100,13 +93,13 @@ def test_excluded_token_ids_mask_exactly_their_positions(tmp_path: Path) -> None
     assert run.positions.excluded_ids == (0, 1)
     trainer, _ = trainer_without_updates(run)
     rows: list[int] = []
-    forward = trainer.sae.training_forward_pass
+    forward = run.sae.training_forward_pass
 
     def count(step_input: Any) -> Any:
         rows.append(step_input.sae_in.shape[0])
         return forward(step_input=step_input)
 
-    trainer.sae.training_forward_pass = count  # type: ignore[method-assign]
+    run.sae.training_forward_pass = count  # type: ignore[method-assign]
     batch = torch.tensor(token_dataset(n_rows=4, seed=2)["tokens"])
     trainer.step(batch)
     assert rows == [int((batch > 1).sum())] and rows[0] < batch.numel()
@@ -126,12 +119,12 @@ def test_evaluation_on_a_slice_equals_a_hand_computation(tmp_path: Path) -> None
     )
     with torch.no_grad():
         prefix = run_prefix(model, tokens, run.plan.start_layer)
-        clean = run_clean(model, prefix, run.plan)
+        clean = run_clean(model, prefix, run.plan.plans["sae"])
         chosen = clean.acts[:, 2:].reshape(-1, D_MODEL)
         features = sae.encode(chosen)
         recon = sae.decode(features)
         spliced = torch.cat([clean.acts[:, :2], recon.reshape(3, CONTEXT - 2, D_MODEL)], dim=1)
-        patched = run_patched(model, prefix, run.plan, spliced)
+        patched = run_patched(model, prefix, run.plan.plans["sae"], spliced)
         assert clean.final_resid is not None
         kl = kl_orig_to_patched(
             logits_from_final_resid(model, clean.final_resid),
@@ -141,7 +134,7 @@ def test_evaluation_on_a_slice_equals_a_hand_computation(tmp_path: Path) -> None
         ev = (1 - (recon - chosen).pow(2).sum(-1) / spread).mean()
         # The baseline zeroes what the SAE replaces: positions 0 and 1 stay clean.
         zeroed = torch.cat([clean.acts[:, :2], torch.zeros_like(clean.acts[:, 2:])], dim=1)
-        ablated = run_patched(model, prefix, run.plan, zeroed)
+        ablated = run_patched(model, prefix, run.plan.plans["sae"], zeroed)
         ablated_logits = logits_from_final_resid(model, ablated.final_resid)
         ce_ablated = F.cross_entropy(
             ablated_logits[:, :-1].reshape(-1, ablated_logits.shape[-1]).float(),
@@ -176,4 +169,4 @@ def test_the_export_records_the_positions_and_training_runs(tmp_path: Path) -> N
     meta = run.sae.cfg.metadata
     assert meta.e2e_objective["seqpos_slice"] == [1, None]
     assert meta.e2e_objective["excluded_token_ids"] == [0]
-    assert run.eval_history[-1][1].n_spliced < run.eval_history[-1][1].n_tokens
+    assert run.eval_history[-1][2].n_spliced < run.eval_history[-1][2].n_tokens

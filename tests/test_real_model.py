@@ -351,7 +351,7 @@ def test_pretrained_sae_fine_tunes_on_the_hf_model(
     torch.testing.assert_close(runner.sae.W_enc, start.W_enc)  # it starts from the file
     runner.run()
     assert not torch.allclose(runner.sae.W_enc, start.W_enc)
-    terms = runner.trainer.last_losses if runner.trainer else {}
+    terms = runner.trainer.last_losses["sae"] if runner.trainer else {}
     assert "downstream_mse_loss/model.layers.29" in terms and terms["kl_loss"] > 0
     assert json.loads((tmp_path / "tuned" / "eval.json").read_text())["hook_name"] == HF_HOOK
 
@@ -382,6 +382,6 @@ def test_local_loss_trains_on_the_hf_model(hf_model: Any, fixed_batch: Dataset) 
     runner = E2ESAETrainingRunner(cfg, override_model=hf_model, override_dataset=rows)
     runner.run()
     assert runner.trainer is not None
-    first, last = runner.trainer.first_losses, runner.trainer.last_losses
+    first, last = runner.trainer.first_losses["sae"], runner.trainer.last_losses["sae"]
     # Measured: 5.48e7 -> 4.46e7 in 6 steps (residuals of this model are large).
     assert "kl_loss" not in last and last["mse_loss"] < 0.9 * first["mse_loss"], (first, last)

@@ -10,8 +10,8 @@ from conftest import CONTEXT, D_MODEL, make_cfg, tiny_model, token_dataset
 from sae_lens import StandardTrainingSAEConfig, TopKTrainingSAEConfig
 
 from sae_e2e_plugin import E2ESAETrainingRunner
-from sae_e2e_plugin.training.checkpoints import ResumeError
-from sae_e2e_plugin.training.run_identity import run_identity
+from sae_e2e_plugin.training.loop.checkpoints import ResumeError
+from sae_e2e_plugin.training.loop.run_identity import run_identity
 
 STEP_TOKENS = 4 * CONTEXT
 

@@ -13,7 +13,7 @@ from conftest import CONTEXT, make_cfg, tiny_model, token_dataset
 import sae_e2e_plugin.runs.runner as runner_module
 from sae_e2e_plugin import E2ESAETrainingRunner
 from sae_e2e_plugin.cli import parse_field_flags
-from sae_e2e_plugin.training.fields import config_from_fields
+from sae_e2e_plugin.training.config.fields import config_from_fields
 
 STEPS = 3
 

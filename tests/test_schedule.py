@@ -19,9 +19,10 @@ from test_trainer import ARCHITECTURES
 
 from sae_e2e_plugin import E2ESAETrainingRunner
 from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches
+from sae_e2e_plugin.training.loop.sae_trainer import E2ESAETrainer
+from sae_e2e_plugin.training.loop.schedule import plan_schedule
+from sae_e2e_plugin.training.loop.trainer import E2ETrainer
 from sae_e2e_plugin.training.objectives import ObjectiveOutput, combine_terms
-from sae_e2e_plugin.training.schedule import plan_schedule
-from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 BATCH = 4 * CONTEXT  # tokens per step in make_cfg
 STEPS = 10
@@ -87,17 +88,17 @@ def test_e2e_fraction_one_is_the_all_e2e_run(tmp_path: Path) -> None:
     explicit.run()
     assert_same_weights(weights(default), weights(explicit))
     assert explicit.trainer is not None and explicit.trainer.local_data is None
-    assert isinstance(explicit.trainer.data_provider, TokenBatches)
+    assert isinstance(explicit.trainer.tokens, TokenBatches)
 
 
 def test_half_schedule_reads_activations_then_tokens_in_exact_amounts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[str, tuple[int, ...], torch.dtype, float]] = []
-    original = E2ESAETrainer.step
+    original = E2ETrainer.step
 
-    def spy(trainer: E2ESAETrainer, batch: torch.Tensor) -> TrainStepOutput:
-        lr = trainer.optimizer.param_groups[0]["lr"]
+    def spy(trainer: E2ETrainer, batch: torch.Tensor) -> dict[str, TrainStepOutput]:
+        lr = trainer.trainers["sae"].optimizer.param_groups[0]["lr"]
         seen.append(
             (trainer.schedule.phase(trainer.n_steps_taken), tuple(batch.shape), batch.dtype, lr)
         )
@@ -106,7 +107,7 @@ def test_half_schedule_reads_activations_then_tokens_in_exact_amounts(
         return original(trainer, batch)
 
     first_tokens: list[torch.Tensor] = []
-    monkeypatch.setattr(E2ESAETrainer, "step", spy)
+    monkeypatch.setattr(E2ETrainer, "step", spy)
     runner = runner_for(tmp_path, e2e_fraction=0.5)
     runner.run()
     trainer = runner.trainer
@@ -125,7 +126,8 @@ def test_half_schedule_reads_activations_then_tokens_in_exact_amounts(
     # One optimizer and one LR schedule across the switch.
     lrs = [s[3] for s in seen]
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
-    adam_steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    optimizer = trainer.trainers["sae"].optimizer
+    adam_steps = {int(state["step"]) for state in optimizer.state.values()}
     assert adam_steps == {STEPS}
     rows_logged = [json.loads(line) for line in (tmp_path / "output" / "training_log.jsonl").open()]
     assert [r["phase"] for r in rows_logged] == ["local"] * 5 + ["e2e"] * 5
@@ -140,19 +142,10 @@ def test_the_local_step_is_saelens_own_step(tmp_path: Path) -> None:
         sae=copy.deepcopy(runner.sae),
         data_provider=iter(()),
     )
-    ours = E2ESAETrainer(
-        cfg=runner.cfg.to_sae_trainer_config(),
-        sae=runner.sae,
-        data_provider=iter(()),
-        model=runner.model,
-        plan=runner.plan,
-        e2e_cfg=runner.cfg,
-        objective=runner.objective,
-        local_data=BufferedActivations(runner.activations_store, 0, runner.cfg.sequences_per_batch),
-    )
+    ours = E2ESAETrainer(runner.cfg.to_sae_trainer_config(), runner.sae)
     for _ in range(2):
         expected = theirs.step(activations)
-        got = ours.step(activations)
+        got = ours.local_step(activations, runner.cfg.train_batch_size_tokens)
         assert got.losses.keys() == expected.losses.keys()
         assert torch.equal(got.loss, expected.loss)
     assert_same_weights(
@@ -285,13 +278,13 @@ def test_a_schedule_with_positions_trains_locally_on_the_selected_rows(
     # than a batch of sequences × context_size rows, and SAELens raised "Buffer size must be
     # greater than or equal to batch size" at the first local step.
     shapes: list[tuple[int, ...]] = []
-    original = E2ESAETrainer.step
+    original = E2ETrainer.step
 
-    def spy(trainer: E2ESAETrainer, batch: torch.Tensor) -> TrainStepOutput:
+    def spy(trainer: E2ETrainer, batch: torch.Tensor) -> dict[str, TrainStepOutput]:
         shapes.append(tuple(batch.shape))
         return original(trainer, batch)
 
-    monkeypatch.setattr(E2ESAETrainer, "step", spy)
+    monkeypatch.setattr(E2ETrainer, "step", spy)
     runner = runner_for(tmp_path, e2e_fraction=0.5, n_batches_in_buffer=4, **positions)
     runner.run()
     trainer = runner.trainer

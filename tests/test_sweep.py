@@ -292,7 +292,7 @@ COSINE_PLOTS = ("cosine_within.png", "cosine_across.png")
 
 def _cfg_for(spec: dict[str, Any], run_dir: Path, **extra: Any) -> Any:
     from sae_e2e_plugin.runs.sweep import _run_fields, expand_grid
-    from sae_e2e_plugin.training.fields import config_from_fields
+    from sae_e2e_plugin.training.config.fields import config_from_fields
 
     fields = _run_fields(spec["base"], expand_grid(spec["grid"])[0], run_dir)
     return config_from_fields({**fields, **extra})

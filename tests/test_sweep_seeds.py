@@ -23,7 +23,7 @@ from sae_e2e_plugin.analysis.seeds import (
     seeds_markdown,
 )
 from sae_e2e_plugin.runs.sweep import expand_grid, load_sweep_file, run_sweep
-from sae_e2e_plugin.training.fields import config_from_fields, merge_fields, nest_dotted
+from sae_e2e_plugin.training.config.fields import config_from_fields, merge_fields, nest_dotted
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -18,7 +18,6 @@ from datasets import Dataset
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin import (
-    E2ESAETrainer,
     E2ESAETrainingRunner,
     NonFiniteLossError,
     ObjectiveInputs,
@@ -86,7 +85,8 @@ def test_step_freezes_the_model_and_moves_every_sae_parameter(tmp_path: Path) ->
     for name, param in runner.sae.named_parameters():
         assert not torch.equal(param, sae_before[name]), f"SAE parameter {name} did not change"
     assert runner.trainer is not None
-    optimised = {id(p) for g in runner.trainer.optimizer.param_groups for p in g["params"]}
+    optimizer = runner.trainer.trainers["sae"].optimizer
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for p in runner.sae.parameters()}
 
 
@@ -245,7 +245,7 @@ def test_resume_continues_counters_and_ends_with_the_same_weights(tmp_path: Path
         seen.update(
             steps=trainer.n_training_steps,
             samples=trainer.n_training_samples,
-            lr=trainer.optimizer.param_groups[0]["lr"],
+            lr=trainer.trainers["sae"].optimizer.param_groups[0]["lr"],
             sequences=trainer.n_sequences_consumed,
         )
         return original_fit(trainer)
@@ -294,7 +294,7 @@ def test_training_log_has_one_row_per_step_with_the_terms_and_batch_l0(tmp_path:
         assert row["total_loss"] == pytest.approx(sum(terms), rel=1e-5)
         assert 0 < row["l0"] <= runner.sae.cfg.d_sae
     assert runner.trainer is not None
-    assert rows[-1]["total_loss"] == pytest.approx(runner.trainer.last_losses["total_loss"])
+    assert rows[-1]["total_loss"] == pytest.approx(runner.trainer.last_losses["sae"]["total_loss"])
 
 
 _nan_calls = itertools.count()
@@ -390,15 +390,6 @@ def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None
     from sae_e2e_plugin.training.objectives import ObjectiveOutput, combine_terms
 
     runner = runner_for(tmp_path)
-    trainer = E2ESAETrainer(
-        cfg=runner.cfg.to_sae_trainer_config(),
-        sae=runner.sae,
-        data_provider=iter(()),
-        model=runner.model,
-        plan=runner.plan,
-        e2e_cfg=runner.cfg,
-        objective=runner.objective,
-    )
     mse, l1, kl = torch.tensor(3.0e6), torch.tensor(0.1234), torch.tensor(0.5678)
     output = TrainStepOutput(
         sae_in=torch.zeros(1),
@@ -409,7 +400,7 @@ def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None
         losses={"mse_loss": mse, "l1_loss": l1},
     )
     terms = ObjectiveOutput(losses={"kl_loss": kl}, metrics={})
-    combined = combine_terms(output, terms, trainer.objective.local_mse_weight)
+    combined = combine_terms(output, terms, runner.objective.local_mse_weight)
     assert combined.loss.item() == pytest.approx(0.1234 + 0.5678, rel=1e-6)
     assert set(combined.losses) == {"l1_loss", "kl_loss"}
     assert combined.metrics["local_mse"].item() == 3.0e6
@@ -418,7 +409,7 @@ def test_loss_keeps_small_terms_next_to_a_huge_local_mse(tmp_path: Path) -> None
 def test_logged_terms_are_each_terms_float_read_in_one_transfer() -> None:
     from sae_lens.saes.sae import TrainStepOutput
 
-    from sae_e2e_plugin.training.training_log import logged_terms
+    from sae_e2e_plugin.training.loop.training_log import logged_terms
 
     mse, l1 = torch.tensor(3.0e6), torch.tensor(0.1234, dtype=torch.float64)
     output = TrainStepOutput(
@@ -454,7 +445,7 @@ register_objective("test_sigint_during_third_step", _sigint_during_third_step, n
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
-    from sae_e2e_plugin.training.trainer import TrainingInterrupted
+    from sae_e2e_plugin.training.loop.sae_trainer import TrainingInterrupted
 
     dataset = token_dataset(n_rows=64, seed=11)
     common: dict[str, Any] = dict(training_tokens=6 * 4 * CONTEXT, n_eval_batches=0)

@@ -11,7 +11,7 @@ import torch
 from conftest import CONTEXT, make_cfg, tiny_model, token_dataset
 
 from sae_e2e_plugin import E2ESAETrainingRunner
-from sae_e2e_plugin.training.trainer import E2ESAETrainer
+from sae_e2e_plugin.training.loop.trainer import E2ETrainer
 
 
 def unique_rows_dataset(n_rows: int = 48) -> Any:
@@ -38,7 +38,7 @@ def run(tmp_path: Path, **overrides: Any) -> E2ESAETrainingRunner:
 def test_evaluation_does_not_change_the_trained_weights(tmp_path: Path) -> None:
     with_eval = run(tmp_path / "on", eval_every_n_steps=2, eval_at_end=True)
     without = run(tmp_path / "off", eval_every_n_steps=0, eval_at_end=False)
-    assert [step for step, _ in with_eval.eval_history] == [2, 4, 6, 6]
+    assert [step for step, _, _ in with_eval.eval_history] == [2, 4, 6, 6]
     assert without.eval_history == []
     for (name, a), (_, b) in zip(
         with_eval.sae.state_dict().items(), without.sae.state_dict().items(), strict=True
@@ -51,7 +51,7 @@ def test_final_evaluation_is_saved_as_json_with_wandb_off(tmp_path: Path, caplog
         runner = run(tmp_path)
     assert not runner.cfg.logger.log_to_wandb
     saved = json.loads((Path(runner.cfg.output_path or "") / "eval.json").read_text())
-    _, final = runner.eval_history[-1]
+    _, _, final = runner.eval_history[-1]
     assert saved["n_tokens"] == 2 * 3 * CONTEXT == final.n_tokens
     assert saved["kl_orig_patched"] == final.kl_orig_patched > 0
     assert saved["ce_loss_increase"] == final.ce_loss_increase
@@ -68,17 +68,17 @@ def test_training_never_consumes_the_held_out_sequences(tmp_path: Path) -> None:
     )
     runner = E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=dataset)
     seen: list[torch.Tensor] = []
-    original = E2ESAETrainer.step
+    original = E2ETrainer.step
 
-    def spy(trainer: E2ESAETrainer, batch: torch.Tensor) -> Any:
+    def spy(trainer: E2ETrainer, batch: torch.Tensor) -> Any:
         seen.append(batch.clone())
         return original(trainer, batch)
 
-    E2ESAETrainer.step = spy  # type: ignore[method-assign]
+    E2ETrainer.step = spy  # type: ignore[method-assign]
     try:
         runner.run()
     finally:
-        E2ESAETrainer.step = original  # type: ignore[method-assign]
+        E2ETrainer.step = original  # type: ignore[method-assign]
     assert runner.eval_tokens is not None
     held_out = {tuple(row.tolist()) for row in runner.eval_tokens}
     trained = {tuple(row.tolist()) for batch in seen for row in batch}

@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as error:
         from sae_e2e_plugin.run_files import DiskFullError
         from sae_e2e_plugin.runs.output_folder import FolderInUseError
-        from sae_e2e_plugin.training.checkpoints import CheckpointWriteError
-        from sae_e2e_plugin.training.distributed import PeerFailure
-        from sae_e2e_plugin.training.trainer import NonFiniteLossError
+        from sae_e2e_plugin.training.loop.checkpoints import CheckpointWriteError
+        from sae_e2e_plugin.training.loop.sae_trainer import NonFiniteLossError
+        from sae_e2e_plugin.training.parallel.distributed import PeerFailure
 
         known = (
             NonFiniteLossError,
@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from sae_e2e_plugin.training.distributed import launcher_context, shutdown
-    from sae_e2e_plugin.training.fields import load_config_file, merge_fields
+    from sae_e2e_plugin.training.config.fields import load_config_file, merge_fields
+    from sae_e2e_plugin.training.parallel.distributed import launcher_context, shutdown
 
     if not launcher_context().is_main:  # under torchrun, rank 0 alone reports the run
         logging.getLogger("sae_e2e_plugin").setLevel(logging.WARNING)
@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         return _train_several(fields, args.print_config)
     from sae_e2e_plugin.run_files import DiskFullError
     from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
-    from sae_e2e_plugin.training.fields import config_from_fields
+    from sae_e2e_plugin.training.config.fields import config_from_fields
 
     cfg = config_from_fields(fields)
     if args.print_config:
@@ -222,7 +222,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def latest_checkpoint_words(checkpoint_path: str | None) -> str:
     """The latest complete checkpoint under ``checkpoint_path``, in words."""
-    from sae_e2e_plugin.training.checkpoints import latest_complete_checkpoint
+    from sae_e2e_plugin.training.loop.checkpoints import latest_complete_checkpoint
 
     latest = latest_complete_checkpoint(Path(checkpoint_path)) if checkpoint_path else None
     if latest is None:
@@ -232,13 +232,13 @@ def latest_checkpoint_words(checkpoint_path: str | None) -> str:
 
 def _train_several(fields: dict[str, Any], print_config: bool) -> int:
     from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
-    from sae_e2e_plugin.training.fields import multi_config_from_fields
+    from sae_e2e_plugin.training.config.fields import multi_config_from_fields
 
     cfg = multi_config_from_fields(fields)
     if print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
-    from sae_e2e_plugin.training.distributed import shutdown
+    from sae_e2e_plugin.training.parallel.distributed import shutdown
 
     runner = E2EMultiSAETrainingRunner(cfg)
     runner.run()
@@ -290,7 +290,7 @@ def _convert(args: argparse.Namespace, extra: list[str]) -> int:
 
 def parse_field_flags(tokens: Sequence[str]) -> dict[str, Any]:
     """``--a.b value`` / ``--a.b=value`` pairs → nested dict; values parsed as YAML scalars/lists."""
-    from sae_e2e_plugin.training.fields import nest_dotted
+    from sae_e2e_plugin.training.config.fields import nest_dotted
 
     flat: dict[str, Any] = {}
     i = 0
@@ -320,7 +320,7 @@ def parse_value(text: str) -> Any:
         return float(text)  # YAML 1.1 reads "1e-3" as a string
     if ":" in text and not text.lstrip().startswith(("{", "[", "'", '"')):
         # A slice (1:, 1:5), not YAML's {1: None} or its base-60 int 65: the field's type
-        # reads it (training.field_shapes).
+        # reads it (training.config.field_shapes).
         return text
     try:
         return yaml.safe_load(text)

@@ -62,7 +62,7 @@ def _attribute_docstrings(klass: type) -> dict[str, str]:
 
 
 def fields_help() -> str:
-    from sae_e2e_plugin.training.config import E2ERunnerConfig
+    from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig
 
     docs = field_docs(E2ERunnerConfig)
     lines = ["config fields (--<field> VALUE; SAE fields as --sae.<field>, e.g. --sae.d_sae 4096):"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_e2e_plugin.training.checkpoints import ResumeError
+from sae_e2e_plugin.training.loop.checkpoints import ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def reposition(trainer: Any, tokens: TokenBatches, local: BufferedActivations | 
     The store was read in this order: the normalisation estimate's token batches, the local
     phase's buffer, the e2e phase's token batches. Before the switch the buffer's contents are
     rebuilt by replaying it; after it only the number of sequences it read matters. ``trainer``
-    is an ``E2ESAETrainer`` or an ``E2EMultiSAETrainer`` (``saved_local_data``, ``schedule``,
+    is the run's ``E2ETrainer`` (``saved_local_data``, ``schedule``,
     ``n_steps_taken``, ``n_sequences_consumed``).
     """
     saved = trainer.saved_local_data

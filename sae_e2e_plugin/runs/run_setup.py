@@ -19,8 +19,8 @@ from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.config_files import without_secrets
 from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.runs.data_paths import local_dataset
-from sae_e2e_plugin.training.config import E2ERunnerConfig
-from sae_e2e_plugin.training.numbers import check_numbers
+from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig
+from sae_e2e_plugin.training.config.numbers import check_numbers
 
 logger = logging.getLogger(__name__)
 

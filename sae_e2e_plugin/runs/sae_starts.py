@@ -7,7 +7,7 @@ from typing import Any
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 
 from sae_e2e_plugin.interop.hub import load_pretrained_sae
-from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
+from sae_e2e_plugin.training.config.multi_config import E2EMultiRunnerConfig
 
 
 def pretrained_starts(cfg: E2EMultiRunnerConfig[Any]) -> dict[str, TrainingSAE[Any]]:

@@ -42,9 +42,9 @@ from sae_e2e_plugin.runs.export import load_exported_sae
 from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
 from sae_e2e_plugin.runs.output_folder import FolderInUseError, hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
-from sae_e2e_plugin.training.checkpoints import complete_checkpoints
-from sae_e2e_plugin.training.fields import config_from_fields, merge_fields, nest_dotted
-from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
+from sae_e2e_plugin.training.config.fields import config_from_fields, merge_fields, nest_dotted
+from sae_e2e_plugin.training.config.multi_config import E2EMultiRunnerConfig
+from sae_e2e_plugin.training.loop.checkpoints import complete_checkpoints
 
 logger = logging.getLogger(__name__)
 

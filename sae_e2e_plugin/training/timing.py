@@ -2,7 +2,7 @@
 
 A training step calls ``timer.phase(name)`` around each of its parts (the names are
 ``PHASES``); the default timer does nothing. A benchmark passes its own ``PhaseTimer``
-(``E2ESAETrainer(..., timer=...)``) to see where a step's time goes, without patching the
+(``runner.timer = ...`` before ``run()`` or ``build_trainer()``) to see where a step's time goes, without patching the
 package. A timer that measures GPU work must synchronise the device itself.
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sae_lens.saes.sae import TrainingSAEConfig
 
-from sae_e2e_plugin.training.field_types import check_field_types
+from sae_e2e_plugin.training.config.field_types import check_field_types
 
 # Numbers SAELens accepts but training cannot use: (field, what it must be, test).
 # "sae." fields are checked when the SAE's config class has them.
@@ -65,7 +65,7 @@ def check_numbers(cfg: Any) -> None:
         raise ValueError(
             f"sae={cfg.sae!r} is a {type(cfg.sae).__name__}; pass a SAELens training SAE config, "
             "e.g. StandardTrainingSAEConfig(d_in=..., d_sae=...), or build the config from a "
-            "mapping with sae_e2e_plugin.training.fields.config_from_fields."
+            "mapping with sae_e2e_plugin.training.config.fields.config_from_fields."
         )
     check_field_types(cfg)
     check_field_types(cfg.sae, "sae.")

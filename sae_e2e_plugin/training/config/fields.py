@@ -17,9 +17,9 @@ from sae_lens import LoggingConfig
 from sae_lens.registry import get_sae_training_class
 
 from sae_e2e_plugin.config_files import load_yaml_file
-from sae_e2e_plugin.training.config import E2ERunnerConfig
-from sae_e2e_plugin.training.field_types import coerce_fields
-from sae_e2e_plugin.training.multi_config import E2EMultiRunnerConfig
+from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig
+from sae_e2e_plugin.training.config.field_types import coerce_fields
+from sae_e2e_plugin.training.config.multi_config import E2EMultiRunnerConfig
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 from sae_lens.constants import RUNNER_CFG_FILENAME
 
 from sae_e2e_plugin.run_files import CHECKPOINT_COMPLETE_FILENAME
-from sae_e2e_plugin.training.checkpoints import ResumeError
+from sae_e2e_plugin.training.loop.checkpoints import ResumeError
 
 logger = logging.getLogger(__name__)
 

@@ -160,33 +160,35 @@ def _tokens_seen(folder: Path) -> int:
         return int(folder.name) if folder.name.isdigit() else -1
 
 
-def resolve_resume_checkpoint(path: str) -> Path:
+def resolve_resume_checkpoint(path: str, several: bool = False) -> Path:
     """The checkpoint folder to resume from, for ``resume_from_checkpoint=path``.
 
     A complete checkpoint is itself; a folder of checkpoints gives its latest complete one.
     Anything else (missing, incomplete, lacking files) is a ``ResumeError`` saying what to do.
+    ``several``: a run of several SAEs, whose SAETrainer files are in one folder per SAE.
     """
     folder = Path(path)
     field = f"resume_from_checkpoint={path!r}"
+    required = (TRAINER_STATE_FILENAME,) if several else REQUIRED_FILES
     if not folder.is_dir():
         raise ResumeError(f"{field} does not exist; pass a checkpoint folder of an earlier run.")
     # What killed checkpoint writes left (in the run's folder, or next to the checkpoint).
     remove_stale_staging(folder if not is_complete_checkpoint(folder) else folder.parent)
     if is_complete_checkpoint(folder):
-        return _with_required_files(folder, field)
+        return _with_required_files(folder, field, required)
     latest = latest_complete_checkpoint(folder)
     if latest is not None:
         logger.info(f"{field} holds checkpoints; resuming from the latest complete one: {latest}")
-        return _with_required_files(latest, field)
-    if _looks_like_checkpoint(folder):
-        if all((folder / name).is_file() for name in REQUIRED_FILES):
+        return _with_required_files(latest, field, required)
+    if any((folder / name).exists() for name in required):
+        if not _missing(folder, required):
             # Written before completion markers existed: every file is there, so accept it.
             return folder
         nearest = latest_complete_checkpoint(folder.parent)
         hint = f"resume from {nearest}" if nearest else "no complete checkpoint is next to it"
         raise ResumeError(
             f"{field} is an incomplete checkpoint (its writing never finished; "
-            f"{_missing(folder)} missing): {hint}."
+            f"{_missing(folder, required)} missing): {hint}."
         )
     raise ResumeError(
         f"{field} is neither a checkpoint nor a folder holding checkpoints; pass a folder "
@@ -194,16 +196,12 @@ def resolve_resume_checkpoint(path: str) -> Path:
     )
 
 
-def _looks_like_checkpoint(folder: Path) -> bool:
-    return any((folder / name).exists() for name in REQUIRED_FILES)
+def _missing(folder: Path, required: tuple[str, ...]) -> str:
+    return ", ".join(name for name in required if not (folder / name).is_file())
 
 
-def _missing(folder: Path) -> str:
-    return ", ".join(name for name in REQUIRED_FILES if not (folder / name).is_file())
-
-
-def _with_required_files(folder: Path, field: str) -> Path:
-    missing = _missing(folder)
+def _with_required_files(folder: Path, field: str, required: tuple[str, ...]) -> Path:
+    missing = _missing(folder, required)
     if missing:
         raise ResumeError(
             f"{field}: the checkpoint {folder} lacks {missing}; it was damaged after it was "
@@ -241,33 +239,59 @@ def refuse_unsafe_trainer_state(folder: Path, device: str) -> None:
         ) from error
 
 
-def read_e2e_trainer_state(checkpoint: Path, objective: str, first_e2e_step: int) -> dict[str, Any]:
-    """The checkpoint's ``e2e_trainer_state.json``, refused if written by another kind of run.
+def read_run_state(
+    checkpoint: Path,
+    several: tuple[list[str], str] | None,
+    objective: str,
+    first_e2e_step: int,
+) -> dict[str, Any]:
+    """The checkpoint's ``e2e_trainer_state.json``, refused unless this run can continue it.
 
-    ``objective`` and ``first_e2e_step`` are this run's; a checkpoint of another loss or
-    another schedule (``e2e_fraction``) cannot continue it."""
-    state_file = checkpoint / TRAINER_STATE_FILENAME
-    if not state_file.exists():
+    ``several`` is this run's SAE names and splice mode (None: a single-SAE run); ``objective``
+    and ``first_e2e_step`` are its loss and schedule switch: a checkpoint of other SAEs, another
+    loss or another schedule (``e2e_fraction``) cannot continue it."""
+    field = f"resume_from_checkpoint={str(checkpoint)!r}"
+    path = checkpoint / TRAINER_STATE_FILENAME
+    if not path.is_file():
         raise ResumeError(
-            f"resume_from_checkpoint={str(checkpoint)!r} has no {TRAINER_STATE_FILENAME}: "
-            "it was not written by E2ESAETrainer. Resume from a checkpoint of an e2e run."
+            f"{field} has no {TRAINER_STATE_FILENAME}: it was not written by an e2e run. "
+            "Resume from a checkpoint of an e2e run."
         )
-    state = json.loads(state_file.read_text())
+    state = json.loads(path.read_text())
+    if several is None and "saes" in state:
+        raise ResumeError(
+            f"{field} holds several SAEs {state['saes']}; resume it with "
+            "E2EMultiSAETrainingRunner and its saes."
+        )
+    if several is not None:
+        names, mode = several
+        if "saes" not in state:
+            raise ResumeError(
+                f"{field} is a single-SAE checkpoint; resume it with E2ESAETrainingRunner, or "
+                "start this multi-SAE run without resume_from_checkpoint."
+            )
+        if sorted(state["saes"]) != sorted(names) or state["splice"] != mode:
+            raise ResumeError(
+                f"{field} holds SAEs {state['saes']} spliced {state['splice']!r}; this run has "
+                f"{names} spliced {mode!r}. Resume with the checkpoint's saes and splice."
+            )
+        missing = [name for name in names if not (checkpoint / name).is_dir()]
+        if missing:
+            raise ResumeError(f"{field} lacks the folders of SAEs {missing}; it is damaged.")
     # Written as "loss" by 0.1.0 checkpoints.
     saved_objective = state.get("objective", state.get("loss"))
     if saved_objective is not None and saved_objective != objective:
         raise ResumeError(
-            f"resume_from_checkpoint={str(checkpoint)!r} was written by a run with "
-            f"loss={saved_objective!r}, but this run has loss={objective!r}. Resume "
-            f"with loss={saved_objective!r}, or start a new run without resume_from_checkpoint."
+            f"{field} was written by a run with loss={saved_objective!r}, but this run has "
+            f"loss={objective!r}. Resume with loss={saved_objective!r}, or start a new run "
+            "without resume_from_checkpoint."
         )
     # Written without it before e2e_fraction existed: every step was end to end.
     saved_switch = int(state.get("first_e2e_step", 0))
     if saved_switch != first_e2e_step:
         raise ResumeError(
-            f"resume_from_checkpoint={str(checkpoint)!r} was written by a run whose first "
-            f"end-to-end step was {saved_switch}, but this run's (its e2e_fraction and "
-            f"training_tokens) is {first_e2e_step}. Resume with the checkpoint's e2e_fraction "
-            "and training_tokens."
+            f"{field} was written by a run whose first end-to-end step was {saved_switch}, but "
+            f"this run's (its e2e_fraction and training_tokens) is {first_e2e_step}. Resume "
+            "with the checkpoint's e2e_fraction and training_tokens."
         )
     return state

@@ -1,7 +1,7 @@
 """``E2ERunnerConfig``: SAELens' runner config plus the ``loss`` flag and its coefficients.
 
 Every SAELens flag keeps its meaning. All validation that needs no model runs when
-the config is built: types and ranges of numbers first (``training.numbers``, before
+the config is built: types and ranges of numbers first (``training.config.numbers``, before
 SAELens' own ``__post_init__``), then ``validate_e2e_config``. Checks against the model
 (hook names, widths, the order of the downstream hooks) happen when the runner has the
 model (``sae_e2e_plugin.core.splice.plan_splice``), checks against the data in
@@ -20,7 +20,7 @@ from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG
 
 from sae_e2e_plugin.core.model_splice import check_model_class
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
-from sae_e2e_plugin.training.numbers import (
+from sae_e2e_plugin.training.config.numbers import (
     check_coefficient,
     check_e2e_schedule,
     check_numbers,

@@ -19,7 +19,7 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
 
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
-from sae_e2e_plugin.training.config import SUPPORTED_NORMALIZATIONS, E2ERunnerConfig
+from sae_e2e_plugin.training.config.e2e_config import SUPPORTED_NORMALIZATIONS, E2ERunnerConfig
 from sae_e2e_plugin.training.objectives import available_objectives, get_objective
 
 _SAELENS_DEFAULT_HOOK = "blocks.0.hook_mlp_out"

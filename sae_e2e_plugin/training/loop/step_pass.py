@@ -1,9 +1,8 @@
 """The forward and backward passes of one training step, for one SAE or several, on one token batch.
 
-``MultiStepPass.run(tokens)`` leaves each SAE's gradient in its parameters and returns each
-SAE's training output; the trainer (``training.trainer`` for one SAE, ``training.multi_trainer``
-for several) checks the losses, updates the dead-feature statistics and steps each SAE's own
-optimizer. A run of one SAE is the independent case with one entry. Every model call goes
+``StepPass.run(tokens)`` leaves each SAE's gradient in its parameters and returns each
+SAE's training output; the run's trainer (``training.loop.trainer``) then has each SAE's
+``E2ESAETrainer`` check its losses, update its dead-feature statistics and step its optimizer. A run of one SAE is the independent case with one entry. Every model call goes
 through ``core.model_splice`` (HookedTransformer or Hugging Face model) and every loss term
 through the run's registered objective (``training.objectives``).
 
@@ -58,7 +57,7 @@ _NO_TERMS = ObjectiveOutput(losses={}, metrics={})
 
 
 @dataclass
-class MultiStepPass:
+class StepPass:
     """What a step of several SAEs needs, resolved once by the runner."""
 
     model: Any

@@ -72,7 +72,7 @@ def e2e_step_count(total_steps: int, e2e_fraction: float) -> int:
 def plan_schedule(
     training_tokens: int, train_batch_size_tokens: int, e2e_fraction: float
 ) -> PhaseSchedule:
-    """The schedule of a run (its numbers are checked by ``training.numbers`` beforehand)."""
+    """The schedule of a run (its numbers are checked by ``training.config.numbers`` beforehand)."""
     total = training_tokens // train_batch_size_tokens
     return PhaseSchedule(
         total_steps=total,

@@ -18,7 +18,7 @@ import torch
 from sae_lens.saes.sae import TrainStepOutput
 
 from sae_e2e_plugin.run_files import atomic_write_text, disk_full, is_disk_full
-from sae_e2e_plugin.training.checkpoints import ResumeError
+from sae_e2e_plugin.training.loop.checkpoints import ResumeError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``train_batch_size_tokens`` stays the global batch. Every rank draws the same global batch
 of whole sequences from the same token stream (so the stream's position, and resume, are
-global) and trains on its consecutive share (``training.distributed.rank_share``). What one
+global) and trains on its consecutive share (``training.parallel.distributed.rank_share``). What one
 process would compute from the whole batch is rebuilt from the shares:
 
 - gradients: each rank's loss is the mean over its share; the shares are equal, so the mean
@@ -25,8 +25,6 @@ floating-point sums are taken (docs/distributed.md).
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,99 +33,14 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_e2e_plugin.training.config import E2ERunnerConfig
-from sae_e2e_plugin.training.distributed import (
+from sae_e2e_plugin.training.parallel.distributed import (
     DistributedContext,
     all_reduce,
-    barrier,
-    broadcast_from_main,
-    check_shardable,
     gather_values,
     mean_over_ranks,
-    rank_share,
 )
-from sae_e2e_plugin.training.trainer import E2ESAETrainer
 
 SUM = dist.ReduceOp.SUM
-
-
-def check_data_parallel_config(cfg: E2ERunnerConfig[Any], context: DistributedContext) -> None:
-    """Refuse, before any training, a run that several processes cannot train as one."""
-    if not context.is_distributed:
-        return
-    check_shardable(cfg.sequences_per_batch, context)
-
-
-class DataParallelE2ESAETrainer(E2ESAETrainer):
-    """``E2ESAETrainer`` for one rank of a process group (see the module docstring)."""
-
-    def __init__(self, *args: Any, context: DistributedContext, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.context = context
-        """This rank's place in the process group."""
-        for parameter in self.sae.parameters():
-            parameter.register_post_accumulate_grad_hook(self._average_gradient)
-        make_batch_level_state_global(self.sae, context)
-        if not self.positions.selects_all:
-            # With excluded ids the ranks select different numbers of rows.
-            self.step_pass.weigh_sae_terms = partial(weigh_by_rows, context=context)
-
-    def fit(self) -> TrainingSAE[Any]:
-        """Start every rank from rank 0's SAE (initialised or resumed), then train."""
-        self.sae.to(self.cfg.device)
-        broadcast_from_main(list(self.sae.state_dict().values()), self.context)
-        return super().fit()
-
-    def _agree_on_stop(self) -> None:
-        self.stop_requested = any_rank_stops(self.stop_requested, self.context, self.cfg.device)
-
-    def _e2e_step(self, batch: torch.Tensor) -> TrainStepOutput:
-        self._agree_on_stop()
-        return super()._e2e_step(batch)
-
-    def _local_step(self, batch: torch.Tensor) -> TrainStepOutput:
-        """SAETrainer's local step on this rank's rows of the global activation batch.
-
-        Every rank fills the same activation buffer (same seed, same data), so each holds the
-        global batch; SAETrainer's step then counts this rank's rows and firings, which are
-        made global here."""
-        self._agree_on_stop()
-        share = rank_share(batch, self.context)
-        freq_before = self.act_freq_scores.clone()
-        output = super()._local_step(share)
-        fired_here = self.act_freq_scores - freq_before
-        what = "summing the firing statistics"
-        self.act_freq_scores = freq_before + all_reduce(fired_here, self.context, SUM, what)
-        # Steps since a feature fired anywhere: the smallest count over the ranks.
-        all_reduce(self.n_forward_passes_since_fired, self.context, dist.ReduceOp.MIN, what)
-        return self.global_losses(output)
-
-    def _e2e_train_step(self, tokens: torch.Tensor) -> TrainStepOutput:
-        output = super()._e2e_train_step(rank_share(tokens, self.context))
-        return self.global_losses(output)
-
-    def global_losses(self, output: TrainStepOutput) -> TrainStepOutput:
-        return global_loss_means({"": output}, self.context)[""]
-
-    def _average_gradient(self, parameter: torch.Tensor) -> None:
-        average_gradient(parameter, self.context)
-
-    def _update_feature_statistics(self, feature_acts: torch.Tensor) -> None:
-        update_global_feature_statistics(self, feature_acts, self.context)
-
-    def save_checkpoint(
-        self,
-        checkpoint_name: str,
-        base_path: Path | str | None = None,
-        wandb_aliases: list[str] | None = None,
-    ) -> None:
-        """Rank 0 writes the checkpoint (every rank holds the same state); all wait for it."""
-        if self.context.is_main:
-            super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
-        barrier(self.context, f"rank 0 writing checkpoint {checkpoint_name}")
-        base = base_path if base_path is not None else self.cfg.checkpoint_path
-        if base is not None:
-            self.last_checkpoint = Path(base) / checkpoint_name
 
 
 def any_rank_stops(requested: bool, context: DistributedContext, device: str) -> bool:

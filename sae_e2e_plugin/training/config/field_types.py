@@ -17,7 +17,11 @@ import types
 import typing
 from typing import Any
 
-from sae_e2e_plugin.training.field_shapes import check_dtype, coerce_container, container_fields
+from sae_e2e_plugin.training.config.field_shapes import (
+    check_dtype,
+    coerce_container,
+    container_fields,
+)
 
 _SCALARS = (bool, int, float, str)
 _TRUE = {"true", "yes", "on", "1"}
