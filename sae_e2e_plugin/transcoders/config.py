@@ -53,7 +53,9 @@ class TranscoderFields:
     def inference_config_class(self, jumprelu: bool) -> type[SAEConfig]:
         """SAELens' inference config this transcoder is exported as."""
         if jumprelu:
-            return JumpReLUSkipTranscoderConfig if self.skip_connection else JumpReLUTranscoderConfig
+            return (
+                JumpReLUSkipTranscoderConfig if self.skip_connection else JumpReLUTranscoderConfig
+            )
         return SkipTranscoderConfig if self.skip_connection else TranscoderConfig
 
 
@@ -67,9 +69,7 @@ def check_transcoder_fields(cfg: TranscoderFields) -> None:
                 + ("the MLP output (hook_name_out)." if name == "d_out" else f"the {name} space.")
             )
     if not isinstance(cfg.skip_connection, bool):
-        raise ValueError(
-            f"skip_connection must be True or False, got {cfg.skip_connection!r}."
-        )
+        raise ValueError(f"skip_connection must be True or False, got {cfg.skip_connection!r}.")
     if cfg.apply_b_dec_to_input:
         raise ValueError(
             "apply_b_dec_to_input=True is not possible for a transcoder: b_dec has width "

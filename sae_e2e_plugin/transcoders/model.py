@@ -72,7 +72,9 @@ class TrainingTranscoderMixin:
         return self.run_time_activation_norm_fn_in(sae_in)
 
     @jaxtyped(typechecker=beartype)
-    def skip_output(self, x: Float[torch.Tensor, "*tokens d_in"]) -> Float[torch.Tensor, "*tokens d_out"] | None:
+    def skip_output(
+        self, x: Float[torch.Tensor, "*tokens d_in"]
+    ) -> Float[torch.Tensor, "*tokens d_out"] | None:
         """The skip connection's term ``x @ W_skip.T``; None without ``skip_connection``."""
         if not self.cfg.skip_connection:
             return None
