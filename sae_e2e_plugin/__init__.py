@@ -43,6 +43,18 @@ from sae_e2e_plugin.training.objectives import (
     register_objective,
 )
 from sae_e2e_plugin.training.timing import PhaseTimer
+from sae_e2e_plugin.transcoders import (
+    BatchTopKTrainingTranscoder,
+    BatchTopKTrainingTranscoderConfig,
+    JumpReLUTrainingTranscoder,
+    JumpReLUTrainingTranscoderConfig,
+    StandardTrainingTranscoder,
+    StandardTrainingTranscoderConfig,
+    TopKTrainingTranscoder,
+    TopKTrainingTranscoderConfig,
+    TranscoderStepInput,
+    pack_transcoder_batch,
+)
 from sae_e2e_plugin.version import __version__
 
 __all__ = [
@@ -76,4 +88,14 @@ __all__ = [
     "reference_format_disk_loader",
     "reference_format_loader",
     "register_objective",
+    "BatchTopKTrainingTranscoder",
+    "BatchTopKTrainingTranscoderConfig",
+    "JumpReLUTrainingTranscoder",
+    "JumpReLUTrainingTranscoderConfig",
+    "StandardTrainingTranscoder",
+    "StandardTrainingTranscoderConfig",
+    "TopKTrainingTranscoder",
+    "TopKTrainingTranscoderConfig",
+    "TranscoderStepInput",
+    "pack_transcoder_batch",
 ]

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "version": 0,
     "run_files": 0,
     "config_files": 0,
+    "transcoders": 0,
     "core": 1,
     "training": 2,
     "evaluation": 2,
