@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sae_e2e_plugin.cli.field_help import add_model_flags
 from sae_e2e_plugin.run_files import atomic_write_text
 
 
@@ -36,13 +37,11 @@ def add_eval_command(commands: Any) -> None:
     evaluate.add_argument(
         "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
     )
-    evaluate.add_argument("--model_name", help="model to splice into (default: the SAE's metadata)")
-    evaluate.add_argument(
-        "--model_class_name",
-        choices=("HookedTransformer", "AutoModelForCausalLM"),
-        help="how to load the model (default: the SAE's metadata, else HookedTransformer)",
+    add_model_flags(
+        evaluate,
+        "model to splice into (default: the SAE's metadata)",
+        "hook to splice at (default: the SAE's metadata)",
     )
-    evaluate.add_argument("--hook_name", help="hook to splice at (default: the SAE's metadata)")
     evaluate.add_argument(
         "--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset"
     )

@@ -90,3 +90,15 @@ def _default_text(field: dataclasses.Field[Any]) -> str:
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return repr(field.default_factory())  # type: ignore[misc]
     return "required"
+
+
+def add_model_flags(parser: Any, model_help: str, hook_help: str) -> None:
+    """``--model_name``, ``--model_class_name`` and ``--hook_name`` of a command that splices a
+    saved SAE (``eval``, ``inspect``): each defaults to the SAE's metadata."""
+    parser.add_argument("--model_name", help=model_help)
+    parser.add_argument(
+        "--model_class_name",
+        choices=("HookedTransformer", "AutoModelForCausalLM"),
+        help="how to load the model (default: the SAE's metadata, else HookedTransformer)",
+    )
+    parser.add_argument("--hook_name", help=hook_help)

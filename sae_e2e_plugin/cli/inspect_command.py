@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from sae_e2e_plugin.cli.field_help import add_model_flags
+
 DEFAULT_TOKENS = 100_000
 
 
@@ -35,13 +37,9 @@ def add_inspect_parser(commands: Any) -> None:
     sub.add_argument(
         "--n-tokens", type=int, default=DEFAULT_TOKENS, help="tokens to read (default 100000)"
     )
-    sub.add_argument("--model_name", help="model (default: the SAE's metadata)")
-    sub.add_argument(
-        "--model_class_name",
-        choices=("HookedTransformer", "AutoModelForCausalLM"),
-        help="how to load the model (default: the SAE's metadata, else HookedTransformer)",
+    add_model_flags(
+        sub, "model (default: the SAE's metadata)", "the SAE's hook (default: its metadata)"
     )
-    sub.add_argument("--hook_name", help="the SAE's hook (default: its metadata)")
     sub.add_argument("--dataset_path", help="a built-in corpus or a Hugging Face dataset")
     sub.add_argument(
         "--split",

@@ -46,6 +46,7 @@ from sae_e2e_plugin.core.hf_modules import (
     probe_modules,
 )
 from sae_e2e_plugin.core.hf_runs import HFSplicePlan, apply_head, continue_layers, run_hf_prefix
+from sae_e2e_plugin.core.splice import refuse_repeated
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,7 @@ def _downstream(
                 f"{describe_output(probe.outputs[name])}, not one tensor; compare decoder layers' "
                 "outputs or other modules that return one tensor."
             )
-    if len(set(downstream)) != len(downstream):
-        raise ValueError(f"downstream_hooks lists a module twice: {list(downstream)}.")
+    refuse_repeated("downstream_hooks", downstream, "module")
     return downstream
 
 

@@ -121,6 +121,12 @@ def probe_hooks(model: HookedTransformer) -> HookProbe:
     return HookProbe(order=tuple(order), widths=widths)
 
 
+def refuse_repeated(field: str, names: tuple[str, ...], kind: str) -> None:
+    """A list of hooks (``kind``: hook, module) that names one twice is a mistake: refused."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field} lists a {kind} twice: {list(names)}.")
+
+
 def plan_splice(
     model: HookedTransformer,
     hook_name: str,
@@ -158,8 +164,7 @@ def plan_splice(
                     f"hook_name={hook_name!r}; the SAE cannot change it. Use hooks that run "
                     "later, or leave downstream_hooks unset for every later residual-stream hook."
                 )
-        if len(set(downstream)) != len(downstream):
-            raise ValueError(f"downstream_hooks lists a hook twice: {list(downstream)}.")
+        refuse_repeated("downstream_hooks", downstream, "hook")
     match = _BLOCK_RE.match(hook_name)
     start_layer = int(match.group(1)) if match else None
     return SplicePlan(hook_name=hook_name, start_layer=start_layer, downstream_hooks=downstream)

@@ -36,18 +36,11 @@ from sae_e2e_plugin.core.positions import (
     selected_positions,
     with_reconstruction,
 )
+from sae_e2e_plugin.evaluation import parts
 from sae_e2e_plugin.evaluation.metrics import (
     active_features_per_token,
     explained_variance_per_token,
     next_token_targets,
-)
-from sae_e2e_plugin.evaluation.parts import (
-    ce_sum,
-    check_sae,
-    encode_decode,
-    eval_mode,
-    resolve_hook_name,
-    token_batches_checked,
 )
 from sae_e2e_plugin.run_files import atomic_write_text
 
@@ -133,15 +126,16 @@ def evaluate_saes_jointly(
     if not saes:
         raise ValueError("saes is empty; pass {name: SAE} with at least one SAE.")
     hooks = {
-        name: resolve_hook_name(sae, (hook_names or {}).get(name)) for name, sae in saes.items()
+        name: parts.resolve_hook_name(sae, (hook_names or {}).get(name))
+        for name, sae in saes.items()
     }
     for sae in saes.values():
-        check_sae(sae, None, logits_chunk_size, None)
+        parts.check_sae(sae, None, logits_chunk_size, None)
     d_ins = {name: sae.cfg.d_in for name, sae in saes.items()}
     plan = plan_multi_splice(model, hooks, d_ins, "joint", ())
     totals = _Totals(active=dict.fromkeys(saes, 0.0), explained_variance=dict.fromkeys(saes, 0.0))
-    with eval_mode(model, *saes.values()):
-        for tokens in token_batches_checked(token_batches, max_batches):
+    with parts.eval_mode(model, *saes.values()):
+        for tokens in parts.token_batches_checked(token_batches, max_batches):
             tokens = tokens.to(model_facts(model).device)
             prefix = run_prefix(model, tokens, plan)
             clean = run_clean_multi(model, prefix, plan, inputs=False)
@@ -192,7 +186,7 @@ def _splice(
 ) -> torch.Tensor:
     """The SAE's reconstruction of the activation arriving at its hook; its sums recorded."""
     sae_in = acts if mask is None else acts[mask][None]
-    feature_acts, sae_out = encode_decode(sae, model, sae_in, None)
+    feature_acts, sae_out = parts.encode_decode(sae, model, sae_in, None)
     totals.active[name] += float(active_features_per_token(feature_acts).sum())
     totals.explained_variance[name] += float(explained_variance_per_token(sae_out, sae_in).sum())
     if mask is None:
@@ -216,6 +210,6 @@ def _add_output_metrics(
     flat = (rearrange(r, "batch pos d_model -> (batch pos) d_model") for r in (clean, spliced))
     for target, resid_clean, resid_spliced in chunk_rows(chunk_size, targets, *flat):
         logits_clean, logits_spliced = head(resid_clean).float(), head(resid_spliced).float()
-        totals.ce_clean += ce_sum(logits_clean, target)
-        totals.ce_spliced += ce_sum(logits_spliced, target)
+        totals.ce_clean += parts.ce_sum(logits_clean, target)
+        totals.ce_spliced += parts.ce_sum(logits_spliced, target)
         totals.kl += float(kl_orig_to_patched_sum(logits_clean, logits_spliced))

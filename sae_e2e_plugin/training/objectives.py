@@ -197,13 +197,7 @@ def register_objective(
             "the config fields the objective reads as a @dataclass(frozen=True)."
         )
     objective = Objective(
-        name=name,
-        fn=fn,
-        params=params,
-        needs_full_run=needs_full_run,
-        uses_downstream_hooks=uses_downstream_hooks,
-        local_mse_weight=local_mse_weight,
-        terms=terms,
+        name, fn, params, needs_full_run, uses_downstream_hooks, local_mse_weight, terms
     )
     _OBJECTIVES[name] = objective
     return objective

@@ -55,6 +55,11 @@ from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
 
 _NO_TERMS = ObjectiveOutput(losses={}, metrics={})
 
+Trainers = Mapping[str, SAETrainer[Any, Any]]
+"""Each SAE's trainer by name: its SAE, scaler, statistics and coefficients."""
+Outputs = dict[str, TrainStepOutput]
+"""Each SAE's training output by name."""
+
 
 @dataclass
 class StepPass:
@@ -81,16 +86,10 @@ class StepPass:
         with self.timer.phase("shared prefix"):
             prefix = run_prefix(self.model, tokens, self.plan)
         if self.plan.mode == "joint":
-            return self._joint(tokens, prefix, mask, trainers)
-        return self._independent(tokens, prefix, mask, trainers)
+            return self._joint(prefix, mask, trainers)
+        return self._independent(prefix, mask, trainers)
 
-    def _independent(
-        self,
-        tokens: torch.Tensor,
-        prefix: Any,
-        mask: torch.Tensor | None,
-        trainers: Mapping[str, SAETrainer[Any, Any]],
-    ) -> dict[str, TrainStepOutput]:
+    def _independent(self, prefix: Any, mask: torch.Tensor | None, trainers: Trainers) -> Outputs:
         with self.timer.phase("clean continuation"):
             clean = run_clean_multi(
                 self.model, prefix, self.plan, full=self.objective.needs_full_run
@@ -130,13 +129,7 @@ class StepPass:
             )
         return dataclasses.replace(clean, log_probs=log_probs)
 
-    def _joint(
-        self,
-        tokens: torch.Tensor,
-        prefix: Any,
-        mask: torch.Tensor | None,
-        trainers: Mapping[str, SAETrainer[Any, Any]],
-    ) -> dict[str, TrainStepOutput]:
+    def _joint(self, prefix: Any, mask: torch.Tensor | None, trainers: Trainers) -> Outputs:
         full = self.objective.needs_full_run
         clean = None
         if full:
