@@ -477,3 +477,33 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path: Path
         uninterrupted.sae.state_dict().items(), resumed.sae.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_single_sae_checkpoint_of_the_earlier_layout_resumes_to_the_same_weights(
+    tmp_path: Path,
+) -> None:
+    # Before the one training stack a single SAE's e2e_trainer_state.json did not record the
+    # tokens trained (SAETrainer's own state did), and the checkpoint files sat in its folder
+    # as they still do: such a checkpoint resumes exactly.
+    dataset = token_dataset(n_rows=64, seed=5)
+    common: dict[str, Any] = dict(training_tokens=6 * 4 * CONTEXT, n_checkpoints=1)
+    full = runner_for(tmp_path / "a", dataset=dataset, **common)
+    full.run()
+    assert full.cfg.checkpoint_path is not None
+    (checkpoint,) = [p for p in Path(full.cfg.checkpoint_path).iterdir() if p.is_dir()]
+    assert (checkpoint / "sae_weights.safetensors").is_file()  # the flat layout
+    state_file = checkpoint / "e2e_trainer_state.json"
+    state = json.loads(state_file.read_text())
+    old = {k: state[k] for k in ("n_sequences_consumed", "n_steps_taken", "objective")}
+    state_file.write_text(json.dumps(old | {"first_e2e_step": 0, "local_data": None}))
+
+    resumed = runner_for(
+        tmp_path / "b", dataset=dataset, resume_from_checkpoint=str(checkpoint), **common
+    )
+    resumed.run()
+    assert resumed.trainer is not None
+    assert resumed.trainer.n_training_samples == full.trainer.n_training_samples  # type: ignore[union-attr]
+    for (name, a), (_, b) in zip(
+        full.sae.state_dict().items(), resumed.sae.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
