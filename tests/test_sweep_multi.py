@@ -11,7 +11,7 @@ from conftest import D_MODEL, tiny_model, token_dataset
 from test_sweep import BASE
 
 from sae_e2e_plugin import E2EMultiRunnerConfig, E2EMultiSAETrainingRunner
-from sae_e2e_plugin.runs.sweep import run_sweep
+from sae_e2e_plugin.runs.sweep import reevaluate_sweep, run_sweep
 
 MULTI_BASE: dict[str, Any] = {k: v for k, v in BASE.items() if k not in ("sae", "hook_name")} | {
     "saes": {
@@ -55,3 +55,26 @@ def test_a_grid_over_an_sae_field_trains_each_run_and_reports_each_sae(tmp_path:
     again: list[Any] = []
     rows_again = run_sweep(SPEC, tmp_path, make_runner=multi_factory(again), plots=False)
     assert again == [] and len(rows_again) == 4
+
+
+def test_reevaluating_a_sweep_of_several_saes_rewrites_each_saes_and_the_joint_evaluation(
+    tmp_path: Path,
+) -> None:
+    spec = {"base": MULTI_BASE, "grid": {"saes.late.k": [2]}}
+    run_sweep(spec, tmp_path, make_runner=multi_factory([]), plots=False)
+    run_dir = tmp_path / "runs" / "k=2"
+    files = {
+        path: json.loads(path.read_text())
+        for path in [run_dir / "early" / "eval.json", run_dir / "late" / "eval.json"]
+        + [run_dir / "joint_eval.json"]
+    }
+    for path, written in files.items():  # as an older evaluation might have written them
+        path.write_text(json.dumps({**written, "ce_loss_increase": 99.0}))
+    calls: list[Any] = []
+    rows = reevaluate_sweep(spec, tmp_path, make_runner=multi_factory(calls), plots=False)
+    assert len(calls) == 1  # one runner built, nothing trained
+    for path, written in files.items():
+        again = json.loads(path.read_text())
+        assert again["ce_loss_increase"] == written["ce_loss_increase"] != 99.0
+        assert again["kl_orig_patched"] == written["kl_orig_patched"]
+    assert sorted(row["run_id"] for row in rows) == ["k=2/early", "k=2/late"]

@@ -31,10 +31,6 @@ class PositionFilter:
         """Whether every position is selected (then the masks are skipped altogether)."""
         return not self.excluded_ids and slice(*self.seqpos_slice) == slice(None)
 
-    def n_sliced(self, context_size: int) -> int:
-        """How many positions of a ``context_size`` sequence the slice keeps."""
-        return len(range(context_size)[slice(*self.seqpos_slice)])
-
 
 ALL_POSITIONS = PositionFilter()
 

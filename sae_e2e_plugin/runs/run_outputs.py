@@ -171,8 +171,7 @@ class RunOutputs:
     def export_and_evaluate(self, trainer: E2ETrainer) -> None:
         """Rank 0's end of a run: each SAE exported, evaluated as exported, wandb finished."""
         cfg = self.cfg
-        folders = self.export_folders()
-        for name, folder in folders.items():
+        for name, folder in self.export_folders().items():
             if folder is not None:
                 self._export(name, folder, trainer)
         if self.trains_several_saes and cfg.output_path is not None:
@@ -182,7 +181,7 @@ class RunOutputs:
         logger.info(first_to_last(trainer))
         # Evaluation is rank 0's alone: the others wait (within distributed_timeout_s).
         if cfg.eval_at_end and self.eval_tokens is not None:
-            self._final_evaluation(folders, trainer.n_steps_taken, trainer.n_training_steps)
+            self.evaluate_exports(trainer.n_steps_taken, trainer.n_training_steps)
         if cfg.logger.log_to_wandb:
             wandb.finish()
 
@@ -221,11 +220,13 @@ class RunOutputs:
             log_feature_sparsity,
         )
 
-    def _final_evaluation(self, folders: dict[str, str | None], steps: int, logged: int) -> None:
+    def evaluate_exports(self, steps: int = 0, logged: int | None = None) -> None:
         """Each SAE alone, as exported (``eval.json`` in its folder; activation scaling folded
         in, batch top-k as JumpReLU: the file users load); a joint run, all of them spliced in
-        together too (``joint_eval.json``). ``eval.json`` marks a finished run: written last."""
-        exported = {}
+        together too (``joint_eval.json``). ``eval.json`` marks a finished run: written last.
+        ``steps``: the step the results are kept under; ``logged``: the wandb step (None: the
+        results are not logged, as when a sweep evaluates finished runs again)."""
+        folders, exported = self.export_folders(), {}
         for name, sae in self.saes.items():
             folder = folders[name]
             exported[name] = load_exported_sae(sae, folder, self.cfg.device)
@@ -245,10 +246,12 @@ class RunOutputs:
         if self.cfg.output_path is not None:
             joint.save_json(Path(self.cfg.output_path) / JOINT_EVAL_FILENAME)
 
-    def _log_evaluation(self, name: str, result: EvalResult | JointEvalResult, step: int) -> None:
-        """An evaluation's numbers to wandb (when it is on) as ``eval/<metric>`` (several SAEs:
-        ``<name>/eval/<metric>``)."""
-        if not self.cfg.logger.log_to_wandb:
+    def _log_evaluation(
+        self, name: str, result: EvalResult | JointEvalResult, step: int | None
+    ) -> None:
+        """An evaluation's numbers to wandb (when it is on and ``step`` is given) as
+        ``eval/<metric>`` (several SAEs: ``<name>/eval/<metric>``)."""
+        if not self.cfg.logger.log_to_wandb or step is None:
             return
         prefix = f"{name}/eval/" if self.trains_several_saes else "eval/"
         row = {}

@@ -38,7 +38,6 @@ from sae_e2e_plugin.assets.language_model import load_language_model
 from sae_e2e_plugin.assets.model import is_builtin_model
 from sae_e2e_plugin.config_files import load_yaml_file, load_yaml_text
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME, EVAL_FILENAME, atomic_write_text
-from sae_e2e_plugin.runs.export import load_exported_sae
 from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
 from sae_e2e_plugin.runs.output_folder import FolderInUseError, hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
@@ -207,22 +206,20 @@ def reevaluate_sweep(
     make_runner = make_runner or _default_runner_factory()
     for run in expand_grid(spec["grid"]):
         run_dir = output_dir / "runs" / run.run_id
-        if _several_sae_folders(run_dir):
-            logger.warning(f"{run.run_id}: several SAEs per run are not evaluated again, left")
-        if not (run_dir / EVAL_FILENAME).exists():
+        fields = merge_fields(spec.get("base") or {}, nest_dotted(run.overrides))
+        if not _finished(run_dir, fields):
             continue
+        # A run of several SAEs holds one export per SAE, in <run>/<name>/.
+        folders = [run_dir / name for name in fields.get("saes") or {}] or [run_dir]
         with _claimed(run_dir) as claimed:
-            if not claimed or not (run_dir / SAE_WEIGHTS_FILENAME).exists():
+            if not claimed or not all((f / SAE_WEIGHTS_FILENAME).exists() for f in folders):
                 why = "held by another process" if not claimed else "its SAE weights are not kept"
                 logger.warning(f"{run.run_id}: not evaluated again, {why}")
                 continue
-            fields = merge_fields(spec.get("base") or {}, nest_dotted(run.overrides))
             # overwrite_output only lets the runner be built on a finished run's folder: it
             # clears the folder when training starts, and nothing is trained here.
             fields.update(output_path=str(run_dir), overwrite_output=True)
-            runner = make_runner(config_from_fields(fields))
-            exported = load_exported_sae(runner.sae, str(run_dir), runner.cfg.device)
-            runner.evaluate(sae=exported).save_json(run_dir / EVAL_FILENAME)
+            make_runner(config_from_fields(fields)).evaluate_exports()
             logger.info(f"{run.run_id}: evaluated again")
     return _report(output_dir, expand_grid(spec["grid"]), plots)
 

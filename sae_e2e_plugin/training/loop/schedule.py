@@ -11,11 +11,8 @@ it is step 0 and no local step exists.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
-
-import torch
 
 Phase = Literal["local", "e2e"]
 
@@ -90,28 +87,3 @@ class LocalData(Protocol):
     def state(self) -> dict[str, Any]:
         """Its position, saved in checkpoints (JSON-serialisable)."""
         ...
-
-
-class PhasedData(Iterator[torch.Tensor]):
-    """What ``SAETrainer.fit`` draws from: the local data before the switch, tokens after it.
-
-    ``step_of()`` is the index of the step about to be taken (fit draws before it steps).
-    """
-
-    def __init__(
-        self,
-        schedule: PhaseSchedule,
-        local: LocalData | None,
-        tokens: Iterator[torch.Tensor],
-        step_of: Any,
-    ) -> None:
-        self.schedule = schedule
-        self.local = local
-        self.tokens = tokens
-        self.step_of = step_of
-
-    def __next__(self) -> torch.Tensor:
-        if self.schedule.phase(self.step_of()) == "e2e":
-            return next(self.tokens)
-        assert self.local is not None, "a schedule with local steps needs local data"
-        return next(self.local)
