@@ -23,7 +23,9 @@ What one step is on each side:
   model_class_name="AutoModelForCausalLM", hook_name="model.layers.15",
   sae=TopKTrainingSAEConfig(d_in=576, d_sae=4608, k=32))``: the run up to the hook once, the
   clean and the patched continuations, the KL in float32 in chunks, backward, Adam. The
-  package's speed settings are options: ``--autocast``, ``--compile-kl``, ``--kl-chunk-size``.
+  package's speed settings are options: ``--autocast``, ``--compile-kl``, ``--kl-chunk-size``,
+  and ``--tf32`` (TF32 float32 matrix products on a GPU, which sparsify's ``fit`` always turns
+  on; on a CPU it changes nothing).
 
 sparsify's step is timed inside its own ``fit`` loop: a stand-in for its ``wandb`` module
 receives the per-step log (the loss) right after each optimizer step, and the clock reads there.
@@ -170,7 +172,7 @@ class StepClock:
     def step_seconds(self) -> list[float]:
         """Seconds of each timed step (a step runs from one mark to the next)."""
         ends = self.marks[self.warmup :]
-        return [round(b - a, 4) for a, b in zip(ends, ends[1:])]
+        return [round(b - a, 4) for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
 
 # --------------------------------------------------------------------------- sparsify
@@ -211,7 +213,7 @@ def run_sparsify(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
     from sae_e2e_plugin.assets.model import builtin_hf_model_folder
 
     import_sparsify(args.sparsify_path)
-    from sparsify import SparseCoderConfig, Trainer, TrainConfig
+    from sparsify import SparseCoderConfig, TrainConfig, Trainer
 
     folder = builtin_hf_model_folder(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -268,6 +270,8 @@ def run_plugin(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
 
     hook = f"model.layers.{LAYER}"
     dtype = DTYPES[args.lm_dtype]
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")  # what sparsify's fit() sets for itself
     # hook_names=[hook]: what SAELens' runner asks load_model for (one hook point, not all).
     model = load_builtin_hf_model(MODEL, args.device, dtype, hook_names=[hook])
     tokens = tokens_for(args, model.tokenizer).to(args.device)
@@ -326,6 +330,8 @@ def measure_side(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "autocast": args.autocast if args.side == "plugin" else None,
         "compile_kl": args.compile_kl if args.side == "plugin" else None,
+        # sparsify's fit() sets torch.set_float32_matmul_precision("high"): TF32 on GPUs.
+        "tf32": args.tf32 if args.side == "plugin" else True,
         "warmup": args.warmup,
         "steps": args.steps,
         "machine": machine(args.device),
@@ -370,7 +376,7 @@ def side_command(args: argparse.Namespace, side: str) -> list[str]:
     command += ["--device", args.device, "--seed", str(args.seed)]
     command += ["--sparsify-path", str(args.sparsify_path)]
     command += ["--sparsify-optimizer", args.sparsify_optimizer]
-    for flag in ("autocast", "compile_kl"):
+    for flag in ("autocast", "compile_kl", "tf32"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
     for option in ("kl_chunk_size", "threads", "mem_limit_gib"):
@@ -425,7 +431,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "embedded_tokens_sha256": sorted({r["embedded_tokens_sha256"] for r in ok}),
         }
     if summary["sparsify"] and summary["plugin"]:
-        ratio = summary["plugin"]["tokens_per_s_median"] / summary["sparsify"]["tokens_per_s_median"]
+        ratio = (
+            summary["plugin"]["tokens_per_s_median"] / summary["sparsify"]["tokens_per_s_median"]
+        )
         summary["plugin_speed_vs_sparsify"] = round(ratio, 3)
     return summary
 
@@ -434,7 +442,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--side", choices=("sparsify", "plugin"), help="measure one side here")
     mode.add_argument("--alternate", type=int, metavar="N", help="both sides, N times each")
@@ -449,6 +457,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autocast", action="store_true", help="plugin: SAELens' bf16 autocast")
     p.add_argument("--compile-kl", action="store_true", help="plugin: E2ERunnerConfig.compile_kl")
     p.add_argument("--kl-chunk-size", type=int, default=None, help="plugin (default: config's)")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="plugin: float32 matrix products in TF32 on GPUs, as sparsify's fit() always sets",
+    )
     p.add_argument(
         "--sparsify-optimizer",
         choices=("adam", "signum", "muon"),
