@@ -50,6 +50,9 @@ Examples::
     # both sides alternately, 2 times each, as subprocesses; JSON lines appended to --out
     python benchmarks/bench_vs_sparsify.py --alternate 2 --batch 8 --seq 128 --lm-dtype bfloat16 \\
         --out benchmarks/results/vs_sparsify_8x128.jsonl
+    # the issue's four settings, one after the other
+    python benchmarks/bench_vs_sparsify.py --alternate 2 --sizes 8x128 8x1024 \\
+        --lm-dtypes float32 bfloat16 --out benchmarks/results/vs_sparsify.jsonl
     # smoke test: 1 × 32 tokens, one step
     python benchmarks/bench_vs_sparsify.py --side plugin --quick
 """
@@ -395,21 +398,41 @@ def run_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
             "stderr_tail": proc.stderr[-2000:]}  # fmt: skip
 
 
+def settings_matrix(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One copy of ``args`` per ``--sizes`` × ``--lm-dtypes`` combination (default: this one)."""
+    sizes = args.sizes or [f"{args.batch}x{args.seq}"]
+    dtypes = args.lm_dtypes or [args.lm_dtype]
+    combos = []
+    for size in sizes:
+        batch, seq = (int(n) for n in size.split("x"))
+        for dtype in dtypes:
+            combos.append(
+                argparse.Namespace(**vars(args) | dict(batch=batch, seq=seq, lm_dtype=dtype))
+            )
+    return combos
+
+
 def alternate(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Both sides ``--alternate`` times, the order flipped each round (ABBA), so a slow drift
-    of the machine hits both; each result is appended to ``--out`` as it arrives."""
+    """For each setting, both sides ``--alternate`` times, the order flipped each round (ABBA),
+    so a slow drift of the machine hits both; each result is appended to ``--out`` as it
+    arrives, and a summary per setting is printed (the last line: the last setting's)."""
     results = []
-    for round_ in range(args.alternate):
-        order = ("sparsify", "plugin") if round_ % 2 == 0 else ("plugin", "sparsify")
-        for side in order:
-            quiet = wait_until_quiet(args.max_other) if args.wait_quiet else None
-            result = run_side(args, side) | {"round": round_, "others_before": quiet}
-            results.append(result)
-            if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-    print(json.dumps(summarise(results)), flush=True)
+    for settings in settings_matrix(args):
+        these = []
+        for round_ in range(args.alternate):
+            order = ("sparsify", "plugin") if round_ % 2 == 0 else ("plugin", "sparsify")
+            for side in order:
+                quiet = wait_until_quiet(args.max_other) if args.wait_quiet else None
+                result = run_side(settings, side) | {"round": round_, "others_before": quiet}
+                these.append(result)
+                if args.out is not None:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(result) + "\n")
+        summary = summarise(these)
+        summary.update(batch=settings.batch, seq=settings.seq, lm_dtype=settings.lm_dtype)
+        print(json.dumps(summary), flush=True)
+        results += these
     return results
 
 
@@ -476,6 +499,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--mem-limit-gib", type=float, default=None, help="cap the address space")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="BxS",
+        help="--alternate: several batch x seq settings, e.g. 8x128 8x1024 (instead of --batch/--seq)",
+    )
+    p.add_argument(
+        "--lm-dtypes",
+        nargs="+",
+        choices=tuple(DTYPES),
+        help="--alternate: several model dtypes (instead of --lm-dtype)",
+    )
     p.add_argument("--out", type=Path, help="--alternate: append each result here")
     p.add_argument("--wait-quiet", action="store_true", help="--alternate: wait before each run")
     p.add_argument("--max-other", type=float, default=0.1, help="'quiet': others' CPU share")
@@ -483,6 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.steps, args.warmup = 1, 32, 1, 0
+        args.sizes = None  # one tiny setting
     return args
 
 
