@@ -188,13 +188,14 @@ def install_sparsify(path: Path) -> None:
 
 
 def import_sparsify(path: Path) -> types.ModuleType:
-    """``sparsify`` from its own folder (appended to sys.path, so it shadows nothing)."""
+    """``sparsify`` from its own folder, put first on sys.path so that this version is the one
+    measured (the folder holds only sparsify, natsort and schedulefree)."""
     if not (path / "sparsify" / "__init__.py").exists():
         raise SystemExit(
             f"no sparsify under {str(path)!r}. Install it with `python -m pip install --no-deps "
             f"--target {path} {' '.join(SPARSIFY_PACKAGES)}` or `--install-sparsify`."
         )
-    sys.path.append(str(path))
+    sys.path.insert(0, str(path))
     import sparsify
 
     return sparsify
@@ -215,7 +216,7 @@ def run_sparsify(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
 
     from sae_e2e_plugin.assets.model import builtin_hf_model_folder
 
-    import_sparsify(args.sparsify_path)
+    sparsify = import_sparsify(args.sparsify_path)
     from sparsify import SparseCoderConfig, TrainConfig, Trainer
 
     folder = builtin_hf_model_folder(MODEL)
@@ -259,6 +260,9 @@ def run_sparsify(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
         "embedded_tokens_sha256": checksum(log.batches),
         "loss_name": "ce_vs_clean (KL + clean entropy)",
         "sparsify_optimizer": args.sparsify_optimizer,
+        # with bitsandbytes installed, sparsify's "adam" is bitsandbytes' 8-bit Adam
+        "sparsify_optimizer_classes": [type(o).__qualname__ for o in trainer.optimizers],
+        "sparsify_from": str(Path(sparsify.__file__ or "").parent),
     }
 
 
