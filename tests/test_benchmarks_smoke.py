@@ -136,3 +136,58 @@ def test_hf_vs_hooked_benchmark_runs_one_step_on_each_path() -> None:
     first = result["first_step_losses"]
     assert first["hf"]["kl_loss"] == pytest.approx(first["hooked"]["kl_loss"], rel=1e-4)
     assert all(v > 0 for v in result["tokens_per_s_median"].values())
+
+
+VS_SPARSIFY = BENCH / "bench_vs_sparsify.py"
+
+
+def run_vs_sparsify(*args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(VS_SPARSIFY), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_quick_side_ran(result: dict, side: str) -> None:
+    assert result["side"] == side and result["status"] == "ok", result
+    assert result["batch"] * result["seq"] == 32 and len(result["step_s"]) == 1
+    assert result["tokens_per_s"] > 0 and result["peak_rss_gib"] > 0
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["sae"] == {"architecture": "topk", "d_in": 576, "d_sae": 4608, "k": 32}
+    # The model's embedding received exactly the batches the benchmark picked.
+    assert result["embedded_tokens_sha256"] == result["tokens_sha256"]
+
+
+def test_vs_sparsify_plugin_side_runs_quick() -> None:
+    pytest.importorskip("gguf", reason="the bundled model needs the [demo] extra")
+    result = run_vs_sparsify("--side", "plugin")
+    assert_quick_side_ran(result, "plugin")
+    assert result["hook"] == "model.layers.15" and result["loss_name"] == "kl_loss"
+
+
+def test_vs_sparsify_both_sides_alternate_quick_when_sparsify_is_installed(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("gguf", reason="the bundled model needs the [demo] extra")
+    default = BENCH.parent / ".venv" / "sparsify-1.3.3"
+    path = Path(os.environ.get("SPARSIFY_PATH", default))
+    if not (path / "sparsify" / "__init__.py").exists():
+        pytest.skip(
+            f"sparsify is not installed at {path} (python -m pip install --no-deps --target "
+            f"{path} eai-sparsify==1.3.3 natsort schedulefree; or set SPARSIFY_PATH)"
+        )
+    out = tmp_path / "vs_sparsify.jsonl"
+    summary = run_vs_sparsify("--alternate", "1", "--sparsify-path", str(path), "--out", str(out))
+    results = {r["side"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(results) == ["plugin", "sparsify"]
+    for side, result in results.items():
+        assert_quick_side_ran(result, side)
+    assert results["sparsify"]["hook"] == "layers.15"
+    # Both sides trained on the same tokens.
+    assert results["sparsify"]["tokens_sha256"] == results["plugin"]["tokens_sha256"]
+    assert summary["sparsify"]["embedded_tokens_sha256"] == [results["plugin"]["tokens_sha256"]]
+    assert summary["plugin_speed_vs_sparsify"] > 0
