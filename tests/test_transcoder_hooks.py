@@ -187,3 +187,21 @@ def test_a_hf_llama_transcoder_trains_and_exports_both_hooks(tmp_path: Path) -> 
     exported = SAE.load_from_disk(str(tmp_path / "output"))
     assert exported.cfg.metadata.hook_name == HF_IN
     assert exported.cfg.metadata.hook_name_out == HF_OUT
+
+
+@pytest.mark.parametrize(
+    ("hook_out", "d_out", "message"),
+    [
+        (HF_OUT, 12, r"sae.d_out is 12, but .* hook_name_out='model.layers.1.mlp'"),
+        ("model.layers.1.self_attn.o_proj", D, r"runs at or before hook_name="),
+        ("model.layers.2.mlp", D, r"are not in the same block"),
+        ("model.layers.1.mlpp", D, r"hook_name_out="),
+    ],
+)
+def test_a_hf_model_refuses_bad_output_modules_by_name(
+    hook_out: str, d_out: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        model_splice.plan_splice(
+            hf_llama(), HF_IN, None, d_in=D, hook_name_out=hook_out, d_out=d_out
+        )

@@ -151,7 +151,8 @@ def test_the_local_mse_of_an_e2e_step_is_the_error_against_the_mlp_output(
     x, y = cache[HOOK_IN].flatten(0, 1), cache[HOOK_OUT].flatten(0, 1)
     output = outputs["sae"]
     assert float(output.metrics["local_mse"]) == pytest.approx(hand_mse(before, x, y), rel=1e-5)
-    assert "kl_loss" in output.losses
+    kl = spliced_kl(runner.model, TOKENS, before)
+    assert float(output.metrics["kl_orig_patched"]) == pytest.approx(kl, rel=1e-5)
 
 
 def test_e2e_downstream_compares_the_residual_streams_after_the_mlp(tmp_path: Path) -> None:
@@ -359,3 +360,31 @@ def test_a_joint_run_of_transcoders_exports_and_evaluates_them_together(tmp_path
             runner.model(tokens), runner.model.run_with_hooks(tokens, fwd_hooks=hooks)
         )
     assert joint.kl_orig_patched == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_positions_left_out_keep_the_mlps_own_output(tmp_path: Path) -> None:
+    runner = runner_for(transcoder_cfg(tmp_path, seqpos_slice=(1, None), local_mse_coefficient=1.0))
+    trainer = runner.build_trainer()
+    before = copy.deepcopy(runner.sae)
+    output = trainer.step(TOKENS)["sae"]
+
+    def replace_from_position_1(x: torch.Tensor) -> torch.Tensor:
+        return hand_forward(before, x)
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def swap(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        new = act.clone()
+        x = captured["x"][:, 1:]
+        new[:, 1:] = replace_from_position_1(x.flatten(0, 1)).view(new[:, 1:].shape)
+        return new
+
+    fwd = [(HOOK_IN, lambda act, hook: captured.__setitem__("x", act)), (HOOK_OUT, swap)]
+    with torch.no_grad():
+        kl = float(
+            kl_per_token(runner.model(TOKENS), runner.model.run_with_hooks(TOKENS, fwd_hooks=fwd))
+        )
+        _, cache = runner.model.run_with_cache(TOKENS)
+    assert float(output.metrics["kl_orig_patched"]) == pytest.approx(kl, rel=1e-5)
+    x, y = cache[HOOK_IN][:, 1:].flatten(0, 1), cache[HOOK_OUT][:, 1:].flatten(0, 1)
+    assert float(output.losses["mse_loss"]) == pytest.approx(hand_mse(before, x, y), rel=1e-5)
