@@ -388,3 +388,24 @@ def test_positions_left_out_keep_the_mlps_own_output(tmp_path: Path) -> None:
     assert float(output.metrics["kl_orig_patched"]) == pytest.approx(kl, rel=1e-5)
     x, y = cache[HOOK_IN][:, 1:].flatten(0, 1), cache[HOOK_OUT][:, 1:].flatten(0, 1)
     assert float(output.losses["mse_loss"]) == pytest.approx(hand_mse(before, x, y), rel=1e-5)
+
+
+@pytest.mark.parametrize("resume_after_steps", [4, 6], ids=["local", "e2e"])
+def test_a_transcoder_resumed_around_the_switch_ends_with_the_same_weights(
+    tmp_path: Path, resume_after_steps: int
+) -> None:
+    from test_schedule import BATCH, COMMON, STEPS, assert_same_weights, weights
+
+    def run(folder: Path, **fields: Any) -> E2ESAETrainingRunner:
+        cfg = transcoder_cfg(folder, skip=True, **(COMMON | fields))
+        data = token_dataset(n_rows=100, seed=3)
+        return E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=data)
+
+    schedule = dict(e2e_fraction=0.5, n_checkpoints=STEPS - 1)
+    full = run(tmp_path / "full", **schedule)
+    full.run()
+    checkpoint = Path(full.cfg.checkpoint_path or "") / str(resume_after_steps * BATCH)
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **schedule)
+    resumed.run()
+    assert resumed.trainer is not None and resumed.trainer.n_steps_taken == STEPS
+    assert_same_weights(weights(full), weights(resumed))
