@@ -409,3 +409,17 @@ def test_a_transcoder_resumed_around_the_switch_ends_with_the_same_weights(
     resumed.run()
     assert resumed.trainer is not None and resumed.trainer.n_steps_taken == STEPS
     assert_same_weights(weights(full), weights(resumed))
+
+
+def test_a_bf16_model_chunked_kl_and_checkpointed_blocks_train_a_transcoder(
+    tmp_path: Path,
+) -> None:
+    fields = dict(lm_dtype="bfloat16", kl_chunk_size=5, checkpoint_blocks=True)
+    runner = runner_for(transcoder_cfg(tmp_path, "jumprelu_transcoder", skip=True, **fields))
+    runner.run()
+    assert runner.trainer is not None
+    first, last = runner.trainer.first_losses["sae"], runner.trainer.last_losses["sae"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
+    assert last["kl_loss"] < first["kl_loss"]
+    exported = SAE.load_from_disk(str(tmp_path / "output"))
+    assert type(exported).__name__ == "JumpReLUSkipTranscoder"

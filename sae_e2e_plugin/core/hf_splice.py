@@ -201,7 +201,8 @@ def _downstream(
         if name not in probe.outputs or probe.order.index(name) <= position:
             raise ValueError(
                 f"downstream_hooks contains {name!r}, which does not run after "
-                f"hook_name={hook_name!r}; the SAE cannot change it. Use modules that run later, "
+                f"{hook_name!r}, the module the SAE replaces; the SAE cannot change it. Use "
+                "modules that run later, "
                 "or leave downstream_hooks unset for every later decoder layer's output."
             )
         if not isinstance(probe.outputs[name], torch.Tensor):
