@@ -20,6 +20,7 @@ from test_multi_sae import multi_cfg, multi_runner
 from transcoders_common import make_transcoder
 
 from sae_e2e_plugin import E2ERunnerConfig, E2ESAETrainingRunner
+from sae_e2e_plugin.cli.commands import parse_field_flags
 from sae_e2e_plugin.core import model_splice
 from sae_e2e_plugin.training.config.fields import config_from_fields
 
@@ -79,6 +80,11 @@ def test_hook_name_out_comes_from_a_file_and_flags_alike(tmp_path: Path) -> None
     cfg = config_from_fields(fields)
     assert cfg.hook_name_out == HOOK_OUT and cfg.sae.d_out == D_MODEL
     assert cfg.to_dict()["hook_name_out"] == HOOK_OUT
+    flags = [f"--{key}={value}" for key, value in fields.items() if key != "sae"]
+    flags += [f"--sae.{key}={value}" for key, value in fields["sae"].items()]
+    from_flags = config_from_fields(parse_field_flags(flags))
+    assert (from_flags.hook_name, from_flags.hook_name_out) == (HOOK_IN, HOOK_OUT)
+    assert from_flags.sae.to_dict() == cfg.sae.to_dict()
 
 
 def test_several_transcoders_are_named_per_sae(tmp_path: Path) -> None:
