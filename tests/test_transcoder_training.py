@@ -57,6 +57,11 @@ def logits_with_mlp_replaced(model: Any, tokens: torch.Tensor, replace: Any) -> 
     return model.run_with_hooks(tokens, fwd_hooks=[(HOOK_IN, capture), (HOOK_OUT, swap)])
 
 
+def hand_of(sae: Any) -> Any:
+    """The transcoder's output as a function of its input, written out (``hand_forward``)."""
+    return lambda x: hand_forward(sae, x)
+
+
 def kl_per_token(clean: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
     """KL(p_clean ‖ p_patched) summed over the vocabulary, averaged over tokens (by hand)."""
     log_p = F.log_softmax(clean.flatten(0, 1).float(), -1)
@@ -84,13 +89,9 @@ def test_the_patched_run_equals_a_forward_with_the_mlp_output_replaced(
         patched = run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks)
         logits = logits_from_final_resid(model, patched.final_resid)
     with torch.no_grad():
-        expected = logits_with_mlp_replaced(model, TOKENS, partial_hand(sae))
+        expected = logits_with_mlp_replaced(model, TOKENS, hand_of(sae))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert (expected - model(TOKENS)).abs().max() > 1e-2  # the splice changed the logits
-
-
-def partial_hand(sae: Any) -> Any:
-    return lambda x: hand_forward(sae, x)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -218,7 +219,7 @@ def test_training_an_e2e_transcoder_lowers_the_spliced_kl_of_its_export(
     assert type(exported).__name__ == ("SkipTranscoder" if skip else "Transcoder")
     held_out = torch.tensor(token_dataset(n_rows=16, seed=11)["tokens"])
     model = runner.model
-    before = spliced_kl(model, held_out, partial_hand(initial))
+    before = spliced_kl(model, held_out, hand_of(initial))
     after = spliced_kl(model, held_out, exported)
     assert after < 0.5 * before, (before, after)
     if not skip:  # SAELens' add_sae leaves a skip term out (tests/test_transcoder_splice.py)
@@ -254,7 +255,7 @@ def test_evaluation_measures_the_mlp_output_and_zeroes_it_for_the_ablation(
     targets = TOKENS[:, 1:].flatten()
     ce_zeroed = float(F.cross_entropy(zeroed[:, :-1].flatten(0, 1), targets))
     assert result.ce_loss_zero_ablation == pytest.approx(ce_zeroed, rel=1e-5)
-    spliced = logits_with_mlp_replaced(model, TOKENS, partial_hand(sae)).detach()
+    spliced = logits_with_mlp_replaced(model, TOKENS, hand_of(sae)).detach()
     assert result.kl_orig_patched == pytest.approx(float(kl_per_token(clean, spliced)), rel=1e-4)
     table = result.format_table()
     assert "MLP output zeroed" in table and HOOK_OUT in table
@@ -367,16 +368,12 @@ def test_positions_left_out_keep_the_mlps_own_output(tmp_path: Path) -> None:
     trainer = runner.build_trainer()
     before = copy.deepcopy(runner.sae)
     output = trainer.step(TOKENS)["sae"]
-
-    def replace_from_position_1(x: torch.Tensor) -> torch.Tensor:
-        return hand_forward(before, x)
-
     captured: dict[str, torch.Tensor] = {}
 
     def swap(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        # Position 0 keeps the MLP's own output; the others get the transcoder's.
         new = act.clone()
-        x = captured["x"][:, 1:]
-        new[:, 1:] = replace_from_position_1(x.flatten(0, 1)).view(new[:, 1:].shape)
+        new[:, 1:] = hand_forward(before, captured["x"][:, 1:].flatten(0, 1)).view(new[:, 1:].shape)
         return new
 
     fwd = [(HOOK_IN, lambda act, hook: captured.__setitem__("x", act)), (HOOK_OUT, swap)]
