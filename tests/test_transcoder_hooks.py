@@ -211,3 +211,19 @@ def test_a_hf_model_refuses_bad_output_modules_by_name(
         model_splice.plan_splice(
             hf_llama(), HF_IN, None, d_in=D, hook_name_out=hook_out, d_out=d_out
         )
+
+
+def test_evaluation_asks_for_the_output_hook_of_a_transcoder_and_refuses_one_for_an_sae() -> None:
+    from sae_lens import StandardTrainingSAE
+
+    from sae_e2e_plugin import evaluate_sae
+
+    model, tokens = tiny_model(), torch.tensor(token_dataset(n_rows=2)["tokens"])
+    transcoder = make_transcoder("transcoder", False, d_in=D_MODEL, d_out=D_MODEL, d_sae=32)
+    with pytest.raises(ValueError, match=r"transcoder, but hook_name_out is not set"):
+        evaluate_sae(transcoder, model, tokens, hook_name=HOOK_IN)
+    result = evaluate_sae(transcoder, model, tokens, hook_name=HOOK_IN, hook_name_out=HOOK_OUT)
+    assert result.hook_name_out == HOOK_OUT
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=32))
+    with pytest.raises(ValueError, match=r"hook_name_out='blocks.1.hook_mlp_out' is given, but"):
+        evaluate_sae(sae, model, tokens, hook_name=HOOK_OUT, hook_name_out=HOOK_OUT)
