@@ -9,6 +9,7 @@ This module is the public API; ``docs/architecture.md`` maps the subpackages beh
 No module of the package imports this one.
 """
 
+import sae_e2e_plugin.transcoders as transcoders
 from sae_e2e_plugin.assets.corpora import load_builtin_dataset
 from sae_e2e_plugin.assets.model import (
     builtin_hf_model_folder,
@@ -88,14 +89,5 @@ __all__ = [
     "reference_format_disk_loader",
     "reference_format_loader",
     "register_objective",
-    "BatchTopKTrainingTranscoder",
-    "BatchTopKTrainingTranscoderConfig",
-    "JumpReLUTrainingTranscoder",
-    "JumpReLUTrainingTranscoderConfig",
-    "StandardTrainingTranscoder",
-    "StandardTrainingTranscoderConfig",
-    "TopKTrainingTranscoder",
-    "TopKTrainingTranscoderConfig",
-    "TranscoderStepInput",
-    "pack_transcoder_batch",
 ]
+__all__ += transcoders.__all__  # the transcoders' public names, imported above

@@ -31,6 +31,7 @@ from sae_e2e_plugin import (
     E2ESAETrainingRunner,
     ObjectiveInputs,
     ObjectiveOutput,
+    StandardTrainingTranscoderConfig,
     register_objective,
 )
 from sae_e2e_plugin.training.loop.checkpoints import complete_checkpoints
@@ -59,12 +60,16 @@ SAE_CONFIGS: dict[str, Any] = {
     ),
     "jumprelu": lambda: sae_lens.JumpReLUTrainingSAEConfig(d_in=D_MODEL, d_sae=32),
     "topk": lambda: sae_lens.TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=3),
+    "transcoder": lambda: StandardTrainingTranscoderConfig(
+        d_in=D_MODEL, d_out=D_MODEL, d_sae=32, l1_coefficient=1e-3, skip_connection=True
+    ),
 }
 # (architecture, variant): the variant is the loss, or e2e on positions chosen by token id.
 CASES = [(arch, loss) for arch in ("standard", "batchtopk") for loss in ("e2e", "e2e_downstream")]
 CASES += [("matryoshka_batchtopk", "e2e"), ("jumprelu", "e2e"), ("topk", "e2e")]
 CASES += [("standard", "e2e-phased"), ("batchtopk", "e2e-phased")]
 CASES += [("standard", v) for v in ("e2e-excluding", "e2e-blocks", "e2e-bf16", "e2e-normalised")]
+CASES += [("transcoder", "e2e-mlp"), ("transcoder", "e2e-mlp-phased")]  # block 1's MLP replaced
 
 WORKER = """
 import json, os, sys, torch
@@ -144,6 +149,11 @@ def run_config(loss: str, mode: str) -> dict[str, Any]:
         sae = SAE_CONFIGS["standard"]()
         sae.normalize_activations = "expected_average_only_in"
         fields |= dict(loss="e2e", sae=sae, n_batches_for_norm_estimate=2)
+    elif loss.startswith("e2e-mlp"):
+        fields |= dict(loss="e2e", hook_name="blocks.1.ln2.hook_normalized")
+        fields |= dict(hook_name_out="blocks.1.hook_mlp_out")
+        if loss.endswith("-phased"):  # the local phase on (input, MLP output) pairs
+            fields["e2e_fraction"] = 0.5
     if mode == "die":
         fields |= dict(loss="test_rank_one_dies", distributed_timeout_s=20.0, n_checkpoints=0)
     if mode == "interrupt":
@@ -264,14 +274,16 @@ def test_rank_zero_alone_writes_the_export_log_and_checkpoint(two_ranks: Path) -
             json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()
         ]
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-        phases = ["local", "local", "e2e", "e2e"] if loss == "e2e-phased" else ["e2e"] * STEPS
+        phased = loss.endswith("-phased")
+        phases = ["local", "local", "e2e", "e2e"] if phased else ["e2e"] * STEPS
         assert [r["phase"] for r in rows] == phases
         assert json.loads((output / "eval.json").read_text())["l0"] > 0
         (checkpoint,) = complete_checkpoints(run / "checkpoints")
         assert int(checkpoint.name) in [k * SEQUENCES * CONTEXT for k in range(1, STEPS)]
         # The export loads in plain SAELens (batch top-k as JumpReLU) and matches the rank's SAE.
         loaded = sae_lens.SAE.load_from_disk(str(output))
-        expected = {"batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}.get(arch, arch)
+        exported_as = {"matryoshka_batchtopk": "jumprelu", "transcoder": "skip_transcoder"}
+        expected = {"batchtopk": "jumprelu", **exported_as}.get(arch, arch)
         assert loaded.cfg.architecture() == expected
         rank0 = torch.load(two_ranks / f"{arch}-{loss}-rank0.pt")["sae"]
         # The export folds the decoder norms into the encoder: compare directions.

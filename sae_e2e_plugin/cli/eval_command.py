@@ -22,10 +22,13 @@ def add_eval_command(commands: Any) -> None:
     """The ``eval`` sub-command's parser."""
     evaluate = commands.add_parser(
         "eval",
-        help="evaluate a SAELens-format SAE (local folder or hub release) on held-out text",
+        help="evaluate a SAELens-format SAE or transcoder (local folder or hub release) on "
+        "held-out text",
         description="Evaluate a SAELens SAE spliced into its model: CE-loss increase, KL, L0, "
-        "alive features, explained variance, downstream MSE. Model, hook, context size and data "
-        "default to what the SAE's metadata records.",
+        "alive features, explained variance, downstream MSE. A transcoder reads hook_name and "
+        "replaces the MLP output at hook_name_out: its explained variance is of that output, "
+        "and its zero ablation zeroes it. Model, hooks, context size and data default to what "
+        "the SAE's metadata records.",
     )
     evaluate.add_argument(
         "sae",
@@ -41,6 +44,11 @@ def add_eval_command(commands: Any) -> None:
         evaluate,
         "model to splice into (default: the SAE's metadata)",
         "hook to splice at (default: the SAE's metadata)",
+    )
+    evaluate.add_argument(
+        "--hook_name_out",
+        help="a transcoder's output hook, the MLP output it replaces, e.g. "
+        "blocks.6.hook_mlp_out (default: the transcoder's metadata)",
     )
     evaluate.add_argument(
         "--dataset_path", help="a built-in corpus (its eval split) or a Hugging Face dataset"
@@ -187,6 +195,7 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
             model,
             tokens.split(args.batch_size),
             hook_name=hook_name,
+            hook_name_out=args.hook_name_out,
             alive_window_tokens=args.alive_window_tokens,
             seqpos_slice=args.seqpos_slice,
         )
@@ -206,7 +215,11 @@ def _load_saes(args: argparse.Namespace) -> dict[str, Any]:
         sources = [str(p) for p in _run_of_several(Path(sources[0]))]
     if len(sources) == 1:
         return {"sae": _load_any_sae(sources[0], args.sae_id, args.device)}
-    for flag, value in (("--sae-id", args.sae_id), ("--hook_name", args.hook_name)):
+    for flag, value in (
+        ("--sae-id", args.sae_id),
+        ("--hook_name", args.hook_name),
+        ("--hook_name_out", args.hook_name_out),
+    ):
         if value is not None:
             raise ValueError(
                 f"{flag} is for one SAE; several SAEs are each spliced at the hook their "

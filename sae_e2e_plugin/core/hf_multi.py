@@ -37,7 +37,7 @@ def run_hf_clean_multi(
     downstream: dict[str, torch.Tensor] = {}
     hooks: list[tuple[str, ForwardHook]] = []
     if inputs:
-        hooks += [(h, partial(capture_output, store=acts, name=h)) for h in _hooks(plan)]
+        hooks += [(h, partial(capture_output, store=acts, name=h)) for h in plan.recorded_hooks]
     if full:
         hooks += [
             (n, partial(capture_output, store=downstream, name=n)) for n in plan.downstream_hooks
@@ -45,7 +45,7 @@ def run_hf_clean_multi(
     layer_inputs: dict[int, torch.Tensor] = dict.fromkeys(_layers(plan) if inputs else ())  # type: ignore[arg-type]
     with forward_hooks(hf, hooks):
         if prefix.hidden is None or prefix.start_layer is None or plan.last_layer is None:
-            last = None if full else list(plan.plans.values())[-1].hook_name
+            last = None if full else list(plan.plans.values())[-1].write_hook
             final = run_full(hf, layers_plan, prefix.tokens, stop_after=last)
         else:
             stop = layers_plan.n_layers if full else plan.last_layer + 1
@@ -71,7 +71,7 @@ def run_hf_joint_patched(
     full: bool = True,
 ) -> PatchedRun:
     """The run from the shared prefix with every SAE's splice on its module's output
-    (``splices`` by hook name); grad flows through every splice and the layers between them.
+    (``splices`` by SAE name; ``core.multi_splice.run_joint_patched``); grad flows through every splice and the layers between them.
 
     ``full=False`` stops after the latest SAE's layer when there is a shared prefix (a model
     without one runs to the end). Layers are not checkpointed here (``checkpoint_blocks`` applies
@@ -79,9 +79,13 @@ def run_hf_joint_patched(
     """
     hf, layers_plan = hf_model_of(model), _layers_plan(plan)
     captured: dict[str, torch.Tensor] = {}
-    hooks: list[tuple[str, ForwardHook]] = [
-        (hook, partial(_splice, fn=fn)) for hook, fn in splices.items()
-    ]
+    hooks: list[tuple[str, ForwardHook]] = []
+    for name, one in plan.plans.items():
+        inputs: dict[str, torch.Tensor] = {}  # a transcoder's input, kept for its output module
+        if one.hook_name_out is not None:
+            hooks.append((one.hook_name, partial(capture_output, store=inputs, name=one.hook_name)))
+        splice = partial(_splice, fn=splices[name], inputs=inputs, read=one.hook_name)
+        hooks.append((one.write_hook, splice))
     hooks += [(n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks]
     with forward_hooks(hf, hooks):
         if prefix.hidden is None or prefix.start_layer is None or plan.last_layer is None:
@@ -101,15 +105,20 @@ def _layers_plan(plan: MultiSplicePlan) -> HFSplicePlan:
     return layers_plan
 
 
-def _hooks(plan: MultiSplicePlan) -> list[str]:
-    return list(dict.fromkeys(p.hook_name for p in plan.plans.values()))
-
-
 def _layers(plan: MultiSplicePlan) -> list[int]:
     return sorted({p.start_layer for p in plan.plans.values() if p.start_layer is not None})
 
 
-def _splice(module: torch.nn.Module, args: Any, output: Any, *, fn: Splice) -> Any:
+def _splice(
+    module: torch.nn.Module,
+    args: Any,
+    output: Any,
+    *,
+    fn: Splice,
+    inputs: dict[str, torch.Tensor],
+    read: str,
+) -> Any:
     acts = output[0] if isinstance(output, tuple) else output
-    new = fn(acts).reshape(acts.shape).to(acts.dtype)
+    read_acts = inputs[read] if read in inputs else acts  # an SAE reads what it replaces
+    new = fn(read_acts, acts).reshape(acts.shape).to(acts.dtype)
     return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -90,13 +90,15 @@ def run_hf_prefix(
 def run_hf_clean(
     model: Any, prefix: HFPrefix, plan: HFSplicePlan, *, full: bool = True
 ) -> CleanRun:
-    """The unpatched run: the SAE's input, the final hidden state, downstream activations.
+    """The unpatched run: the SAE's input (a transcoder's target), the final hidden state,
+    downstream activations.
 
     With ``full=False`` the run stops after the SAE's module and records nothing downstream.
     """
     hf = hf_model_of(model)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [(plan.hook_name, partial(capture_output, store=captured, name=plan.hook_name))]
+    read = [plan.hook_name] + ([] if plan.hook_name_out is None else [plan.hook_name_out])
+    hooks = [(n, partial(capture_output, store=captured, name=n)) for n in read]
     if full:
         hooks += [
             (n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks
@@ -107,9 +109,11 @@ def run_hf_clean(
             stop = plan.n_layers if full else prefix.start_layer + 1
             final = continue_layers(hf, plan, prefix, prefix.hidden, prefix.start_layer, stop=stop)
         else:
-            final = run_full(hf, plan, prefix.tokens, stop_after=None if full else plan.hook_name)
+            final = run_full(hf, plan, prefix.tokens, stop_after=None if full else plan.write_hook)
     acts = captured.pop(plan.hook_name)
-    return CleanRun(acts=acts, final_resid=final if full else None, downstream=captured)
+    target = None if plan.hook_name_out is None else captured.pop(plan.hook_name_out)
+    final = final if full else None
+    return CleanRun(acts=acts, final_resid=final, downstream=captured, target=target)
 
 
 @jaxtyped(typechecker=beartype)
@@ -117,11 +121,12 @@ def run_hf_patched(
     model: Any,
     prefix: HFPrefix,
     plan: HFSplicePlan,
-    replacement: Float[torch.Tensor, "batch pos d_in"],
+    replacement: Float[torch.Tensor, "batch pos d_write"],
     *,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run with ``replacement`` [batch, pos, d_in] as the hook module's output.
+    """The run with ``replacement`` as the output of ``plan.write_hook`` (an SAE's module,
+    [batch, pos, d_in]; a transcoder's ``hook_name_out``, [batch, pos, d_out]).
 
     Grad flows back into ``replacement`` only (the model is frozen, the prefix has no grad).
     ``checkpoint_blocks=True`` recomputes each decoder layer after the hook's in the backward
@@ -134,7 +139,7 @@ def run_hf_patched(
         (n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks
     ]
     if prefix.hidden is None or prefix.start_layer is None:
-        hooks.append((plan.hook_name, partial(_replace, replacement=replacement)))
+        hooks.append((plan.write_hook, partial(_replace, replacement=replacement)))
         with forward_hooks(hf, hooks):
             final = run_full(hf, plan, prefix.tokens, stop_after=None)
         assert final is not None  # a run with no stop reaches the head
@@ -145,7 +150,8 @@ def run_hf_patched(
         if plan.hook_is_layer_output:  # the replacement is the next layer's input
             hidden = replacement.to(prefix.hidden.device, prefix.hidden.dtype)
         else:  # the hook is inside the layer: run it with the splice hook, not checkpointed
-            with forward_hooks(hf, [(plan.hook_name, partial(_replace, replacement=replacement))]):
+            splice = [(plan.write_hook, partial(_replace, replacement=replacement))]
+            with forward_hooks(hf, splice):
                 hidden = _call_layer(_layers(hf, plan)[layer], prefix.hidden, prefix.layer_kwargs)
         final = continue_layers(hf, plan, prefix, hidden, layer + 1, checkpoint_layers=ckpt)
     return PatchedRun(final_resid=final, downstream=captured)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from sae_e2e_plugin.core.hf_modules import (
     probe_modules,
 )
 from sae_e2e_plugin.core.hf_runs import HFSplicePlan, apply_head, continue_layers, run_hf_prefix
+from sae_e2e_plugin.core.output_hook import check_output_hook, check_output_width
 from sae_e2e_plugin.core.splice import refuse_repeated
 
 logger = logging.getLogger(__name__)
@@ -57,35 +59,53 @@ def plan_hf_splice(
     downstream_hooks: Sequence[str] | None,
     *,
     d_in: int | None = None,
+    hook_name_out: str | None = None,
+    d_out: int | None = None,
 ) -> HFSplicePlan:
     """Check ``hook_name`` (its width against ``d_in``) and the downstream hooks; plan the runs.
 
-    ``downstream_hooks=None`` means the output of every decoder layer after the hook. Raises
-    ValueError naming the field, the value and the fix for anything that cannot be spliced.
+    A transcoder also gives ``hook_name_out`` (and ``d_out``), the module whose output its own
+    replaces (``core.output_hook``). ``downstream_hooks=None`` means the output of every decoder
+    layer after the replaced module. Raises ValueError naming the field, the value and the fix
+    for anything that cannot be spliced.
     """
     hf = hf_model_of(model)
     check_module_name("hook_name", hook_name, hf)
+    if hook_name_out is not None:
+        check_module_name("hook_name_out", hook_name_out, hf)
     # In eval mode: dropout would make the runs the plan compares differ.
     training = hf.training
     hf.eval()
     try:
-        return _plan(hf, hook_name, downstream_hooks, d_in)
+        return _plan(hf, hook_name, downstream_hooks, d_in, hook_name_out, d_out)
     finally:
         hf.train(training)
 
 
 def _plan(
-    hf: PreTrainedModel, hook_name: str, downstream_hooks: Sequence[str] | None, d_in: int | None
+    hf: PreTrainedModel,
+    hook_name: str,
+    downstream_hooks: Sequence[str] | None,
+    d_in: int | None,
+    hook_name_out: str | None,
+    d_out: int | None,
 ) -> HFSplicePlan:
     probe = probe_modules(hf)
-    first_of_tuple = _check_hook_output(hook_name, probe, d_in)
+    first_of_tuple, _ = _check_hook_output("hook_name", hook_name, probe, d_in)
     layers_path = find_layers(hf)
     n_layers = int(getattr(hf.config, "num_hidden_layers", 0) or 0)
     layer, whole = layer_index(hook_name, layers_path)
+    if hook_name_out is not None:
+        first_of_tuple, width = _check_hook_output("hook_name_out", hook_name_out, probe, None)
+        check_output_width(hook_name_out, width, d_out, "module")
+        block_of = partial(_layer_of, layers_path=layers_path)
+        check_output_hook(hook_name, hook_name_out, probe.order, block_of)
+        whole = layer_index(hook_name_out, layers_path)[1]  # of the module replaced
     _refuse_hooks_after_layers(hook_name, probe, layers_path, n_layers)
-    position = probe.order.index(hook_name)
+    write_hook = hook_name_out or hook_name
+    position = probe.order.index(write_hook)
     downstream = _downstream(
-        hf, probe, hook_name, position, layers_path, n_layers, downstream_hooks
+        hf, probe, write_hook, position, layers_path, n_layers, downstream_hooks
     )
     norm_path, head_path = find_final_norm(hf), find_output_head(hf)
     plan = HFSplicePlan(
@@ -99,21 +119,29 @@ def _plan(
         norm_path=norm_path if head_path else None,
         head_path=head_path if norm_path else None,
         softcap=getattr(hf.config, "final_logit_softcapping", None),
+        hook_name_out=hook_name_out,
     )
     plan = _checked_head(hf, plan, probe)
     return _checked_prefix(hf, plan, probe)
 
 
-def _check_hook_output(hook_name: str, probe: ModuleProbe, d_in: int | None) -> bool:
+def _layer_of(hook_name: str, layers_path: str | None) -> int | None:
+    return layer_index(hook_name, layers_path)[0]
+
+
+def _check_hook_output(
+    field: str, hook_name: str, probe: ModuleProbe, d_in: int | None
+) -> tuple[bool, int]:
+    """Whether the module returns ``(tensor, None, ...)``, and the tensor's width."""
     if hook_name not in probe.outputs:
         raise ValueError(
-            f"hook_name={hook_name!r} is a module of the model, but it does not run in a forward "
+            f"{field}={hook_name!r} is a module of the model, but it does not run in a forward "
             "pass, so there is nothing to read or replace. Choose a module that runs, e.g. a "
             "decoder layer."
         )
     if probe.calls[hook_name] > 1:
         raise ValueError(
-            f"hook_name={hook_name!r} runs {probe.calls[hook_name]} times per forward pass (a "
+            f"{field}={hook_name!r} runs {probe.calls[hook_name]} times per forward pass (a "
             "shared module); the splice could not tell which call to replace. Hook a module "
             "that runs once, e.g. a decoder layer."
         )
@@ -127,7 +155,7 @@ def _check_hook_output(hook_name: str, probe: ModuleProbe, d_in: int | None) -> 
     acts = next(iter(output)) if first_of_tuple else output
     if not isinstance(acts, torch.Tensor) or acts.ndim != 3:
         raise ValueError(
-            f"hook_name={hook_name!r} outputs {describe_output(output)}; the splice replaces one "
+            f"{field}={hook_name!r} outputs {describe_output(output)}; the splice replaces one "
             "[batch, pos, width] tensor and cannot tell which element of this output the SAE "
             "should read and replace. Hook a module whose output is one tensor, e.g. the "
             "decoder layer itself or a projection inside it (such as '...self_attn.o_proj')."
@@ -137,7 +165,7 @@ def _check_hook_output(hook_name: str, probe: ModuleProbe, d_in: int | None) -> 
             f"sae.d_in is {d_in}, but the output of hook_name={hook_name!r} has width "
             f"{acts.shape[-1]}. Set sae.d_in={acts.shape[-1]} or choose a module of width {d_in}."
         )
-    return first_of_tuple
+    return first_of_tuple, acts.shape[-1]
 
 
 def _refuse_hooks_after_layers(
@@ -173,7 +201,8 @@ def _downstream(
         if name not in probe.outputs or probe.order.index(name) <= position:
             raise ValueError(
                 f"downstream_hooks contains {name!r}, which does not run after "
-                f"hook_name={hook_name!r}; the SAE cannot change it. Use modules that run later, "
+                f"{hook_name!r}, the module the SAE replaces; the SAE cannot change it. Use "
+                "modules that run later, "
                 "or leave downstream_hooks unset for every later decoder layer's output."
             )
         if not isinstance(probe.outputs[name], torch.Tensor):

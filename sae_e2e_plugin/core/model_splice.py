@@ -81,11 +81,15 @@ def plan_splice(
     downstream_hooks: Sequence[str] | None,
     *,
     d_in: int | None = None,
+    hook_name_out: str | None = None,
+    d_out: int | None = None,
 ) -> SplicePlan:
-    """The model's hook and downstream hooks checked; where the shared prefix stops."""
-    if hf_modules.is_hf_model(model):
-        return hf_splice.plan_hf_splice(model, hook_name, downstream_hooks, d_in=d_in)
-    return splice.plan_splice(model, hook_name, downstream_hooks, d_in=d_in)
+    """The model's hook (a transcoder's two hooks) and downstream hooks checked; where the
+    shared prefix stops."""
+    plan = hf_splice.plan_hf_splice if hf_modules.is_hf_model(model) else splice.plan_splice
+    return plan(
+        model, hook_name, downstream_hooks, d_in=d_in, hook_name_out=hook_name_out, d_out=d_out
+    )
 
 
 def run_prefix(model: Any, tokens: torch.Tensor, plan: SplicePlan | MultiSplicePlan) -> Any:
@@ -113,7 +117,7 @@ def run_patched(
     *,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run with ``replacement`` [batch, pos, d_in] spliced in at the hook."""
+    """The run with ``replacement`` [batch, pos, width] spliced in at ``plan.write_hook``."""
     if isinstance(plan, hf_runs.HFSplicePlan):
         return hf_runs.run_hf_patched(
             model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks
@@ -138,8 +142,11 @@ def plan_multi_splice(
     d_ins: Mapping[str, int],
     mode: SpliceMode,
     downstream_hooks: Sequence[str] | None,
+    outputs: Mapping[str, tuple[str, int]] | None = None,
 ) -> MultiSplicePlan:
     """Check every SAE's hook and width against the model and plan the runs.
+
+    ``outputs``: each transcoder's ``(hook_name_out, d_out)`` by SAE name (``core.output_hook``).
 
     ``downstream_hooks=()`` records none; None means every residual-stream hook (decoder layer
     output) after the latest SAE (joint) or after each SAE's own hook (independent). Raises
@@ -147,20 +154,30 @@ def plan_multi_splice(
     """
     if mode not in ("joint", "independent"):
         raise ValueError(f"splice={mode!r} is not a splice mode; use 'joint' or 'independent'.")
+    outputs = dict(outputs or {})
     if mode == "joint":
         _refuse_shared_hooks(hook_names)
+        _refuse_shared_hooks({n: outputs.get(n, (hook, 0))[0] for n, hook in hook_names.items()})
     own = downstream_hooks if mode == "independent" else ()
     plans = {
-        name: _plan_one(model, name, hook, d_ins[name], own) for name, hook in hook_names.items()
+        name: _plan_one(model, name, hook, d_ins[name], own, outputs.get(name))
+        for name, hook in hook_names.items()
     }
     order = _firing_order(model)
     plans = dict(sorted(plans.items(), key=lambda item: order.index(item[1].hook_name)))
     layers = [plan.start_layer for plan in plans.values()]
     start_layer = None if None in layers else min(layer for layer in layers if layer is not None)
-    if mode == "joint":
-        latest_name, latest = list(plans.items())[-1]
+    if mode == "joint":  # compared after the hook replaced last
+        latest_name = max(plans, key=lambda name: order.index(plans[name].write_hook))
+        latest = plans[latest_name]
+        out = None if latest.hook_name_out is None else (latest.hook_name_out, None)
         downstream = _plan_one(
-            model, latest_name, latest.hook_name, None, downstream_hooks
+            model,
+            latest_name,
+            latest.hook_name,
+            None,
+            downstream_hooks,
+            out,
         ).downstream_hooks
     else:
         downstream = tuple(
@@ -188,10 +205,18 @@ def _refuse_shared_hooks(hook_names: Mapping[str, str]) -> None:
 
 
 def _plan_one(
-    model: Any, name: str, hook: str, d_in: int | None, downstream_hooks: Sequence[str] | None
+    model: Any,
+    name: str,
+    hook: str,
+    d_in: int | None,
+    downstream_hooks: Sequence[str] | None,
+    output: tuple[str, int | None] | None = None,
 ) -> SplicePlan:
+    hook_out, d_out = output or (None, None)
     try:
-        return plan_splice(model, hook, downstream_hooks, d_in=d_in)
+        return plan_splice(
+            model, hook, downstream_hooks, d_in=d_in, hook_name_out=hook_out, d_out=d_out
+        )
     except ValueError as error:
         raise naming_the_sae(error, name) from None
 
@@ -199,8 +224,11 @@ def _plan_one(
 def naming_the_sae(error: ValueError, name: str) -> ValueError:
     """A single-SAE check's error with its fields (``sae.d_in``, ``hook_name``) named as the
     fields of SAE ``name`` in a run of several (``saes[name].d_in``, ``hook_names[name]``)."""
-    message = str(error).replace("sae.d_in", f"saes[{name!r}].d_in")
-    message = message.replace("hook_name=", f"hook_names[{name!r}]=")
+    message = str(error)
+    for field in ("d_in", "d_out"):
+        message = message.replace(f"sae.{field}", f"saes[{name!r}].{field}")
+    for field, per_sae in (("hook_name", "hook_names"), ("hook_name_out", "hook_names_out")):
+        message = message.replace(f"{field}=", f"{per_sae}[{name!r}]=")
     return ValueError(f"SAE {name!r}: {message}")
 
 
@@ -234,7 +262,7 @@ def run_joint_patched(
     full: bool = True,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run with every SAE's splice at its hook (``splices`` by hook name), grad through all."""
+    """The run with every SAE's splice at its hook (``splices`` by SAE name), grad through all."""
     if isinstance(prefix, hf_runs.HFPrefix):
         return hf_multi.run_hf_joint_patched(model, prefix, plan, splices, full=full)
     return multi_splice.run_joint_patched(

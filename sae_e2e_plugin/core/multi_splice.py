@@ -44,9 +44,11 @@ from sae_e2e_plugin.core.splice import (
 
 SpliceMode = Literal["joint", "independent"]
 
-Splice = Callable[[torch.Tensor], torch.Tensor]
-"""Maps the activation arriving at a hook, [batch, pos, width] (heads flattened), to its
-replacement of the same shape."""
+Splice = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""One SAE's splice in a joint run: (the activation arriving at its ``hook_name``, the one
+arriving at the hook it replaces), each [batch, pos, width] with heads flattened, → the
+replacement of the second. For an SAE both are the same tensor; for a transcoder the second is
+the MLP's output (its target)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,13 @@ class MultiSplicePlan:
         return dataclasses.replace(next(iter(self.plans.values())), start_layer=self.start_layer)
 
     @property
+    def recorded_hooks(self) -> list[str]:
+        """The hooks a clean run records for the SAEs: each one's input and each transcoder's
+        target (``hook_name_out``), in firing order, each once."""
+        hooks = (h for p in self.plans.values() for h in (p.hook_name, p.hook_name_out) if h)
+        return list(dict.fromkeys(hooks))
+
+    @property
     def last_layer(self) -> int | None:
         """The latest SAE's block (None when a hook is outside the blocks)."""
         layers = [plan.start_layer for plan in self.plans.values()]
@@ -91,7 +100,8 @@ class MultiCleanRun:
     """The one clean run of an independent step; nothing carries grad."""
 
     acts: dict[str, torch.Tensor]
-    """[batch, pos, d_in] activation at each SAE's hook (heads flattened), by hook name."""
+    """[batch, pos, d_in] activation at each SAE's hook (heads flattened), and [batch, pos,
+    d_out] at each transcoder's ``hook_name_out``, by hook name."""
     block_inputs: dict[int, torch.Tensor]
     """[batch, pos, d_model] residual stream entering each SAE's block, by block."""
     final_resid: torch.Tensor | None
@@ -110,7 +120,9 @@ class MultiCleanRun:
         """What a single run of the SAE at ``plan`` would have recorded (and the shared
         log-probabilities, which its KL reads instead of making them again)."""
         downstream = {name: self.downstream[name] for name in plan.downstream_hooks}
-        return CleanRun(self.acts[plan.hook_name], self.final_resid, downstream, self.log_probs)
+        target = None if plan.hook_name_out is None else self.acts[plan.hook_name_out]
+        acts = self.acts[plan.hook_name]
+        return CleanRun(acts, self.final_resid, downstream, self.log_probs, target=target)
 
 
 @torch.no_grad()
@@ -133,7 +145,7 @@ def run_clean_multi(
     downstream: dict[str, torch.Tensor] = {}
     hooks: FwdHooks = []
     if inputs:
-        hooks += [(h, partial(_capture, store=acts, flatten=True)) for h in _hooks(plan)]
+        hooks += [(h, partial(_capture, store=acts, flatten=True)) for h in plan.recorded_hooks]
         hooks += [
             (f"blocks.{layer}.hook_resid_pre", partial(_capture, store=block_inputs))
             for layer in _layers(plan)
@@ -156,7 +168,8 @@ def run_joint_patched(
     full: bool = True,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run from the shared prefix with every SAE's splice at its hook (``splices`` by hook).
+    """The run from the shared prefix with every SAE's splice (``splices`` by SAE name) at its
+    hook; a transcoder's input is kept at ``hook_name`` for its splice at ``hook_name_out``.
 
     Grad flows through every splice and the activations between them. ``full=False``: stop
     after the latest SAE's block (``final_resid`` is then that block's output). With
@@ -164,7 +177,13 @@ def run_joint_patched(
     ``core.splice.run_patched`` does); blocks with an SAE run plainly, so no SAE's training
     forward pass runs twice.
     """
-    hooks: FwdHooks = [(hook, partial(_splice, fn=fn)) for hook, fn in splices.items()]
+    hooks: FwdHooks = []
+    for name, one in plan.plans.items():
+        inputs: dict[str, torch.Tensor] = {}  # a transcoder's input, kept for its output hook
+        if one.hook_name_out is not None:
+            hooks.append((one.hook_name, partial(_capture, store=inputs, flatten=True)))
+        splice = partial(_splice, fn=splices[name], inputs=inputs, read=one.hook_name)
+        hooks.append((one.write_hook, splice))
     captured: dict[str, torch.Tensor] = {}
     stop = model.cfg.n_layers if full or plan.last_layer is None else plan.last_layer + 1
     if checkpoint_blocks and _can_checkpoint(prefix, plan):
@@ -207,10 +226,6 @@ def _blocks_checkpointed(
     return resid
 
 
-def _hooks(plan: MultiSplicePlan) -> list[str]:
-    return list(dict.fromkeys(p.hook_name for p in plan.plans.values()))
-
-
 def _layers(plan: MultiSplicePlan) -> list[int]:
     layers = (p.start_layer for p in plan.plans.values() if p.start_layer is not None)
     return sorted(set(layers))
@@ -223,5 +238,8 @@ def _capture(
     store[hook.name] = flatten_heads(act) if flatten else act
 
 
-def _splice(act: torch.Tensor, hook: HookPoint, *, fn: Splice) -> torch.Tensor:
-    return fn(flatten_heads(act)).reshape(act.shape).to(act.dtype)
+def _splice(
+    act: torch.Tensor, hook: HookPoint, *, fn: Splice, inputs: dict[str, torch.Tensor], read: str
+) -> torch.Tensor:
+    replaced = flatten_heads(act)
+    return fn(inputs.get(read, replaced), replaced).reshape(act.shape).to(act.dtype)

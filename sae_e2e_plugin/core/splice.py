@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -33,6 +33,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from sae_e2e_plugin.core.losses import CleanLogProbs
+from sae_e2e_plugin.core.output_hook import check_output_hook, check_output_width
 
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 """(hook name, hook function) pairs for ``model.hooks(fwd_hooks=...)``."""
@@ -56,11 +57,19 @@ class SplicePlan:
     """Where the SAE sits in the model and which later activations are compared."""
 
     hook_name: str
-    """The hook whose activation the SAE reads and whose value its reconstruction replaces."""
+    """The hook whose activation the SAE reads (and, without ``hook_name_out``, replaces)."""
     start_layer: int | None
     """The block containing ``hook_name``: the shared prefix stops there. ``None``: no shared prefix."""
     downstream_hooks: tuple[str, ...]
-    """Hooks after ``hook_name`` whose patched activations are compared with the clean ones."""
+    """Hooks after ``write_hook`` whose patched activations are compared with the clean ones."""
+    hook_name_out: str | None = field(default=None, kw_only=True)
+    """A transcoder's output hook (the MLP's output, in ``hook_name``'s block): the clean run
+    records its target there and the patched run replaces it. None: an SAE."""
+
+    @property
+    def write_hook(self) -> str:
+        """The hook whose activation the replacement takes the place of."""
+        return self.hook_name_out or self.hook_name
 
 
 @dataclass
@@ -90,6 +99,9 @@ class CleanRun:
     log_probs: CleanLogProbs | None = None
     """``final_resid``'s next-token log-probabilities when they were made once for several
     patched runs (``core.losses.clean_log_probs``); None: each KL makes them a chunk at a time."""
+    target: torch.Tensor | None = None
+    """[batch, pos, d_out] a transcoder's target: the clean activation at ``hook_name_out``
+    (the MLP's output). None: an SAE, whose target is ``acts``."""
 
 
 @dataclass
@@ -134,13 +146,16 @@ def plan_splice(
     *,
     d_in: int | None = None,
     probe: HookProbe | None = None,
+    hook_name_out: str | None = None,
+    d_out: int | None = None,
 ) -> SplicePlan:
     """Check ``hook_name`` (and ``d_in``, the downstream hooks) against the model; plan the runs.
 
-    ``downstream_hooks=None`` means every residual-stream hook after the SAE's:
-    ``blocks.k.hook_resid_post`` for each block k whose output comes after the hook.
-    Raises ValueError naming the field, the value and the fix for anything that
-    cannot be spliced.
+    A transcoder also gives ``hook_name_out`` (and ``d_out``): its output replaces the
+    activation there (``core.output_hook``). ``downstream_hooks=None`` means every
+    residual-stream hook after the replaced one: ``blocks.k.hook_resid_post`` for each block k
+    whose output comes after it. Raises ValueError naming the field, the value and the fix for
+    anything that cannot be spliced.
     """
     probe = probe or probe_hooks(model)
     _check_hook_exists("hook_name", hook_name, probe)
@@ -150,7 +165,12 @@ def plan_splice(
             f"{probe.widths[hook_name]}. Set sae.d_in={probe.widths[hook_name]} "
             f"or choose a hook of width {d_in}."
         )
-    position = probe.order.index(hook_name)
+    if hook_name_out is not None:
+        _check_hook_exists("hook_name_out", hook_name_out, probe)
+        check_output_width(hook_name_out, probe.widths[hook_name_out], d_out, "hook")
+        check_output_hook(hook_name, hook_name_out, probe.order, _block_of)
+    write_hook = hook_name_out or hook_name
+    position = probe.order.index(write_hook)
     if downstream_hooks is None:
         later = probe.order[position + 1 :]
         downstream = tuple(name for name in later if _RESID_POST_RE.match(name))
@@ -161,13 +181,22 @@ def plan_splice(
             if probe.order.index(name) <= position:
                 raise ValueError(
                     f"downstream_hooks contains {name!r}, which runs at or before "
-                    f"hook_name={hook_name!r}; the SAE cannot change it. Use hooks that run "
+                    f"{'hook_name_out' if hook_name_out else 'hook_name'}={write_hook!r}; the SAE cannot change it. "
+                    "Use hooks that run "
                     "later, or leave downstream_hooks unset for every later residual-stream hook."
                 )
         refuse_repeated("downstream_hooks", downstream, "hook")
+    return SplicePlan(
+        hook_name=hook_name,
+        start_layer=_block_of(hook_name),
+        downstream_hooks=downstream,
+        hook_name_out=hook_name_out,
+    )
+
+
+def _block_of(hook_name: str) -> int | None:
     match = _BLOCK_RE.match(hook_name)
-    start_layer = int(match.group(1)) if match else None
-    return SplicePlan(hook_name=hook_name, start_layer=start_layer, downstream_hooks=downstream)
+    return int(match.group(1)) if match else None
 
 
 @jaxtyped(typechecker=beartype)
@@ -196,13 +225,15 @@ def run_prefix(
 def run_clean(
     model: HookedTransformer, prefix: Prefix, plan: SplicePlan, *, full: bool = True
 ) -> CleanRun:
-    """The unpatched run from the prefix: SAE input, final residual, downstream activations.
+    """The unpatched run from the prefix: SAE input (a transcoder's target), final residual,
+    downstream activations.
 
     With ``full=False`` (objectives that need only the SAE's input) the run stops
     after the SAE's block and records no downstream activations.
     """
     captured: dict[str, torch.Tensor] = {}
-    hooks: FwdHooks = [(plan.hook_name, partial(_capture, store=captured, flatten=True))]
+    read = [plan.hook_name] + ([] if plan.hook_name_out is None else [plan.hook_name_out])
+    hooks: FwdHooks = [(name, partial(_capture, store=captured, flatten=True)) for name in read]
     if full:
         hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
@@ -212,7 +243,9 @@ def run_clean(
             _run_through_block(model, prefix)
             final_resid = None
     acts = captured.pop(plan.hook_name)
-    return CleanRun(acts=acts, final_resid=final_resid if full else None, downstream=captured)
+    target = None if plan.hook_name_out is None else captured.pop(plan.hook_name_out)
+    final_resid = final_resid if full else None
+    return CleanRun(acts=acts, final_resid=final_resid, downstream=captured, target=target)
 
 
 @jaxtyped(typechecker=beartype)
@@ -220,11 +253,12 @@ def run_patched(
     model: HookedTransformer,
     prefix: Prefix,
     plan: SplicePlan,
-    replacement: Float[torch.Tensor, "batch pos d_in"],
+    replacement: Float[torch.Tensor, "batch pos d_write"],
     *,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run from the prefix with ``replacement`` [batch, pos, d_in] spliced in at the hook.
+    """The run from the prefix with ``replacement`` spliced in at ``plan.write_hook`` (an SAE's
+    hook, [batch, pos, d_in]; a transcoder's ``hook_name_out``, [batch, pos, d_out]).
 
     Grad flows from the outputs back into ``replacement`` only: the model's
     parameters are frozen and the prefix was computed without grad.
@@ -239,7 +273,7 @@ def run_patched(
     if checkpoint_blocks and _can_checkpoint(prefix, plan):
         return _run_patched_checkpointed(model, prefix, plan, replacement)
     captured: dict[str, torch.Tensor] = {}
-    hooks: FwdHooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
+    hooks: FwdHooks = [(plan.write_hook, partial(_replace, replacement=replacement))]
     hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
     with model.hooks(fwd_hooks=hooks):
         final_resid = run_from(model, prefix, model.cfg.n_layers)
@@ -261,12 +295,12 @@ def _run_patched_checkpointed(
     layer = prefix.start_layer
     by_layer = {int(_RESID_POST_RE.match(n).group(1)): n for n in plan.downstream_hooks}  # type: ignore[union-attr]
     captured: dict[str, torch.Tensor] = {}
-    if plan.hook_name == f"blocks.{layer}.hook_resid_pre":
+    if plan.write_hook == f"blocks.{layer}.hook_resid_pre":
         # The replacement is the residual stream entering the block.
         resid = replacement.to(prefix.residual.dtype)
     else:
         # The hook is inside the block: run that block with the splice hook, not checkpointed.
-        hooks: FwdHooks = [(plan.hook_name, partial(_replace, replacement=replacement))]
+        hooks: FwdHooks = [(plan.write_hook, partial(_replace, replacement=replacement))]
         with model.hooks(fwd_hooks=hooks):
             resid = one_block(model, prefix, layer, prefix.residual)
         if layer in by_layer:

@@ -54,6 +54,7 @@ from sae_e2e_plugin.evaluation.parts import (
     encode_decode,
     eval_mode,
     resolve_hook_name,
+    resolve_hook_name_out,
     token_batches_checked,
 )
 
@@ -65,6 +66,7 @@ def evaluate_sae(
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_name: str | None = ...,
+    hook_name_out: str | None = ...,
     downstream_hooks: Sequence[str] | None = ...,
     alive_window_tokens: int | None = ...,
     max_batches: int | None = ...,
@@ -98,6 +100,7 @@ def evaluate_sae(
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_name: str | None = None,
+    hook_name_out: str | None = None,
     hook_names: Mapping[str, str] | None = None,
     downstream_hooks: Sequence[str] | None = None,
     alive_window_tokens: int | None = DEFAULT_ALIVE_WINDOW_TOKENS,
@@ -127,6 +130,10 @@ def evaluate_sae(
             mean, so batch size is part of the definition (the reference used its
             training batch size); ``tokens.split(n)`` makes batches of n sequences.
         hook_name: where the SAE sits; default ``sae.cfg.metadata.hook_name``.
+        hook_name_out: a transcoder's output hook (the MLP output it replaces); default
+            ``sae.cfg.metadata.hook_name_out``. A transcoder reads ``hook_name``; explained
+            variance is of the MLP output (its output against the clean activation at
+            ``hook_name_out``) and the zero ablation zeroes the MLP output.
         hook_names: several SAEs only: where each sits, by name (default: their metadata).
         downstream_hooks: later hooks to compare; default every ``blocks.k.hook_resid_post``
             after the SAE's hook. ``()`` for none.
@@ -160,7 +167,7 @@ def evaluate_sae(
         exclude_special_tokens,
     )
     if isinstance(sae, Mapping):
-        if activation_scaler is not None or hook_name is not None:
+        if activation_scaler is not None or hook_name is not None or hook_name_out is not None:
             raise ValueError(
                 "evaluate_sae got several SAEs with activation_scaler or hook_name set; give "
                 "each SAE's hook in hook_names={name: hook} and evaluate exported SAEs (their "
@@ -181,8 +188,17 @@ def evaluate_sae(
             "Hugging Face causal LM (SAELens' HookedProxyLM). Load it with SAELens' load_model."
         )
     hook_name = resolve_hook_name(sae, hook_name)
-    check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens)
-    plan = plan_splice(model, hook_name, downstream_hooks, d_in=sae.cfg.d_in)
+    hook_name_out = resolve_hook_name_out(sae, hook_name_out)
+    check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens, transcoders=True)
+    d_out = getattr(sae.cfg, "d_out", None)
+    plan = plan_splice(
+        model,
+        hook_name,
+        downstream_hooks,
+        d_in=sae.cfg.d_in,
+        hook_name_out=hook_name_out,
+        d_out=d_out,
+    )
     totals = _Totals(sae.cfg.d_sae, plan.downstream_hooks, alive_window_tokens)
     with eval_mode(sae, model):
         for tokens in token_batches_checked(token_batches, max_batches):
@@ -196,7 +212,7 @@ def evaluate_sae(
                 logits_chunk_size,
                 positions,
             )
-    return totals.result(hook_name)
+    return totals.result(hook_name, hook_name_out)
 
 
 @dataclass
@@ -243,7 +259,7 @@ class _Totals:
         ev = float(explained_variance_per_token(patched, clean).sum())
         self.downstream_ev[name] = self.downstream_ev.get(name, 0.0) + ev
 
-    def result(self, hook_name: str) -> EvalResult:
+    def result(self, hook_name: str, hook_name_out: str | None = None) -> EvalResult:
         if self.n_tokens == 0:
             raise ValueError(
                 "token_batches yielded no batch: pass (batch, pos) token tensors of held-out data."
@@ -256,6 +272,7 @@ class _Totals:
         alive = int(self.fired.sum()) if self.fired is not None else 0
         return EvalResult(
             hook_name=hook_name,
+            hook_name_out=hook_name_out,
             n_tokens=self.n_tokens,
             n_sequences=self.n_sequences,
             n_spliced=self.n_spliced,
@@ -298,19 +315,21 @@ def _evaluate_batch(
     batch, pos = tokens.shape
     prefix = run_prefix(model, tokens, plan)
     clean = run_clean(model, prefix, plan, full=True)
+    # What the splice replaces: an SAE's own input, or a transcoder's target (the MLP output).
+    replaced = clean.acts if clean.target is None else clean.target
     if positions.selects_all:
-        sae_in = clean.acts
+        sae_in, target = clean.acts, replaced
         feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
-        reconstruction, ablation = sae_out, torch.zeros_like(clean.acts)
+        reconstruction, ablation = sae_out, torch.zeros_like(replaced)
     else:
         # The selected positions as one [1, selected, d_in] batch; the rest keep their clean
         # activation in the spliced run, and in the ablated one: the baseline removes what the
         # SAE replaces, no more.
         mask = selected_positions(tokens, positions)
-        sae_in = clean.acts[mask][None]
+        sae_in, target = clean.acts[mask][None], replaced[mask][None]
         feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
-        reconstruction = with_reconstruction(clean.acts, mask, sae_out[0])
-        ablation = with_reconstruction(clean.acts, mask, torch.zeros_like(sae_out[0]))
+        reconstruction = with_reconstruction(replaced, mask, sae_out[0])
+        ablation = with_reconstruction(replaced, mask, torch.zeros_like(sae_out[0]))
     spliced = run_patched(model, prefix, plan, reconstruction)
     ablated_final = _run_ablated(model, prefix, plan, ablation)
     assert clean.final_resid is not None  # full=True always reaches the last block
@@ -320,10 +339,10 @@ def _evaluate_batch(
     totals.n_predicted += batch * (pos - 1)
     totals.n_spliced += sae_in.shape[0] * sae_in.shape[1]
     totals.add_features(feature_acts)
-    totals.explained_variance += float(explained_variance_per_token(sae_out, sae_in).sum())
+    totals.explained_variance += float(explained_variance_per_token(sae_out, target).sum())
     # The reference's argument order: the reconstruction is the "target" whose spread divides.
     totals.explained_variance_reference += float(
-        explained_variance_per_token(sae_in, sae_out).sum()
+        explained_variance_per_token(target, sae_out).sum()
     )
     for name in plan.downstream_hooks:
         totals.add_downstream(name, spliced.downstream[name], clean.downstream[name])

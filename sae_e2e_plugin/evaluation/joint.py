@@ -129,10 +129,14 @@ def evaluate_saes_jointly(
         name: parts.resolve_hook_name(sae, (hook_names or {}).get(name))
         for name, sae in saes.items()
     }
-    for sae in saes.values():
-        parts.check_sae(sae, None, logits_chunk_size, None)
+    outputs = {}  # each transcoder's output hook and width (default: its metadata)
+    for name, sae in saes.items():
+        parts.check_sae(sae, None, logits_chunk_size, None, transcoders=True)
+        hook_out = parts.resolve_hook_name_out(sae, None)
+        if hook_out is not None:
+            outputs[name] = (hook_out, sae.cfg.d_out)
     d_ins = {name: sae.cfg.d_in for name, sae in saes.items()}
-    plan = plan_multi_splice(model, hooks, d_ins, "joint", ())
+    plan = plan_multi_splice(model, hooks, d_ins, "joint", (), outputs)
     totals = _Totals(active=dict.fromkeys(saes, 0.0), explained_variance=dict.fromkeys(saes, 0.0))
     with parts.eval_mode(model, *saes.values()):
         for tokens in parts.token_batches_checked(token_batches, max_batches):
@@ -141,8 +145,7 @@ def evaluate_saes_jointly(
             clean = run_clean_multi(model, prefix, plan, inputs=False)
             mask = None if positions.selects_all else selected_positions(tokens, positions)
             splices = {
-                plan.plans[name].hook_name: partial(_splice, sae, model, mask, totals, name)
-                for name, sae in saes.items()
+                name: partial(_splice, sae, model, mask, totals, name) for name, sae in saes.items()
             }
             patched = run_joint_patched(model, prefix, plan, splices)
             assert clean.final_resid is not None
@@ -183,15 +186,18 @@ def _splice(
     totals: _Totals,
     name: str,
     acts: torch.Tensor,
+    replaced: torch.Tensor,
 ) -> torch.Tensor:
-    """The SAE's reconstruction of the activation arriving at its hook; its sums recorded."""
+    """The SAE's reconstruction of the activation arriving at its hook (a transcoder's output,
+    measured against the MLP output ``replaced``); its sums recorded."""
     sae_in = acts if mask is None else acts[mask][None]
+    target = replaced if mask is None else replaced[mask][None]
     feature_acts, sae_out = parts.encode_decode(sae, model, sae_in, None)
     totals.active[name] += float(active_features_per_token(feature_acts).sum())
-    totals.explained_variance[name] += float(explained_variance_per_token(sae_out, sae_in).sum())
+    totals.explained_variance[name] += float(explained_variance_per_token(sae_out, target).sum())
     if mask is None:
         return sae_out
-    return with_reconstruction(acts, mask, sae_out[0])
+    return with_reconstruction(replaced, mask, sae_out[0])
 
 
 def _add_output_metrics(

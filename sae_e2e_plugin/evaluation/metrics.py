@@ -98,6 +98,9 @@ class EvalResult:
     its code passes the SAE output as the target. Use it to compare with the paper's runs."""
     downstream: dict[str, DownstreamMetrics] = field(hash=False)
     """Patched-vs-clean comparison at each later hook, by hook name, in firing order."""
+    hook_name_out: str | None = field(default=None, kw_only=True)
+    """A transcoder's output hook (the MLP output): its output replaced the activation there,
+    explained variance is of that activation, and the zero ablation zeroed it. None: an SAE."""
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-safe dict: scalar fields by name, ``downstream/<hook>/<metric>``;
@@ -106,6 +109,8 @@ class EvalResult:
         for f in dataclasses.fields(self):
             if f.name != "downstream":
                 out[f.name] = _json_number(getattr(self, f.name))
+        if self.hook_name_out is None:  # an SAE's record has the fields it always had
+            del out["hook_name_out"]
         for hook, metrics in self.downstream.items():
             out[f"downstream/{hook}/mse"] = _json_number(metrics.mse)
             out[f"downstream/{hook}/explained_variance"] = _json_number(metrics.explained_variance)
@@ -137,23 +142,37 @@ class EvalResult:
             ("CE loss, clean", self.ce_loss_clean),
             ("CE loss, SAE spliced in", self.ce_loss_spliced),
             ("CE loss increase", self.ce_loss_increase),
-            ("CE loss, zero ablation", self.ce_loss_zero_ablation),
+            (f"CE loss, zero ablation{self._ablated}", self.ce_loss_zero_ablation),
             ("CE loss score", self.ce_loss_score),
             ("KL(orig || spliced)", self.kl_orig_patched),
-            ("KL(orig || ablated)", self.kl_orig_ablated),
+            (f"KL(orig || ablated){self._ablated}", self.kl_orig_ablated),
             ("KL score", self.kl_score),
             ("L0", self.l0),
             (f"alive features (first {self.alive_tokens:,} tokens)", self.alive_features),
             ("alive fraction", self.alive_fraction),
-            ("explained variance", self.explained_variance),
+            (
+                "explained variance" + (" of the MLP output" if self._ablated else ""),
+                self.explained_variance,
+            ),
         ]
         # explained_variance_reference (the reference's SAE-position formula, whose denominator
         # is the reconstruction's spread) stays in to_dict()/JSON: on e2e SAEs it is often
         # hugely negative and would mislead in a table read at a glance.
         width = max(len(name) for name, _ in rows)
+        where = f"SAE at {self.hook_name}"
+        if self.hook_name_out is not None:
+            where = f"transcoder {self.hook_name} -> {self.hook_name_out}"
         lines = [
-            f"SAE at {self.hook_name}: {self.n_tokens:,} tokens, {self.n_sequences:,} "
+            f"{where}: {self.n_tokens:,} tokens, {self.n_sequences:,} "
             f"sequences, d_sae={self.d_sae:,}",
+            *(
+                [
+                    f"its output replaces the MLP output at {self.hook_name_out}; zero "
+                    "ablation = that MLP output zeroed"
+                ]
+                if self.hook_name_out is not None
+                else []
+            ),
             *(
                 [
                     f"spliced at {self.n_spliced:,} of the tokens (seqpos_slice / excluded ids): "
@@ -179,6 +198,11 @@ class EvalResult:
                 for hook, m in self.downstream.items()
             ]
         return "\n".join(lines)
+
+    @property
+    def _ablated(self) -> str:
+        # A transcoder's zero ablation removes the MLP's output, not its input: the table says so.
+        return "" if self.hook_name_out is None else " (MLP output zeroed)"
 
     def save_json(self, path: str | Path) -> Path:
         """Write ``to_dict()`` as JSON to ``path`` atomically (parent folders created); return it."""

@@ -27,7 +27,8 @@ def encode_decode(
     acts: torch.Tensor,
     scaler: ActivationScaler | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SAE's features [batch, pos, d_sae] and reconstruction [batch, pos, d_in] (model scale).
+    """The SAE's features [batch, pos, d_sae] and reconstruction [batch, pos, d_in] (model scale);
+    a transcoder's output [batch, pos, d_out], its skip term included.
 
     ``acts`` is [batch, pos, d_in] with heads flattened for 4-D hooks. An inference
     SAE with hook_z reshaping on expects the heads unflattened and returns them so.
@@ -40,6 +41,9 @@ def encode_decode(
         sae_in = sae_in.unflatten(-1, (-1, model.cfg.d_head))
     feature_acts = sae.encode(sae_in)
     reconstruction = sae.decode(feature_acts).reshape(sae_in.shape[0], -1)
+    w_skip = getattr(sae, "W_skip", None)  # a skip transcoder: its decode leaves the skip out
+    if w_skip is not None:
+        reconstruction = reconstruction + sae_in.to(w_skip.dtype) @ w_skip.T
     if scaler is not None:
         reconstruction = scaler.unscale(reconstruction)
     if feature_acts.is_sparse:  # e.g. TopKSAE(use_sparse_activations=True)
@@ -96,16 +100,44 @@ def resolve_hook_name(sae: SAE[Any], hook_name: str | None) -> str:
     return resolved
 
 
+def is_transcoder(sae: SAE[Any]) -> bool:
+    """Whether ``sae`` writes another hook than it reads: SAELens' transcoders and the
+    plugin's training transcoders (both have ``cfg.d_out``)."""
+    return isinstance(sae, Transcoder) or getattr(sae.cfg, "d_out", None) is not None
+
+
+def resolve_hook_name_out(sae: SAE[Any], hook_name_out: str | None) -> str | None:
+    """A transcoder's output hook (given, or its metadata's); None for an SAE."""
+    if not is_transcoder(sae):
+        if hook_name_out is not None:
+            raise ValueError(
+                f"hook_name_out={hook_name_out!r} is given, but sae is an SAE (its cfg has no "
+                "d_out), which reads and replaces hook_name alone; leave hook_name_out unset."
+            )
+        return None
+    resolved = hook_name_out or getattr(sae.cfg.metadata, "hook_name_out", None)
+    if not resolved:
+        raise ValueError(
+            "sae is a transcoder, but hook_name_out is not set and "
+            "sae.cfg.metadata.hook_name_out is empty: pass hook_name_out="
+            "'blocks.L.hook_mlp_out' (the MLP output the transcoder replaces)."
+        )
+    return resolved
+
+
 def check_sae(
     sae: SAE[Any],
     scaler: ActivationScaler | None,
     chunk_size: int,
     alive_window_tokens: int | None,
+    *,
+    transcoders: bool = False,
 ) -> None:
-    if isinstance(sae, Transcoder):
+    if is_transcoder(sae) and not transcoders:
         raise ValueError(
-            "sae is a transcoder (it writes to a different hook than it reads); "
-            "evaluate_sae splices an SAE's reconstruction back into its own hook."
+            "sae is a transcoder (it writes to a different hook than it reads); a joint "
+            "evaluation splices SAEs that read and replace one hook. Evaluate the transcoder "
+            "alone: evaluate_sae(transcoder, model, tokens)."
         )
     for size in ("d_in", "d_sae"):
         value = getattr(sae.cfg, size)

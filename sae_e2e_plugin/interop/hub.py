@@ -34,11 +34,17 @@ UPLOADED_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
 
 
 def load_pretrained_sae(
-    source: str, sae_id: str | None, training_cfg: TrainingSAEConfig, hook_name: str, device: str
+    source: str,
+    sae_id: str | None,
+    training_cfg: TrainingSAEConfig,
+    hook_name: str,
+    device: str,
+    hook_name_out: str | None = None,
 ) -> TrainingSAE[Any]:
-    """A training SAE for ``training_cfg`` holding the weights of a pretrained SAE."""
+    """A training SAE for ``training_cfg`` holding the weights of a pretrained SAE (a
+    transcoder's for a training transcoder config, whose output hook is ``hook_name_out``)."""
     pretrained = _load_inference_sae(source, sae_id, device)
-    _check_compatible(pretrained, training_cfg, hook_name, source)
+    _check_compatible(pretrained, training_cfg, (hook_name, hook_name_out), source)
     sae = TrainingSAE.from_dict(training_cfg.to_dict())
     state = {name: tensor.to(device) for name, tensor in pretrained.state_dict().items()}
     sae.process_state_dict_for_loading(state)
@@ -83,7 +89,7 @@ def _load_inference_sae(source: str, sae_id: str | None, device: str) -> SAE[Any
 
 
 def _check_compatible(
-    pretrained: SAE[Any], cfg: TrainingSAEConfig, hook_name: str, source: str
+    pretrained: SAE[Any], cfg: TrainingSAEConfig, hooks: tuple[str, str | None], source: str
 ) -> None:
     expected_architecture = cfg.get_inference_config_class().architecture()
     checks = [
@@ -102,9 +108,14 @@ def _check_compatible(
             f"set sae.apply_b_dec_to_input={pretrained.cfg.apply_b_dec_to_input} (it changes the encoder)",
         ),
     ]
-    recorded_hook = pretrained.cfg.metadata.hook_name
-    if recorded_hook is not None:
-        checks.append(("hook_name", recorded_hook, hook_name, f"set hook_name={recorded_hook!r}"))
+    d_out = getattr(cfg, "d_out", None)
+    if d_out is not None:  # a transcoder: its output's width too
+        theirs = getattr(pretrained.cfg, "d_out", None)
+        checks.append(("sae.d_out", theirs, d_out, f"set sae.d_out={theirs}"))
+    for field, ours in zip(("hook_name", "hook_name_out"), hooks, strict=True):
+        recorded = getattr(pretrained.cfg.metadata, field, None)
+        if recorded is not None:
+            checks.append((field, recorded, ours, f"set {field}={recorded!r}"))
     for field, theirs, ours, fix in checks:
         if theirs != ours:
             raise ValueError(

@@ -61,9 +61,9 @@ class BufferedActivations(Iterator[Any]):
     ) -> None:
         self.store = store
         self.hook_d_ins = dict(hook_d_ins) if hook_d_ins is not None else None
-        """Several SAEs' hooks and widths: each batch is ``{hook: [rows, d_in]}``, the rows of
-        every hook from the same tokens (SAELens' multi-hook buffer shuffles them together).
-        None: one hook, one tensor."""
+        """Several SAEs' hooks (and each transcoder's output hook, its target) and widths: each
+        batch is ``{hook: [rows, width]}``, the rows of every hook from the same tokens (SAELens'
+        multi-hook buffer shuffles them together). None: one hook, one tensor."""
         self._multi_hook_batches: Iterator[dict[str, torch.Tensor]] | None = None
         if self.hook_d_ins is not None:
             # SAELens' multi-hook mode of this same store: one token stream for both phases.

@@ -67,6 +67,7 @@ class RunOutputs:
     model: Any
     trains_several_saes: bool
     hooks: dict[str, str]
+    hooks_out: dict[str, str]
     saes: dict[str, TrainingSAE[Any]]
     plan: MultiSplicePlan
     objective: ResolvedObjective
@@ -96,6 +97,8 @@ class RunOutputs:
             for field in SAELENS_METADATA:
                 setattr(sae.cfg.metadata, field, getattr(cfg, field))
             sae.cfg.metadata.hook_name = self.hooks[name]
+            if name in self.hooks_out:  # a transcoder: where SAELens' add_sae puts its output
+                sae.cfg.metadata.hook_name_out = self.hooks_out[name]
             downstream = plan.downstream_hooks if plan.mode == "joint" else None
             sae.cfg.metadata.e2e_objective = objective_metadata(
                 cfg, self.objective, self.positions, downstream or plan.plans[name].downstream_hooks
@@ -123,6 +126,7 @@ class RunOutputs:
             self.model,
             self.eval_tokens.split(self.cfg.eval_sequences_per_batch),
             hook_name=self.hooks[name],
+            hook_name_out=self.hooks_out.get(name),
             alive_window_tokens=None,
             logits_chunk_size=self.cfg.kl_chunk_size,
             activation_scaler=activation_scaler,

@@ -117,6 +117,12 @@ class E2ESAETrainingRunner(RunOutputs, LanguageModelSAETrainingRunner):
             dict(cfg.hook_names_per_sae) if several else {ONE_SAE: cfg.hook_name}  # type: ignore[attr-defined]
         )
         """Each SAE's hook, by name, in the order of ``cfg.saes`` (one SAE: ``ONE_SAE``)."""
+        self.hooks_out: dict[str, str] = (
+            dict(cfg.hook_names_out)  # type: ignore[attr-defined]
+            if several
+            else ({} if cfg.hook_name_out is None else {ONE_SAE: cfg.hook_name_out})
+        )
+        """Each transcoder's output hook (``hook_name_out``), by name; SAEs have none."""
         self.resume_checkpoint = (
             None
             if cfg.resume_from_checkpoint is None
@@ -165,7 +171,12 @@ class E2ESAETrainingRunner(RunOutputs, LanguageModelSAETrainingRunner):
         if not self.trains_several_saes:
             if override_sae is None and cfg.pretrained_sae is not None:
                 override_sae = load_pretrained_sae(
-                    cfg.pretrained_sae, cfg.pretrained_sae_id, cfg.sae, cfg.hook_name, cfg.device
+                    cfg.pretrained_sae,
+                    cfg.pretrained_sae_id,
+                    cfg.sae,
+                    cfg.hook_name,
+                    cfg.device,
+                    cfg.hook_name_out,
                 )
             return {} if override_sae is None else {ONE_SAE: override_sae}
         starts = dict(override_saes or {})
@@ -233,11 +244,27 @@ class E2ESAETrainingRunner(RunOutputs, LanguageModelSAETrainingRunner):
     def _plan(self) -> MultiSplicePlan:
         cfg = self.cfg
         downstream = cfg.downstream_hooks if self.objective.uses_downstream_hooks else ()
+        outputs = {n: (hook, self.saes[n].cfg.d_out) for n, hook in self.hooks_out.items()}
         if self.trains_several_saes:
             d_ins = {name: sae.cfg.d_in for name, sae in self.saes.items()}
-            plan = plan_multi_splice(self.model, self.hooks, d_ins, cfg.splice, downstream)  # type: ignore[attr-defined]
+            plan = plan_multi_splice(
+                self.model,
+                self.hooks,
+                d_ins,
+                cfg.splice,  # type: ignore[attr-defined]
+                downstream,
+                outputs,
+            )
         else:
-            one = plan_splice(self.model, cfg.hook_name, downstream, d_in=self.sae.cfg.d_in)
+            hook_out, d_out = outputs.get(ONE_SAE, (None, None))
+            one = plan_splice(
+                self.model,
+                cfg.hook_name,
+                downstream,
+                d_in=self.sae.cfg.d_in,
+                hook_name_out=hook_out,
+                d_out=d_out,
+            )
             plan = MultiSplicePlan.of_one(ONE_SAE, one)
         if not self.objective.uses_downstream_hooks:
             return plan
@@ -303,7 +330,11 @@ class E2ESAETrainingRunner(RunOutputs, LanguageModelSAETrainingRunner):
         tokens = TokenBatches(self.activations_store, cfg.sequences_per_batch)
         # Built for a schedule with local steps only: an all-e2e run draws exactly as before.
         # Several SAEs: every hook's activations from one buffer, the rows of the same tokens.
-        d_ins = {self.hooks[n]: sae.cfg.d_in for n, sae in self.saes.items()} if several else None
+        # A transcoder's rows come with its target's (the MLP output), from the same tokens.
+        d_ins = None
+        if several or self.hooks_out:
+            d_ins = {self.hooks[n]: sae.cfg.d_in for n, sae in self.saes.items()}
+            d_ins |= {hook: self.saes[n].cfg.d_out for n, hook in self.hooks_out.items()}
         local = (
             BufferedActivations(self.activations_store, cfg.seed, cfg.sequences_per_batch, d_ins)
             if cfg.e2e_fraction < 1

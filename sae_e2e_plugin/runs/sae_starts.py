@@ -22,6 +22,7 @@ def pretrained_starts(cfg: E2EMultiRunnerConfig[Any]) -> dict[str, TrainingSAE[A
                 cfg.saes[name],
                 cfg.hook_names_per_sae[name],
                 cfg.device,
+                cfg.hook_names_out.get(name),
             )
         except ValueError as error:
             message = str(error).replace("pretrained_sae=", f"pretrained_saes[{name!r}]=")

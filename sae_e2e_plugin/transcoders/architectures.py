@@ -72,7 +72,20 @@ def _aux_loss_on_target(
     return {"auxiliary_reconstruction_loss": loss}
 
 
-class TopKTrainingTranscoder(TrainingTranscoderMixin, TopKTrainingSAE):
+class AuxLossOnTargetMixin(TrainingTranscoderMixin):
+    """The top-k families' auxiliary loss, measured against the MLP output target."""
+
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return _aux_loss_on_target(self, step_input, hidden_pre, sae_out)  # type: ignore[arg-type]
+
+
+class TopKTrainingTranscoder(AuxLossOnTargetMixin, TopKTrainingSAE):
     """Per-token top-k transcoder (SAELens' ``topk`` activation and auxiliary loss).
 
     Export: SAELens has no TopK transcoder inference class, and a per-token top-k is not a
@@ -95,15 +108,6 @@ class TopKTrainingTranscoder(TrainingTranscoderMixin, TopKTrainingSAE):
         threshold = torch.tensor(0.0, dtype=torch.double, device=self.W_dec.device)
         self.register_buffer("topk_threshold", threshold)
 
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        return _aux_loss_on_target(self, step_input, hidden_pre, sae_out)
-
     def _after_step(self, output: TrainStepOutput) -> None:
         batch_threshold = batch_topk_threshold(output.hidden_pre.detach(), self.cfg.k)
         self.topk_threshold = moving_average(
@@ -125,7 +129,7 @@ class TopKTrainingTranscoder(TrainingTranscoderMixin, TopKTrainingSAE):
         state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold)
 
 
-class BatchTopKTrainingTranscoder(TrainingTranscoderMixin, BatchTopKTrainingSAE):
+class BatchTopKTrainingTranscoder(AuxLossOnTargetMixin, BatchTopKTrainingSAE):
     """Batch top-k transcoder (SAELens' ``batchtopk``): k features per token on average over
     each batch, and SAELens' learned threshold, exported as a JumpReLU transcoder with it (as
     SAELens exports batch top-k SAEs). The training class, in eval mode too, keeps applying the
@@ -136,15 +140,6 @@ class BatchTopKTrainingTranscoder(TrainingTranscoderMixin, BatchTopKTrainingSAE)
 
     def __init__(self, cfg: BatchTopKTrainingTranscoderConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        return _aux_loss_on_target(self, step_input, hidden_pre, sae_out)
 
     def _after_step(self, output: TrainStepOutput) -> None:
         # SAELens' own update: a moving average of the smallest kept activation.

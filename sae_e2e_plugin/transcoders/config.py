@@ -130,7 +130,21 @@ class JumpReLUTrainingTranscoderConfig(TranscoderFields, JumpReLUTrainingSAEConf
 
 
 @dataclass(kw_only=True)
-class TopKTrainingTranscoderConfig(TranscoderFields, TopKTrainingSAEConfig):
+class TopKFamilyFields(TranscoderFields):
+    """What the top-k and batch top-k transcoders share: ``k`` within ``d_sae``, a threshold
+    rate in (0, 1], and the export as a JumpReLU transcoder with the learned threshold."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_k(self)  # type: ignore[arg-type]
+        _check_rate(self.topk_threshold_lr)  # type: ignore[attr-defined]
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return self.inference_config_class(jumprelu=True)
+
+
+@dataclass(kw_only=True)
+class TopKTrainingTranscoderConfig(TopKFamilyFields, TopKTrainingSAEConfig):
     """TopK transcoder: the ``k`` largest pre-activations of each token kept (SAELens' ``topk``:
     ``k``, ``aux_loss_coefficient``, ``rescale_acts_by_decoder_norm``).
 
@@ -144,21 +158,13 @@ class TopKTrainingTranscoderConfig(TranscoderFields, TopKTrainingSAEConfig):
     """Rate of the moving average that learns the exported JumpReLU threshold (the name and
     default of SAELens' batch top-k field of that role)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_k(self)
-        _check_rate(self.topk_threshold_lr)
-
     @classmethod
     def architecture(cls) -> str:
         return "topk_transcoder"
 
-    def get_inference_config_class(self) -> type[SAEConfig]:
-        return self.inference_config_class(jumprelu=True)
-
 
 @dataclass(kw_only=True)
-class BatchTopKTrainingTranscoderConfig(TranscoderFields, BatchTopKTrainingSAEConfig):
+class BatchTopKTrainingTranscoderConfig(TopKFamilyFields, BatchTopKTrainingSAEConfig):
     """Batch top-k transcoder: ``k`` features per token on average over the batch (SAELens'
     ``batchtopk``: ``k`` a float, ``topk_threshold_lr``, ``aux_loss_coefficient``, ...).
 
@@ -166,17 +172,9 @@ class BatchTopKTrainingTranscoderConfig(TranscoderFields, BatchTopKTrainingSAECo
     the learned batch top-k threshold.
     """
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_k(self)
-        _check_rate(self.topk_threshold_lr)
-
     @classmethod
     def architecture(cls) -> str:
         return "batchtopk_transcoder"
-
-    def get_inference_config_class(self) -> type[SAEConfig]:
-        return self.inference_config_class(jumprelu=True)
 
 
 def _check_rate(rate: float) -> None:

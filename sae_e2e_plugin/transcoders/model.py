@@ -120,7 +120,7 @@ class TrainingTranscoderMixin:
         for term in aux_terms.values():
             loss = loss + term
         output = TrainStepOutput(
-            sae_in=target,
+            sae_in=target,  # the MLP output: what SAELens' trainer measures sae_out against
             sae_out=sae_out,
             feature_acts=feature_acts,
             hidden_pre=hidden_pre,

@@ -75,6 +75,19 @@ def as_transcoder_step(step_input: TrainStepInput, d_in: int, d_out: int) -> Tra
     )
 
 
+@jaxtyped(typechecker=beartype)
+def summed_squared_error(
+    sae_out: Float[torch.Tensor, "tokens d_out"],
+    sae_out_target: Float[torch.Tensor, "tokens d_out"],
+) -> Float[torch.Tensor, ""]:
+    """‖sae_out − target‖² summed over ``d_out`` and averaged over tokens.
+
+    This is SAELens' ``mse_loss`` convention (``mse(...).sum(dim=-1).mean()``), the local loss
+    of every SAELens training SAE, here measured against the MLP's output instead of the input.
+    """
+    return (sae_out - sae_out_target).pow(2).sum(dim=-1).mean()
+
+
 def check_step_shapes(
     sae_in: torch.Tensor, sae_out_target: torch.Tensor, d_in: int, d_out: int
 ) -> None:
@@ -90,16 +103,3 @@ def check_step_shapes(
             f"writes [tokens={sae_in.shape[0]}, d_out={d_out}]: the target must be the MLP "
             "output of the same tokens as sae_in; check hook_name_out and d_out."
         )
-
-
-@jaxtyped(typechecker=beartype)
-def summed_squared_error(
-    sae_out: Float[torch.Tensor, "tokens d_out"],
-    sae_out_target: Float[torch.Tensor, "tokens d_out"],
-) -> Float[torch.Tensor, ""]:
-    """‖sae_out − target‖² summed over ``d_out`` and averaged over tokens.
-
-    This is SAELens' ``mse_loss`` convention (``mse(...).sum(dim=-1).mean()``), the local loss
-    of every SAELens training SAE, here measured against the MLP's output instead of the input.
-    """
-    return (sae_out - sae_out_target).pow(2).sum(dim=-1).mean()

@@ -26,6 +26,7 @@ from sae_e2e_plugin.training.config.numbers import (
     check_numbers,
     check_run_length,
 )
+from sae_e2e_plugin.training.config.output_hooks import check_output_hooks, single_field_names
 from sae_e2e_plugin.training.objectives import resolve_objective
 
 _SAELENS_DEFAULT_CHECKPOINT_PATH = "checkpoints"
@@ -55,6 +56,15 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     "blocks.6.hook_resid_pre") or "AutoModelForCausalLM" (a Hugging Face causal LM in
     SAELens' HookedProxyLM; hooks are module paths such as "model.layers.14", whose output
     the SAE reads and replaces; docs/hf_models.md). Other classes are refused."""
+
+    hook_name_out: str | None = None
+    """A transcoder's output hook (``sae`` a transcoder config, with ``d_out``): its output
+    replaces the activation here, the MLP's output, while it reads the MLP's input at
+    ``hook_name``; the hook must run after ``hook_name`` in the same block, e.g.
+    "blocks.6.ln2.hook_normalized" → "blocks.6.hook_mlp_out" (Hugging Face:
+    "model.layers.6.post_attention_layernorm" → "model.layers.6.mlp"). The local MSE and the
+    local phase measure the output against the MLP's output there (docs/transcoders.md).
+    None: an SAE, which reads and replaces ``hook_name``."""
 
     loss: LossName = "e2e"
     """Training objective. "local": SAELens' reconstruction MSE at the hook.
@@ -252,6 +262,8 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
             f"e.g. downstream_hooks=[{cfg.downstream_hooks!r}]."
         )
     _check_devices(cfg)
+    if not hasattr(cfg, "hook_names_out"):  # several SAEs: checked per SAE (multi_config)
+        check_output_hooks({"sae": cfg.sae}, {"sae": cfg.hook_name_out}, single_field_names)
     if cfg.downstream_hooks is not None:
         if not objective.uses_downstream_hooks:
             raise ValueError(

@@ -20,6 +20,7 @@ from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
 
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
 from sae_e2e_plugin.training.config.e2e_config import SUPPORTED_NORMALIZATIONS, E2ERunnerConfig
+from sae_e2e_plugin.training.config.output_hooks import check_output_hooks, multi_field_names
 from sae_e2e_plugin.training.objectives import available_objectives, get_objective
 
 _SAELENS_DEFAULT_HOOK = "blocks.0.hook_mlp_out"
@@ -42,6 +43,12 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
     hook_names: Mapping[str, str] | str = field(default_factory=dict)
     """Each SAE's hook by name, or one hook for every SAE (``splice="independent"`` only).
     ``hook_name`` is derived from it (leave it unset)."""
+
+    hook_names_out: Mapping[str, str] = field(default_factory=dict)
+    """Each transcoder's output hook by SAE name (``hook_name_out`` of a one-SAE run): every
+    SAE whose config is a transcoder (has ``d_out``) is named here, no other. In
+    ``splice="joint"`` each transcoder reads the MLP input arriving in the patched run and its
+    output replaces that MLP's output."""
 
     splice: Literal["joint", "independent"] = "independent"
     """"joint": every SAE spliced into one patched run, one KL for all; each SAE reads the
@@ -90,6 +97,7 @@ class E2EMultiRunnerConfig(E2ERunnerConfig[T_TRAINING_SAE_CONFIG]):
         d = super().to_dict()
         d["saes"] = {name: cfg.to_dict() for name, cfg in self.saes.items()}
         d["hook_names"] = dict(self.hook_names_per_sae)
+        d["hook_names_out"] = dict(self.hook_names_out)
         d.pop("sae", None)
         d.pop("hook_names_per_sae", None)
         return d
@@ -163,6 +171,23 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
         raise ValueError(
             f"splice={cfg.splice!r} is not a splice mode; use 'joint' or 'independent'."
         )
+    if cfg.hook_name_out is not None:
+        raise ValueError(
+            f"hook_name_out={cfg.hook_name_out!r} is set on an E2EMultiRunnerConfig; give each "
+            "transcoder's output hook in hook_names_out={name: hook}."
+        )
+    if not isinstance(cfg.hook_names_out, Mapping):
+        raise ValueError(
+            f"hook_names_out={cfg.hook_names_out!r} is not a mapping; give each transcoder's "
+            "output hook by SAE name, hook_names_out={name: hook}."
+        )
+    extra = sorted(set(cfg.hook_names_out) - set(cfg.saes))
+    if extra:
+        raise ValueError(
+            f"hook_names_out names {extra}, which are not in saes {list(cfg.saes)}; use the "
+            "names of saes."
+        )
+    check_output_hooks(cfg.saes, cfg.hook_names_out, multi_field_names)
     for name, sae_cfg in cfg.saes.items():
         norm = sae_cfg.normalize_activations
         if norm not in SUPPORTED_NORMALIZATIONS:

@@ -32,6 +32,8 @@ IDENTITY_FIELDS = (
     "model_class_name",
     "hook_name",
     "hook_names",
+    "hook_name_out",
+    "hook_names_out",
     "hook_head_index",
     "splice",
     "dataset_path",

@@ -52,6 +52,7 @@ from sae_e2e_plugin.training.objectives import (
     combine_terms,
 )
 from sae_e2e_plugin.training.timing import NO_TIMING, PhaseTimer
+from sae_e2e_plugin.transcoders.step import TranscoderStepInput, pack_transcoder_batch
 
 _NO_TERMS = ObjectiveOutput(losses={}, metrics={})
 
@@ -100,7 +101,9 @@ class StepPass:
             trainer = trainers[name]
             own_clean = clean.for_sae(plan)
             with trainer.autocast_if_enabled:
-                output, reconstruction = self._sae_forward(trainer, own_clean.acts, mask)
+                output, reconstruction = self._sae_forward(
+                    trainer, own_clean.acts, mask, own_clean.target
+                )
                 own_prefix = prefix_for(prefix, clean, plan)
                 terms = self.objective(
                     self.model, own_prefix, plan, own_clean, reconstruction, timer=self.timer
@@ -137,13 +140,15 @@ class StepPass:
                 clean = run_clean_multi(self.model, prefix, self.plan, inputs=False)
         outputs: dict[str, TrainStepOutput] = {}
 
-        def splice(name: str, act: torch.Tensor) -> torch.Tensor:
+        def splice(name: str, act: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
             trainer = trainers[name]
+            # A transcoder's target: the MLP output arriving in this patched run.
+            target = None if self.plan.plans[name].hook_name_out is None else replaced
             with trainer.autocast_if_enabled:
-                outputs[name], reconstruction = self._sae_forward(trainer, act, mask)
+                outputs[name], reconstruction = self._sae_forward(trainer, act, mask, target)
             return reconstruction
 
-        splices = {plan.hook_name: partial(splice, name) for name, plan in self.plan.plans.items()}
+        splices = {name: partial(splice, name) for name in self.plan.plans}
         params = self.objective.params
         with self.timer.phase("patched continuation"):
             patched = run_joint_patched(
@@ -170,20 +175,32 @@ class StepPass:
         return {name: _with_shared(out, shared) for name, out in own.items()}
 
     def _sae_forward(
-        self, trainer: SAETrainer[Any, Any], acts: torch.Tensor, mask: torch.Tensor | None
+        self,
+        trainer: SAETrainer[Any, Any],
+        acts: torch.Tensor,
+        mask: torch.Tensor | None,
+        target: torch.Tensor | None = None,
     ) -> tuple[TrainStepOutput, torch.Tensor]:
         """The SAE's training output on ``acts`` [batch, pos, d_in] and its reconstruction on
-        the model's scale (the unselected positions keep ``acts``)."""
+        the model's scale (the unselected positions keep ``acts``).
+
+        A transcoder also gets ``target`` [batch, pos, d_out], the MLP output its local MSE is
+        measured against (scaled as its input is) and which its unselected positions keep."""
         sae = trainer.sae
         sae.train()
-        sae_in = trainer.activation_scaler(selected_rows(acts, mask).to(sae.device))
-        step_input = TrainStepInput(
-            sae_in=sae_in,
-            dead_neuron_mask=trainer.dead_neurons,
-            coefficients=trainer.get_coefficients(),
-            n_training_steps=trainer.n_training_steps,
-            is_logging_step=trainer._is_logging_step(),
-        )
+        scaler = trainer.activation_scaler
+        fields: dict[str, Any] = {
+            "sae_in": scaler(selected_rows(acts, mask).to(sae.device)),
+            "dead_neuron_mask": trainer.dead_neurons,
+            "coefficients": trainer.get_coefficients(),
+            "n_training_steps": trainer.n_training_steps,
+            "is_logging_step": trainer._is_logging_step(),
+        }
+        step_input = TrainStepInput(**fields)
+        if target is not None:
+            out_rows = scaler(selected_rows(target, mask).to(sae.device))
+            step_input = TranscoderStepInput(**fields, sae_out_target=out_rows)
+            acts = target  # what the replaced hook holds where nothing is spliced
         with self.timer.phase("SAE training forward"):
             output = sae.training_forward_pass(step_input=step_input)
         if self.weigh_sae_terms is not None:
@@ -193,6 +210,19 @@ class StepPass:
             shape = "(batch pos) d_in -> batch pos d_in"
             return output, rearrange(rows, shape, batch=acts.shape[0])
         return output, with_reconstruction(acts, mask, rows)
+
+
+def local_rows(plan: MultiSplicePlan, name: str, batch: Any) -> torch.Tensor:
+    """SAE ``name``'s rows of a local-phase batch (several hooks: ``{hook: [rows, width]}``, the
+    rows of every hook from the same tokens): its input, or for a transcoder its input and its
+    target packed side by side (``pack_transcoder_batch``), which its training step splits."""
+    if not isinstance(batch, dict):
+        return batch
+    one = plan.plans[name]
+    rows = batch[one.hook_name]
+    if one.hook_name_out is None:
+        return rows
+    return pack_transcoder_batch(rows, batch[one.hook_name_out])
 
 
 def _with_shared(output: TrainStepOutput, shared: ObjectiveOutput) -> TrainStepOutput:

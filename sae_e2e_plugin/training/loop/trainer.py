@@ -44,7 +44,7 @@ from sae_e2e_plugin.training.loop.sae_trainer import (
     freeze,
 )
 from sae_e2e_plugin.training.loop.schedule import LocalData, Phase, plan_schedule
-from sae_e2e_plugin.training.loop.step_pass import StepPass
+from sae_e2e_plugin.training.loop.step_pass import StepPass, local_rows
 from sae_e2e_plugin.training.loop.training_log import (
     append_row,
     batch_l0,
@@ -215,11 +215,7 @@ class E2ETrainer:
         n_tokens = self.cfg.train_batch_size_samples
         outputs = {}
         for name, trainer in self.trainers.items():
-            rows = (
-                batch[self.step_pass.plan.plans[name].hook_name]
-                if isinstance(batch, dict)
-                else batch
-            )
+            rows = local_rows(self.step_pass.plan, name, batch)
             outputs[name] = trainer.local_step(rows, n_tokens)
         self.n_training_samples += n_tokens
         return outputs
