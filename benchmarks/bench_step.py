@@ -42,7 +42,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -61,12 +60,12 @@ from common import (  # noqa: E402
     OtherLoad,
     bare_trainer,
     current_rss_bytes,
+    finish_result,
     gpt2_shaped_model,
     limit_address_space,
     machine,
     one_step,
     package_version,
-    peak_device_memory_gib,
     peak_rss_bytes,
     step_only_fields,
     synchronize,
@@ -449,12 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
             raise
         result.update(status="out_of_memory", error=str(exc).splitlines()[0][:300])
-    result["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    result["wall_s"] = round(time.perf_counter() - t0, 3)
-    result["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 3)
-    result["peak_gpu_mem_gib"] = peak_device_memory_gib(args.device)
-    print(json.dumps(result), flush=True)
-    return result
+    return finish_result(result, args.device, t0)
 
 
 if __name__ == "__main__":

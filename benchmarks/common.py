@@ -8,9 +8,11 @@ benchmark prints ``weights_checksum`` to show it).
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 import torch
@@ -284,3 +286,14 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def finish_result(result: dict[str, Any], device: str, t0: float) -> dict[str, Any]:
+    """A benchmark process's closing figures (load at the end, wall time, peak memory) added to
+    ``result``, printed as one JSON line, and returned."""
+    result["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    result["wall_s"] = round(time.perf_counter() - t0, 3)
+    result["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 3)
+    result["peak_gpu_mem_gib"] = peak_device_memory_gib(device)
+    print(json.dumps(result), flush=True)
+    return result

@@ -310,16 +310,7 @@ def test_a_joint_step_of_two_transcoders_has_the_gradient_of_a_hand_double_repla
     hand = {name: copy.deepcopy(sae) for name, sae in runner.saes.items()}
     trainer = bare_trainer(runner)
     outputs = trainer.step_pass.run(TOKENS, trainer.trainers)
-    captured: dict[str, torch.Tensor] = {}
-    hooks: list[Any] = []
-    for name in JOINT_IN:
-        hooks.append((JOINT_IN[name], lambda act, hook, n=name: captured.__setitem__(n, act)))
-        hooks.append(
-            (
-                JOINT_OUT[name],
-                lambda act, hook, n=name: hand[n](captured[n].flatten(0, 1)).view(act.shape),
-            )
-        )
+    hooks = joint_hand_splice(hand)
     with torch.no_grad():
         clean = runner.model(TOKENS)
     kl = kl_per_token(clean, runner.model.run_with_hooks(TOKENS, fwd_hooks=hooks))
@@ -334,6 +325,22 @@ def test_a_joint_step_of_two_transcoders_has_the_gradient_of_a_hand_double_repla
             torch.testing.assert_close(got, value.grad, rtol=1e-4, atol=1e-4 * scale)
 
 
+def joint_hand_splice(transcoders: dict[str, Any]) -> list[Any]:
+    """Plain forward hooks that splice every transcoder in at once: each reads the MLP input
+    arriving at its JOINT_IN hook and replaces the MLP output at its JOINT_OUT hook."""
+    captured: dict[str, torch.Tensor] = {}
+    hooks: list[Any] = []
+    for name in JOINT_IN:
+        hooks.append((JOINT_IN[name], lambda act, hook, n=name: captured.__setitem__(n, act)))
+        hooks.append(
+            (
+                JOINT_OUT[name],
+                lambda act, hook, n=name: transcoders[n](captured[n].flatten(0, 1)).view(act.shape),
+            )
+        )
+    return hooks
+
+
 def test_a_joint_run_of_transcoders_exports_and_evaluates_them_together(tmp_path: Path) -> None:
     from test_multi_sae import multi_runner
 
@@ -344,16 +351,7 @@ def test_a_joint_run_of_transcoders_exports_and_evaluates_them_together(tmp_path
     assert {n: s.cfg.metadata.hook_name_out for n, s in exported.items()} == JOINT_OUT
     joint = runner.joint_eval
     assert joint is not None
-    captured: dict[str, torch.Tensor] = {}
-    hooks: list[Any] = []
-    for name in JOINT_IN:
-        hooks.append((JOINT_IN[name], lambda act, hook, n=name: captured.__setitem__(n, act)))
-        hooks.append(
-            (
-                JOINT_OUT[name],
-                lambda act, hook, n=name: exported[n](captured[n].flatten(0, 1)).view(act.shape),
-            )
-        )
+    hooks = joint_hand_splice(exported)
     tokens = runner.eval_tokens
     assert tokens is not None
     with torch.no_grad():
