@@ -176,13 +176,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Splice ``sae`` into ``model`` as the trainer does; per-token stats and the KL's SAE gradient."""
     from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched
-    from sae_e2e_plugin.core.splice import (
-        model_head,
-        plan_splice,
-        run_clean,
-        run_patched,
-        run_prefix,
-    )
+    from sae_e2e_plugin.core.model_splice import run_clean, run_patched
+    from sae_e2e_plugin.core.splice import model_head, plan_splice, run_prefix
 
     plan = plan_splice(model, hook, None, d_in=sae.cfg.d_in)
     prefix = run_prefix(model, tokens, plan.start_layer)

@@ -22,6 +22,7 @@ from sae_e2e_plugin import (
     E2ESAETrainingRunner,
     evaluate_sae,
 )
+from sae_e2e_plugin.core import hf_runs
 
 HOOKS = {"early": "model.layers.0", "late": "model.layers.1"}
 STEPS = 12
@@ -102,10 +103,19 @@ def hand_spliced_kl(
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
 def test_a_joint_step_on_a_hf_model_has_the_gradient_of_a_hand_built_double_splice(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint_blocks: bool
 ) -> None:
-    runner = multi_runner(tmp_path, "joint")
+    recomputed: list[int] = []
+    real = hf_runs.checkpoint
+
+    def counting(fn: Any, layer: Any, *args: Any, **kw: Any) -> Any:
+        recomputed.append(int(layer.self_attn.layer_idx))
+        return real(fn, layer, *args, **kw)
+
+    monkeypatch.setattr(hf_runs, "checkpoint", counting)
+    runner = multi_runner(tmp_path, "joint", checkpoint_blocks=checkpoint_blocks)
     for sae in runner.saes.values():  # the KL alone: no sparsity term
         sae.cfg.l1_coefficient = 0.0
     tokens = torch.tensor(token_dataset(n_rows=4, seed=7)["tokens"])
@@ -114,6 +124,8 @@ def test_a_joint_step_on_a_hf_model_has_the_gradient_of_a_hand_built_double_spli
     outputs = trainer.step_pass.run(tokens, trainer.trainers)
     kl = hand_spliced_kl(runner.model, hand, tokens, grad=True)
     kl.backward()
+    # Layers 0 and 1 hold the SAEs and run plainly; layer 2 is recomputed in the backward pass.
+    assert recomputed == ([2] if checkpoint_blocks else [])
     for name in HOOKS:
         assert float(outputs[name].losses["kl_loss"]) == pytest.approx(float(kl), rel=1e-5)
         trained = dict(runner.saes[name].named_parameters())

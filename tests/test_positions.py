@@ -13,8 +13,9 @@ from sae_lens import StandardTrainingSAEConfig
 
 from sae_e2e_plugin import E2ESAETrainingRunner, evaluate_sae
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
+from sae_e2e_plugin.core.model_splice import run_clean, run_patched
 from sae_e2e_plugin.core.positions import PositionFilter, selected_positions
-from sae_e2e_plugin.core.splice import logits_from_final_resid, run_clean, run_patched, run_prefix
+from sae_e2e_plugin.core.splice import logits_from_final_resid, run_prefix
 
 NO_SPARSITY = StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=64, l1_coefficient=0.0)
 

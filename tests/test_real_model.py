@@ -24,11 +24,10 @@ from sae_e2e_plugin import (
 from sae_e2e_plugin.cli import main
 from sae_e2e_plugin.core import model_splice
 from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched, kl_orig_to_patched
+from sae_e2e_plugin.core.model_splice import run_clean, run_patched
 from sae_e2e_plugin.core.splice import (
     logits_from_final_resid,
     plan_splice,
-    run_clean,
-    run_patched,
     run_prefix,
 )
 from sae_e2e_plugin.training.objectives import resolve_objective

@@ -8,11 +8,10 @@ from conftest import D_MODEL, VOCAB, tiny_model
 from transformer_lens import HookedTransformer
 
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
+from sae_e2e_plugin.core.model_splice import run_clean, run_patched
 from sae_e2e_plugin.core.splice import (
     logits_from_final_resid,
     plan_splice,
-    run_clean,
-    run_patched,
     run_prefix,
 )
 

@@ -25,11 +25,10 @@ from sae_e2e_plugin import (
     register_objective,
 )
 from sae_e2e_plugin.core.losses import kl_orig_to_patched, mse_mean
+from sae_e2e_plugin.core.model_splice import run_clean, run_patched
 from sae_e2e_plugin.core.splice import (
     logits_from_final_resid,
     plan_splice,
-    run_clean,
-    run_patched,
     run_prefix,
 )
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME

@@ -21,11 +21,10 @@ from sae_lens import SAE, HookedSAETransformer
 from transcoders_common import ARCHITECTURES, hand_forward, make_transcoder, random_transcoder
 
 from sae_e2e_plugin import E2ESAETrainingRunner, evaluate_sae
+from sae_e2e_plugin.core.model_splice import run_clean, run_patched
 from sae_e2e_plugin.core.splice import (
     logits_from_final_resid,
     plan_splice,
-    run_clean,
-    run_patched,
     run_prefix,
 )
 

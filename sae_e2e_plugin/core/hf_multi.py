@@ -1,4 +1,5 @@
-"""Several SAEs in a Hugging Face causal LM: one clean run for all, and a joint patched run.
+"""SAEs in a Hugging Face causal LM: one clean run for all, and a joint patched run (a single
+SAE is the one-entry case, ``core.model_splice``).
 
 The counterparts of ``core.multi_splice``'s ``HookedTransformer`` runs, through forward hooks
 on module paths (``core.hf_runs``). The runs continue layer by layer from the shared prefix
@@ -20,6 +21,7 @@ from sae_e2e_plugin.core.hf_runs import (
     HFSplicePlan,
     capture_output,
     continue_layers,
+    layer_outputs_only,
     run_full,
 )
 from sae_e2e_plugin.core.multi_splice import MultiCleanRun, MultiSplicePlan, Splice
@@ -27,7 +29,7 @@ from sae_e2e_plugin.core.splice import PatchedRun
 
 
 @torch.no_grad()
-def run_hf_clean_multi(
+def run_clean_multi(
     model: Any, prefix: HFPrefix, plan: MultiSplicePlan, *, full: bool = True, inputs: bool = True
 ) -> MultiCleanRun:
     """The clean run from the shared prefix, recording what every SAE's continuation needs
@@ -62,20 +64,23 @@ def run_hf_clean_multi(
     return MultiCleanRun(acts, recorded, final if full else None, downstream)
 
 
-def run_hf_joint_patched(
+def run_joint_patched(
     model: Any,
     prefix: HFPrefix,
     plan: MultiSplicePlan,
     splices: Mapping[str, Splice],
     *,
     full: bool = True,
+    checkpoint_blocks: bool = False,
 ) -> PatchedRun:
     """The run from the shared prefix with every SAE's splice on its module's output
-    (``splices`` by SAE name; ``core.multi_splice.run_joint_patched``); grad flows through every splice and the layers between them.
+    (``splices`` by SAE name; ``core.multi_splice.run_joint_patched``); grad flows through every
+    splice and the layers between them.
 
     ``full=False`` stops after the latest SAE's layer when there is a shared prefix (a model
-    without one runs to the end). Layers are not checkpointed here (``checkpoint_blocks`` applies
-    to a HookedTransformer's joint run and to every single SAE's run).
+    without one runs to the end). ``checkpoint_blocks``: every decoder layer from the prefix on
+    that holds no SAE is recomputed in the backward pass, when every downstream hook is a
+    decoder layer's output.
     """
     hf, layers_plan = hf_model_of(model), _layers_plan(plan)
     captured: dict[str, torch.Tensor] = {}
@@ -92,8 +97,13 @@ def run_hf_joint_patched(
             final = run_full(hf, layers_plan, prefix.tokens, stop_after=None)
         else:
             stop = layers_plan.n_layers if full else plan.last_layer + 1
+            ckpt = checkpoint_blocks and torch.is_grad_enabled()
+            ckpt = ckpt and layer_outputs_only(layers_plan, plan.downstream_hooks)
+            plain = set(_layers(plan))
+            checkpointed = {k for k in range(stop) if k not in plain} if ckpt else set()
+            first = prefix.start_layer
             final = continue_layers(
-                hf, layers_plan, prefix, prefix.hidden, prefix.start_layer, stop=stop
+                hf, layers_plan, prefix, prefix.hidden, first, stop=stop, checkpointed=checkpointed
             )
     assert final is not None  # a run with no stop reaches the head
     return PatchedRun(final_resid=final, downstream=captured)
@@ -120,5 +130,5 @@ def _splice(
 ) -> Any:
     acts = output[0] if isinstance(output, tuple) else output
     read_acts = inputs[read] if read in inputs else acts  # an SAE reads what it replaces
-    new = fn(read_acts, acts).reshape(acts.shape).to(acts.dtype)
+    new = fn(read_acts, acts).reshape(acts.shape).to(acts.device, acts.dtype)
     return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -1,25 +1,26 @@
-"""The clean and patched runs of a Hugging Face causal LM, from a shared prefix or the tokens.
+"""A Hugging Face causal LM's pieces of a run: the shared prefix, the decoder layers from a
+hidden state, a full run from the tokens, and the head.
 
-``core.hf_splice`` plans them (and says why a model gets a shared prefix or two full runs);
-this module runs them. Hooks are plain functions bound with ``functools.partial`` and
-installed with ``hf_modules.forward_hooks``, which removes them even when a run raises.
-"""
+``core.hf_splice`` plans the runs (and says why a model gets a shared prefix or two full runs);
+``core.hf_multi`` runs the clean and patched runs from these pieces, for one SAE or several.
+Hooks are plain functions bound with ``functools.partial`` and installed with
+``hf_modules.forward_hooks``, which removes them even when a run raises."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from beartype import beartype
-from jaxtyping import Float, Int, jaxtyped
+from jaxtyping import Int, jaxtyped
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from sae_e2e_plugin.core.hf_modules import ForwardHook, forward_hooks, hf_model_of, input_device
-from sae_e2e_plugin.core.splice import CleanRun, PatchedRun, SplicePlan
+from sae_e2e_plugin.core.splice import SplicePlan
 
 
 @dataclass(frozen=True)
@@ -86,77 +87,6 @@ def run_hf_prefix(
     return HFPrefix(tokens, captured["hidden"], plan.start_layer, captured["kwargs"])
 
 
-@torch.no_grad()
-def run_hf_clean(
-    model: Any, prefix: HFPrefix, plan: HFSplicePlan, *, full: bool = True
-) -> CleanRun:
-    """The unpatched run: the SAE's input (a transcoder's target), the final hidden state,
-    downstream activations.
-
-    With ``full=False`` the run stops after the SAE's module and records nothing downstream.
-    """
-    hf = hf_model_of(model)
-    captured: dict[str, torch.Tensor] = {}
-    read = [plan.hook_name] + ([] if plan.hook_name_out is None else [plan.hook_name_out])
-    hooks = [(n, partial(capture_output, store=captured, name=n)) for n in read]
-    if full:
-        hooks += [
-            (n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks
-        ]
-    final: torch.Tensor | None = None
-    with forward_hooks(hf, hooks):
-        if prefix.hidden is not None and prefix.start_layer is not None:
-            stop = plan.n_layers if full else prefix.start_layer + 1
-            final = continue_layers(hf, plan, prefix, prefix.hidden, prefix.start_layer, stop=stop)
-        else:
-            final = run_full(hf, plan, prefix.tokens, stop_after=None if full else plan.write_hook)
-    acts = captured.pop(plan.hook_name)
-    target = None if plan.hook_name_out is None else captured.pop(plan.hook_name_out)
-    final = final if full else None
-    return CleanRun(acts=acts, final_resid=final, downstream=captured, target=target)
-
-
-@jaxtyped(typechecker=beartype)
-def run_hf_patched(
-    model: Any,
-    prefix: HFPrefix,
-    plan: HFSplicePlan,
-    replacement: Float[torch.Tensor, "batch pos d_write"],
-    *,
-    checkpoint_blocks: bool = False,
-) -> PatchedRun:
-    """The run with ``replacement`` as the output of ``plan.write_hook`` (an SAE's module,
-    [batch, pos, d_in]; a transcoder's ``hook_name_out``, [batch, pos, d_out]).
-
-    Grad flows back into ``replacement`` only (the model is frozen, the prefix has no grad).
-    ``checkpoint_blocks=True`` recomputes each decoder layer after the hook's in the backward
-    pass (activation checkpointing) when there is a shared prefix and every downstream hook
-    is a decoder layer's output.
-    """
-    hf = hf_model_of(model)
-    captured: dict[str, torch.Tensor] = {}
-    hooks: list[tuple[str, ForwardHook]] = [
-        (n, partial(capture_output, store=captured, name=n)) for n in plan.downstream_hooks
-    ]
-    if prefix.hidden is None or prefix.start_layer is None:
-        hooks.append((plan.write_hook, partial(_replace, replacement=replacement)))
-        with forward_hooks(hf, hooks):
-            final = run_full(hf, plan, prefix.tokens, stop_after=None)
-        assert final is not None  # a run with no stop reaches the head
-        return PatchedRun(final_resid=final, downstream=captured)
-    ckpt = checkpoint_blocks and torch.is_grad_enabled() and _layer_outputs_only(plan)
-    layer = prefix.start_layer
-    with forward_hooks(hf, hooks):
-        if plan.hook_is_layer_output:  # the replacement is the next layer's input
-            hidden = replacement.to(prefix.hidden.device, prefix.hidden.dtype)
-        else:  # the hook is inside the layer: run it with the splice hook, not checkpointed
-            splice = [(plan.write_hook, partial(_replace, replacement=replacement))]
-            with forward_hooks(hf, splice):
-                hidden = _call_layer(_layers(hf, plan)[layer], prefix.hidden, prefix.layer_kwargs)
-        final = continue_layers(hf, plan, prefix, hidden, layer + 1, checkpoint_layers=ckpt)
-    return PatchedRun(final_resid=final, downstream=captured)
-
-
 def hf_head(model: Any, plan: HFSplicePlan) -> Callable[[torch.Tensor], torch.Tensor]:
     """The head as a function: final hidden states [tokens, d_model] → logits [tokens, vocab]
     (the identity when the plan computes the KL from full logits)."""
@@ -200,11 +130,12 @@ def continue_layers(
     first: int | None,
     *,
     stop: int | None = None,
-    checkpoint_layers: bool = False,
+    checkpointed: Container[int] = (),
     layer_inputs: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decoder layers ``first`` .. ``stop - 1`` on ``hidden``; the result on the head's device.
 
+    ``checkpointed``: the layers recomputed in the backward pass (activation checkpointing).
     ``layer_inputs``: filled with the hidden state entering each layer whose index is a key.
     """
     assert first is not None and isinstance(hidden, torch.Tensor)
@@ -212,7 +143,7 @@ def continue_layers(
     for k in range(first, plan.n_layers if stop is None else stop):
         if layer_inputs is not None and k in layer_inputs:
             layer_inputs[k] = hidden
-        if checkpoint_layers:
+        if k in checkpointed:
             hidden = checkpoint(
                 _call_layer, layers[k], hidden, prefix.layer_kwargs, use_reentrant=False
             )
@@ -251,9 +182,10 @@ def _to_head_device(hf: PreTrainedModel, plan: HFSplicePlan, hidden: torch.Tenso
     return hidden if weight is None else hidden.to(weight.device)
 
 
-def _layer_outputs_only(plan: HFSplicePlan) -> bool:
+def layer_outputs_only(plan: HFSplicePlan, hooks: Iterable[str]) -> bool:
+    """Whether every hook of ``hooks`` is a decoder layer's output (the layers can be checkpointed)."""
     layer_outputs = {f"{plan.layers_path}.{k}" for k in range(plan.n_layers)}
-    return all(name in layer_outputs for name in plan.downstream_hooks)
+    return all(name in layer_outputs for name in hooks)
 
 
 def _stop(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -270,9 +202,3 @@ def capture_output(
     module: torch.nn.Module, args: Any, output: Any, *, store: dict[str, Any], name: str
 ) -> None:
     store[name] = output[0] if isinstance(output, tuple) else output
-
-
-def _replace(module: torch.nn.Module, args: Any, output: Any, *, replacement: torch.Tensor) -> Any:
-    acts = output[0] if isinstance(output, tuple) else output
-    new = replacement.reshape(acts.shape).to(acts.device, acts.dtype)
-    return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
 
 from sae_e2e_plugin.core import hf_modules, hf_multi, hf_runs, hf_splice, multi_splice, splice
 from sae_e2e_plugin.core.multi_splice import MultiCleanRun, MultiSplicePlan, Splice, SpliceMode
@@ -103,26 +106,55 @@ def run_prefix(model: Any, tokens: torch.Tensor, plan: SplicePlan | MultiSpliceP
 
 
 def run_clean(model: Any, prefix: Any, plan: SplicePlan, *, full: bool = True) -> CleanRun:
-    """The clean run from the prefix (``full=False``: stop after the SAE's hook)."""
-    if isinstance(plan, hf_runs.HFSplicePlan):
-        return hf_runs.run_hf_clean(model, prefix, plan, full=full)
-    return splice.run_clean(model, prefix, plan, full=full)
+    """The clean run from the prefix (``full=False``: stop after the SAE's block): the clean
+    run of a run of one SAE."""
+    one = MultiSplicePlan.of_one(_ONE, plan)
+    return run_clean_multi(model, prefix, one, full=full).for_sae(plan)
 
 
+@jaxtyped(typechecker=beartype)
 def run_patched(
     model: Any,
     prefix: Any,
     plan: SplicePlan,
-    replacement: torch.Tensor,
+    replacement: Float[torch.Tensor, "batch pos d_write"],
     *,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run with ``replacement`` [batch, pos, width] spliced in at ``plan.write_hook``."""
-    if isinstance(plan, hf_runs.HFSplicePlan):
-        return hf_runs.run_hf_patched(
-            model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks
-        )
-    return splice.run_patched(model, prefix, plan, replacement, checkpoint_blocks=checkpoint_blocks)
+    """The run with ``replacement`` [batch, pos, width] spliced in at ``plan.write_hook`` (an
+    SAE's hook, [batch, pos, d_in]; a transcoder's ``hook_name_out``, [batch, pos, d_out]): the
+    joint run of one splice that returns ``replacement``.
+
+    Grad flows from the outputs back into ``replacement`` only: the model is frozen and the
+    prefix was computed without grad. ``checkpoint_blocks=True`` recomputes each later block
+    in the backward pass instead of keeping its activations (attention patterns, MLP hidden
+    states: most of a step's memory on long contexts) at the cost of one more forward of those
+    blocks, when the run has a shared prefix and every downstream hook is a block's output.
+    """
+    one = MultiSplicePlan.of_one(_ONE, plan)
+    splices = {_ONE: partial(_constant, replacement)}
+    prefix = _after_layer_output(prefix, plan, replacement)
+    return run_joint_patched(model, prefix, one, splices, checkpoint_blocks=checkpoint_blocks)
+
+
+_ONE = "sae"
+
+
+def _constant(
+    replacement: torch.Tensor, read: torch.Tensor, replaced: torch.Tensor
+) -> torch.Tensor:
+    return replacement
+
+
+def _after_layer_output(prefix: Any, plan: SplicePlan, replacement: torch.Tensor) -> Any:
+    # A Hugging Face SAE on a whole decoder layer replaces that layer's output, which is the next
+    # layer's input: the patched run starts there and the layer itself is not run at all.
+    if not isinstance(plan, hf_runs.HFSplicePlan) or not plan.hook_is_layer_output:
+        return prefix
+    if prefix.hidden is None or prefix.start_layer is None:
+        return prefix
+    hidden = replacement.to(prefix.hidden.device, prefix.hidden.dtype)
+    return dataclasses.replace(prefix, hidden=hidden, start_layer=prefix.start_layer + 1)
 
 
 def model_head(
@@ -238,7 +270,7 @@ def run_clean_multi(
     """The clean run from the shared prefix, recording every SAE's input and its block's input
     (``inputs=False``: neither), and with ``full`` the final residual and downstream activations."""
     if isinstance(prefix, hf_runs.HFPrefix):
-        return hf_multi.run_hf_clean_multi(model, prefix, plan, full=full, inputs=inputs)
+        return hf_multi.run_clean_multi(model, prefix, plan, full=full, inputs=inputs)
     return multi_splice.run_clean_multi(model, prefix, plan, full=full, inputs=inputs)
 
 
@@ -262,9 +294,12 @@ def run_joint_patched(
     full: bool = True,
     checkpoint_blocks: bool = False,
 ) -> PatchedRun:
-    """The run with every SAE's splice at its hook (``splices`` by SAE name), grad through all."""
+    """The run with every SAE's splice at its hook (``splices`` by SAE name), grad through all;
+    ``checkpoint_blocks``: the blocks holding no SAE are recomputed in the backward pass."""
     if isinstance(prefix, hf_runs.HFPrefix):
-        return hf_multi.run_hf_joint_patched(model, prefix, plan, splices, full=full)
+        return hf_multi.run_joint_patched(
+            model, prefix, plan, splices, full=full, checkpoint_blocks=checkpoint_blocks
+        )
     return multi_splice.run_joint_patched(
         model, prefix, plan, splices, full=full, checkpoint_blocks=checkpoint_blocks
     )

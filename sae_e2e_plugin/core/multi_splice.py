@@ -3,7 +3,8 @@
 The plan and the clean run's record (``MultiSplicePlan``, ``MultiCleanRun``) hold for either
 model family; the runs here are the ``HookedTransformer``'s (a Hugging Face model's are in
 ``core.hf_multi``). Callers go through ``core.model_splice``, which picks the family. A run of
-one SAE is the one-entry case: its plan, prefix and clean run are the single SAE's own.
+one SAE is the one-entry case: its plan, prefix and clean run are the single SAE's own, and its
+patched run is the joint run of one splice that returns the reconstruction.
 
 Two ways to splice several SAEs (``MultiSplicePlan.mode``):
 
@@ -119,7 +120,8 @@ class MultiCleanRun:
     def for_sae(self, plan: SplicePlan) -> CleanRun:
         """What a single run of the SAE at ``plan`` would have recorded (and the shared
         log-probabilities, which its KL reads instead of making them again)."""
-        downstream = {name: self.downstream[name] for name in plan.downstream_hooks}
+        recorded = self.final_resid is not None  # a run that stopped early recorded none
+        downstream = {name: self.downstream[name] for name in plan.downstream_hooks if recorded}
         target = None if plan.hook_name_out is None else self.acts[plan.hook_name_out]
         acts = self.acts[plan.hook_name]
         return CleanRun(acts, self.final_resid, downstream, self.log_probs, target=target)
@@ -173,9 +175,9 @@ def run_joint_patched(
 
     Grad flows through every splice and the activations between them. ``full=False``: stop
     after the latest SAE's block (``final_resid`` is then that block's output). With
-    ``checkpoint_blocks`` the blocks that hold no SAE are recomputed in the backward pass (as
-    ``core.splice.run_patched`` does); blocks with an SAE run plainly, so no SAE's training
-    forward pass runs twice.
+    ``checkpoint_blocks`` each block is recomputed in the backward pass unless an SAE's hook
+    is inside it (a splice on the residual stream entering a block runs before the block), so
+    no SAE's training forward pass runs twice.
     """
     hooks: FwdHooks = []
     for name, one in plan.plans.items():
@@ -212,18 +214,31 @@ def _blocks_checkpointed(
     stop: int,
 ) -> torch.Tensor:
     assert prefix.start_layer is not None and prefix.residual is not None
-    with_sae = set(_layers(plan))
     by_layer = {int(name.split(".")[1]): name for name in plan.downstream_hooks}
     resid = prefix.residual
     for layer in range(prefix.start_layer, stop):
-        if layer in with_sae:
-            with model.hooks(fwd_hooks=hooks):
+        # A splice on the residual stream entering the block runs before it, so the block
+        # itself can still be recomputed; one inside the block runs with it, not recomputed,
+        # so no SAE's training forward pass runs twice.
+        entering = f"blocks.{layer}.hook_resid_pre"
+        for name, hook in hooks:
+            if name == entering:
+                out = hook(resid, model.hook_dict[entering])
+                resid = resid if out is None else out
+        inside = [(n, h) for n, h in hooks if n != entering and _block_of(n) == layer]
+        if inside:
+            with model.hooks(fwd_hooks=inside):
                 resid = one_block(model, prefix, layer, resid)
         else:
             resid = checkpoint(one_block, model, prefix, layer, resid, use_reentrant=False)
         if layer in by_layer:
             captured[by_layer[layer]] = resid
     return resid
+
+
+def _block_of(hook: str | Callable[..., object]) -> int | None:
+    parts = hook.split(".") if isinstance(hook, str) else []
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" else None
 
 
 def _layers(plan: MultiSplicePlan) -> list[int]:

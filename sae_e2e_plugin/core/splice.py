@@ -1,4 +1,4 @@
-"""Running the frozen language model clean and with an SAE's reconstruction spliced in.
+"""One SAE in a ``HookedTransformer``: where it sits, the shared prefix, and the model's head.
 
 One training step needs two runs of the model on the same tokens: a clean one
 (no grad) that gives the SAE's input, the original next-token distribution and
@@ -11,9 +11,8 @@ once (``run_prefix``) and both runs continue from the residual stream entering
 that block (TransformerLens' ``start_at_layer``). Hooks outside the blocks
 (e.g. ``hook_embed``) have no shared prefix and re-run the whole model.
 
-Hooks are plain functions bound with ``functools.partial`` and installed with
-``model.hooks(...)``, which removes them even when the run raises.
-"""
+The runs themselves are ``core.multi_splice``'s: a single SAE is the one-entry case of a run of
+several (``core.model_splice.run_clean`` and ``run_patched``)."""
 
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import torch
 from beartype import beartype
 from einops import rearrange
 from jaxtyping import Float, Int, jaxtyped
-from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
@@ -221,98 +219,6 @@ def run_prefix(
     return Prefix(tokens, residual, start_layer, shortformer_pos_embed, attention_mask)
 
 
-@torch.no_grad()
-def run_clean(
-    model: HookedTransformer, prefix: Prefix, plan: SplicePlan, *, full: bool = True
-) -> CleanRun:
-    """The unpatched run from the prefix: SAE input (a transcoder's target), final residual,
-    downstream activations.
-
-    With ``full=False`` (objectives that need only the SAE's input) the run stops
-    after the SAE's block and records no downstream activations.
-    """
-    captured: dict[str, torch.Tensor] = {}
-    read = [plan.hook_name] + ([] if plan.hook_name_out is None else [plan.hook_name_out])
-    hooks: FwdHooks = [(name, partial(_capture, store=captured, flatten=True)) for name in read]
-    if full:
-        hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
-    with model.hooks(fwd_hooks=hooks):
-        if full or prefix.residual is None:
-            final_resid = run_from(model, prefix, model.cfg.n_layers)
-        else:
-            _run_through_block(model, prefix)
-            final_resid = None
-    acts = captured.pop(plan.hook_name)
-    target = None if plan.hook_name_out is None else captured.pop(plan.hook_name_out)
-    final_resid = final_resid if full else None
-    return CleanRun(acts=acts, final_resid=final_resid, downstream=captured, target=target)
-
-
-@jaxtyped(typechecker=beartype)
-def run_patched(
-    model: HookedTransformer,
-    prefix: Prefix,
-    plan: SplicePlan,
-    replacement: Float[torch.Tensor, "batch pos d_write"],
-    *,
-    checkpoint_blocks: bool = False,
-) -> PatchedRun:
-    """The run from the prefix with ``replacement`` spliced in at ``plan.write_hook`` (an SAE's
-    hook, [batch, pos, d_in]; a transcoder's ``hook_name_out``, [batch, pos, d_out]).
-
-    Grad flows from the outputs back into ``replacement`` only: the model's
-    parameters are frozen and the prefix was computed without grad.
-
-    ``checkpoint_blocks=True`` keeps only each later block's input for the backward pass
-    and recomputes the block there (activation checkpointing): the saved activations of
-    those blocks (attention patterns, MLP hidden states) are most of a step's memory on long
-    contexts, and recomputing them costs one more forward of the blocks. It applies when
-    the run has a shared prefix, grad is on and every downstream hook is a
-    ``blocks.k.hook_resid_post``; otherwise the run is the plain one.
-    """
-    if checkpoint_blocks and _can_checkpoint(prefix, plan):
-        return _run_patched_checkpointed(model, prefix, plan, replacement)
-    captured: dict[str, torch.Tensor] = {}
-    hooks: FwdHooks = [(plan.write_hook, partial(_replace, replacement=replacement))]
-    hooks += [(name, partial(_capture, store=captured)) for name in plan.downstream_hooks]
-    with model.hooks(fwd_hooks=hooks):
-        final_resid = run_from(model, prefix, model.cfg.n_layers)
-    return PatchedRun(final_resid=final_resid, downstream=captured)
-
-
-def _can_checkpoint(prefix: Prefix, plan: SplicePlan) -> bool:
-    return (
-        torch.is_grad_enabled()
-        and prefix.residual is not None
-        and all(_RESID_POST_RE.match(name) for name in plan.downstream_hooks)
-    )
-
-
-def _run_patched_checkpointed(
-    model: HookedTransformer, prefix: Prefix, plan: SplicePlan, replacement: torch.Tensor
-) -> PatchedRun:
-    assert prefix.start_layer is not None and prefix.residual is not None
-    layer = prefix.start_layer
-    by_layer = {int(_RESID_POST_RE.match(n).group(1)): n for n in plan.downstream_hooks}  # type: ignore[union-attr]
-    captured: dict[str, torch.Tensor] = {}
-    if plan.write_hook == f"blocks.{layer}.hook_resid_pre":
-        # The replacement is the residual stream entering the block.
-        resid = replacement.to(prefix.residual.dtype)
-    else:
-        # The hook is inside the block: run that block with the splice hook, not checkpointed.
-        hooks: FwdHooks = [(plan.write_hook, partial(_replace, replacement=replacement))]
-        with model.hooks(fwd_hooks=hooks):
-            resid = one_block(model, prefix, layer, prefix.residual)
-        if layer in by_layer:
-            captured[by_layer[layer]] = resid
-        layer += 1
-    for k in range(layer, model.cfg.n_layers):
-        resid = checkpoint(one_block, model, prefix, k, resid, use_reentrant=False)
-        if k in by_layer:
-            captured[by_layer[k]] = resid
-    return PatchedRun(final_resid=resid, downstream=captured)
-
-
 def one_block(
     model: HookedTransformer, prefix: Prefix, layer: int, resid: torch.Tensor
 ) -> torch.Tensor:
@@ -367,23 +273,6 @@ def run_from(model: HookedTransformer, prefix: Prefix, stop: int) -> torch.Tenso
     )
 
 
-def _run_through_block(model: HookedTransformer, prefix: Prefix) -> None:
-    assert prefix.start_layer is not None
-    model(
-        prefix.residual,
-        start_at_layer=prefix.start_layer,
-        stop_at_layer=prefix.start_layer + 1,
-        shortformer_pos_embed=prefix.shortformer_pos_embed,
-        attention_mask=prefix.attention_mask,
-    )
-
-
-def _capture(
-    act: torch.Tensor, hook: HookPoint, *, store: dict[str, torch.Tensor], flatten: bool = False
-) -> None:
-    store[_hook_name(hook)] = flatten_heads(act) if flatten else act
-
-
 def _hook_name(hook: HookPoint) -> str:
     # TransformerLens names every hook point of a model when it builds the model.
     assert hook.name is not None
@@ -396,10 +285,6 @@ def flatten_heads(act: torch.Tensor) -> torch.Tensor:
     if act.ndim == 4:
         return rearrange(act, "batch pos head d_head -> batch pos (head d_head)")
     return act
-
-
-def _replace(act: torch.Tensor, hook: HookPoint, *, replacement: torch.Tensor) -> torch.Tensor:
-    return replacement.reshape(act.shape).to(act.dtype)
 
 
 def _flat_width(act: torch.Tensor) -> int:
