@@ -11,7 +11,11 @@ import pytest
 from conftest import CONTEXT, D_MODEL, tiny_model, token_dataset
 from safetensors.torch import load_file, save_file
 
-from sae_e2e_plugin.analysis.results import training_l0_summary, training_time_summary
+from sae_e2e_plugin.analysis.results import (
+    training_l0_summary,
+    training_loss_summary,
+    training_time_summary,
+)
 from sae_e2e_plugin.cli import main
 from sae_e2e_plugin.runs.output_folder import hold_folder
 from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
@@ -104,6 +108,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path: Path)
     assert f"| e2e | {first_e2e['sae.l1_coefficient']} | {first_e2e['l0']:.1f} |" in table[2]
     for row in rows:  # 4 steps per run: too few tenths to judge settling
         assert row["l0_train_end"] is None and row["l0_train_drift"] is None
+        assert row["loss_train_drift"] is None
         assert row["train_seconds"] > 0 and row["step_seconds_local"] is None
     for name in (
         "pareto_l0.png",
@@ -339,6 +344,21 @@ def test_training_l0_summary_compares_the_last_two_tenths(tmp_path: Path) -> Non
     assert training_l0_summary(tmp_path / "missing.jsonl") == {
         "l0_train_end": None,
         "l0_train_drift": None,
+    }
+
+
+def test_training_loss_summary_reads_the_last_phase_only(tmp_path: Path) -> None:
+    log = tmp_path / "training_log.jsonl"
+    # 30 local steps with a large MSE, then 20 e2e steps: tenths of the e2e phase are 2 steps.
+    rows = [{"phase": "local", "total_loss": 1000.0}] * 30
+    rows += [{"phase": "e2e", "total_loss": 3.0 - 0.1 * k} for k in range(20)]
+    log.write_text("".join(json.dumps({"step": k + 1, **r}) + "\n" for k, r in enumerate(rows)))
+    summary = training_loss_summary(log)
+    assert summary["loss_train_end"] == pytest.approx((1.2 + 1.1) / 2)
+    assert summary["loss_train_drift"] == pytest.approx((1.15 - 1.35) / 1.35)
+    assert training_loss_summary(tmp_path / "missing.jsonl") == {
+        "loss_train_end": None,
+        "loss_train_drift": None,
     }
 
 

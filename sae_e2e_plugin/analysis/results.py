@@ -59,6 +59,7 @@ def run_row(run_dir: Path, run_id: str, overrides: dict[str, Any]) -> dict[str, 
     row.update({name: metrics.get(name) for name in RESULT_METRICS})
     row.update(geometry_summary(run_dir))
     row.update(training_l0_summary(run_dir / TRAINING_LOG_FILENAME))
+    row.update(training_loss_summary(run_dir / TRAINING_LOG_FILENAME))
     row.update(training_time_summary(run_dir / TRAINING_LOG_FILENAME))
     return row
 
@@ -102,6 +103,7 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], sections: str = 
 DERIVED_PREFIXES = (
     *GEOMETRY_METRICS,
     "l0_train_",
+    "loss_train_",
     "train_seconds",
     "step_seconds_",
     "gap_closed",
@@ -150,6 +152,7 @@ _TABLE_COLUMNS = (
     ("median max cos", "max_cosine_median", "{:.3f}"),
     ("near-dup.", "near_duplicate_fraction", "{:.1%}"),
     ("L0 drift, last tenth", "l0_train_drift", "{:+.1%}"),
+    ("loss drift, last tenth", "loss_train_drift", "{:+.1%}"),
     ("training time (s)", "train_seconds", "{:.0f}"),
     ("gap closed", "gap_closed", "{:.0%}"),
 )
@@ -209,12 +212,27 @@ def training_l0_summary(path: Path) -> dict[str, float | None]:
     -0.1 = still falling by 10% per tenth of the run).
     """
     l0 = [row["l0"] for row in read_training_log(path) if "l0" in row]
-    tenth = len(l0) // 10
+    return _last_tenth("l0_train", l0)
+
+
+def training_loss_summary(path: Path) -> dict[str, float | None]:
+    """Whether the training loss had settled: ``loss_train_end`` and ``loss_train_drift`` as
+    for L0, over the steps of the run's last phase (a schedule's e2e steps), from each row's
+    ``total_loss``. With a top-k SAE, whose batch L0 is fixed, this is what says whether the
+    run had converged."""
+    rows = [row for row in read_training_log(path) if "total_loss" in row]
+    last_phase = rows[-1].get("phase") if rows else None
+    losses = [row["total_loss"] for row in rows if row.get("phase") == last_phase]
+    return _last_tenth("loss_train", losses)
+
+
+def _last_tenth(name: str, values: list[float]) -> dict[str, float | None]:
+    tenth = len(values) // 10
     if tenth == 0:
-        return {"l0_train_end": None, "l0_train_drift": None}
-    last = sum(l0[-tenth:]) / tenth
-    before = sum(l0[-2 * tenth : -tenth]) / tenth
-    return {"l0_train_end": last, "l0_train_drift": (last - before) / before if before else None}
+        return {f"{name}_end": None, f"{name}_drift": None}
+    last = sum(values[-tenth:]) / tenth
+    before = sum(values[-2 * tenth : -tenth]) / tenth
+    return {f"{name}_end": last, f"{name}_drift": (last - before) / before if before else None}
 
 
 def training_time_summary(path: Path) -> dict[str, float | None]:
