@@ -221,13 +221,17 @@ def package_version() -> dict[str, Any]:
     import time
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    import sae_e2e_plugin
+
+    # The package actually imported (PYTHONPATH may point at another worktree), every module
+    # of it: a hash of the top level alone would miss a change inside a subpackage.
+    package = Path(sae_e2e_plugin.__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted((root / "sae_e2e_plugin").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + path.read_bytes())
     try:
         head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(package.parent), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
