@@ -7,6 +7,7 @@ import torch
 from beartype.roar import BeartypeCallHintParamViolation
 from jaxtyping import TypeCheckError
 
+from sae_e2e_plugin.core import losses
 from sae_e2e_plugin.core.losses import (
     chunked_kl_orig_to_patched,
     clean_log_probs,
@@ -103,6 +104,39 @@ def test_written_out_logit_gradient_equals_autograd_of_the_hand_formula(dtype: t
     )
 
 
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_worked_in_blocks_of_rows_gives_the_same_gradient_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, cached: bool
+) -> None:
+    # The kernel's float32 work runs a block of rows at a time (8 MiB blocks on a CPU). Every
+    # row's log-probabilities and gradient are the same numbers as in one block; only the KL
+    # sum adds its blocks' sums in another order. Blocks of 3 rows, 9 rows (the last short):
+    gen = torch.Generator().manual_seed(5)
+    orig = (torch.randn(9, 31, generator=gen) * 4).to(dtype)
+    patched = (torch.randn(9, 31, generator=gen) * 4).to(dtype)
+    if cached:  # the clean log-probabilities, made once (CleanLogProbs) and never written to
+        orig = torch.log_softmax(orig.float(), dim=-1)
+    kept = orig.clone()
+    one_sum, one_grad = losses._kl_kernel(orig, patched, want_grad=True, cached=cached)
+    monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 3 * 31)
+    assert len(list(losses._row_blocks(9, 31, torch.device("cpu")))) == 3
+    blocked_sum, blocked_grad = losses._kl_kernel(orig, patched, want_grad=True, cached=cached)
+    assert one_grad is not None and blocked_grad is not None
+    assert blocked_grad.dtype == dtype and torch.equal(blocked_grad, one_grad)
+    torch.testing.assert_close(blocked_sum, one_sum, rtol=1e-6, atol=0)
+    assert torch.equal(orig, kept)
+    # The chunked KL hands its own clean logits over as the gradient's buffer.
+    scratch = patched.clone()
+    _, into_grad = losses._kl_kernel(orig, patched, want_grad=True, grad_into=scratch)
+    assert into_grad is not None and into_grad.data_ptr() == scratch.data_ptr()
+    if not cached:
+        assert torch.equal(into_grad, one_grad)
+    p = torch.softmax(kept.double(), -1) if not cached else kept.double().exp()
+    hand = (p * (p.log() - torch.log_softmax(patched.double(), -1))).sum()
+    torch.testing.assert_close(blocked_sum.double(), hand, rtol=1e-5, atol=0)
+
+
 def test_written_out_logit_gradient_checks_its_shapes() -> None:
     # Mismatched logits get an error that names the argument, not one from inside torch.
     with pytest.raises((TypeCheckError, BeartypeCallHintParamViolation), match="logits_patched"):
@@ -178,8 +212,6 @@ def test_compiled_kernel_gives_the_eager_value_and_gradient() -> None:
 
 
 def test_a_failed_compile_names_the_setting_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sae_e2e_plugin.core import losses
-
     def fake_compile(fn: object, **kwargs: object) -> object:
         def fail(*args: object) -> None:
             raise torch._dynamo.exc.BackendCompilerFailed(

@@ -171,8 +171,13 @@ class _ChunkedKL(torch.autograd.Function):
             with torch.enable_grad():
                 leaf = patched.detach().requires_grad_(True)
                 logits_patched = resid_to_logits(leaf)
+            # Clean logits made here for this chunk are scratch: the gradient overwrites them.
             chunk_sum, logit_grad = kernel(
-                orig, logits_patched.detach(), want_grad=True, cached=cached
+                orig,
+                logits_patched.detach(),
+                want_grad=True,
+                cached=cached,
+                grad_into=None if cached else orig,
             )
             del orig
             # Backward through the head only; the KL's own backward is written out above.
@@ -225,26 +230,80 @@ def kl_sum_and_logit_grad(
 
 
 def _kl_kernel(
-    logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool, cached: bool = False
+    logits_orig: torch.Tensor,
+    logits_patched: torch.Tensor,
+    want_grad: bool,
+    cached: bool = False,
+    block: KLBlock | None = None,
+    grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # The one place the KL arithmetic is written: every KL function above calls it.
     # ``cached``: ``logits_orig`` are already the clean log-probabilities (``CleanLogProbs``),
-    # which later patched runs read again, so they get a fresh buffer instead of ``sub_``.
+    # which later patched runs read again, so they are never written to.
+    # The float32 work runs a block of rows at a time (``_row_blocks``): its five or so
+    # float32 [rows, vocab] temporaries then stay in the CPU's cache and never add up to
+    # several [tokens, vocab] tensors, while the caller's head still makes the logits of a
+    # whole chunk in one matrix product. Every row's numbers are the same as in one pass;
+    # only the order of the KL sum's additions depends on the blocks.
+    # ``grad_into``: a tensor like ``logits_patched`` that may be overwritten, e.g. the clean
+    # logits the caller made for this chunk: each block's gradient goes into the rows the
+    # block has just read, so the chunk needs no [tokens, vocab] buffer of its own for it.
+    block = block or _kl_block
+    vocab = logits_patched.shape[-1]
+    orig, patched = logits_orig.reshape(-1, vocab), logits_patched.reshape(-1, vocab)
+    grad = None
+    if want_grad:
+        scratch = grad_into if _same_layout(grad_into, logits_patched) else None
+        grad = torch.empty_like(patched) if scratch is None else scratch.view(patched.shape)
+    total = torch.zeros((), dtype=torch.float32, device=patched.device)
     with torch.no_grad():
-        logp_orig = logits_orig if cached else _log_probs(logits_orig)
-        logp_patched = _log_probs(logits_patched)
-        p_orig = logp_orig.exp()
-        diff = logp_orig - logp_patched if cached else logp_orig.sub_(logp_patched)
-        kl_sum = diff.mul_(p_orig).sum()
-        if not want_grad:
-            return kl_sum, None
-        del logp_orig, diff
-        logit_grad = logp_patched.exp_().sub_(p_orig)
-        return kl_sum, logit_grad.to(logits_patched.dtype)
+        for rows in _row_blocks(patched.shape[0], vocab, patched.device):
+            kl_sum, logit_grad = block(orig[rows], patched[rows], want_grad, cached)
+            total += kl_sum
+            if grad is not None and logit_grad is not None:
+                grad[rows] = logit_grad
+    return total, None if grad is None else grad.reshape(logits_patched.shape)
 
+
+def _same_layout(scratch: torch.Tensor | None, like: torch.Tensor) -> bool:
+    if scratch is None:
+        return False
+    same = scratch.dtype == like.dtype and scratch.shape == like.shape
+    return same and scratch.device == like.device and scratch.is_contiguous()
+
+
+def _kl_block(
+    logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool, cached: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ KL of a block of rows, and softmax(patched) − p_orig (float32) when ``want_grad``."""
+    logp_orig = logits_orig if cached else _log_probs(logits_orig)
+    logp_patched = _log_probs(logits_patched)
+    p_orig = logp_orig.exp()
+    diff = logp_orig - logp_patched if cached else logp_orig.sub_(logp_patched)
+    kl_sum = diff.mul_(p_orig).sum()
+    if not want_grad:
+        return kl_sum, None
+    del logp_orig, diff
+    return kl_sum, logp_patched.exp_().sub_(p_orig)
+
+
+KLBlock = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+"""``_kl_block`` or its compiled form: (logits_orig, logits_patched, want_grad, cached)."""
 
 KLKernel = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
-"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad, cached)."""
+"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad, cached,
+grad_into)."""
+
+# Elements of one float32 block: 8 MiB on a CPU, so that a block's temporaries stay in the
+# cache; a GPU runs one kernel per operation and block, so it gets fewer, larger blocks.
+_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
+
+
+def _row_blocks(n_rows: int, vocab: int, device: torch.device) -> Iterator[slice]:
+    elements = _BLOCK_ELEMENTS.get(device.type, 1 << 25)
+    rows = max(1, elements // vocab)
+    for start in range(0, n_rows, rows):
+        yield slice(start, start + rows)
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -254,8 +313,8 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _compiled_kernel() -> KLKernel:
-    # dynamic=True: the last chunk is usually shorter; one compiled kernel serves every length.
-    compiled = torch.compile(_kl_kernel, dynamic=True)
+    # dynamic=True: the last block is usually shorter; one compiled block serves every length.
+    compiled = torch.compile(_kl_block, dynamic=True)
 
     from torch._dynamo.exc import BackendCompilerFailed
 
@@ -264,9 +323,10 @@ def _compiled_kernel() -> KLKernel:
         logits_patched: torch.Tensor,
         want_grad: bool,
         cached: bool = False,
+        grad_into: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
-            return compiled(logits_orig, logits_patched, want_grad, cached)
+            return _kl_kernel(logits_orig, logits_patched, want_grad, cached, compiled, grad_into)
         except BackendCompilerFailed as error:
             reason = str(error).strip().splitlines()[0][:300]
             raise RuntimeError(
