@@ -221,8 +221,9 @@ def kl_sum_and_logit_grad(
 
     The gradient of Σ_v p_orig(v) (log p_orig(v) − log_softmax(z)(v)) with respect to
     the patched logits z is softmax(z) − p_orig, token by token; it comes back in
-    ``logits_patched``'s dtype. Everything is computed in float32 without autograd, in place
-    where possible, so a chunk needs two float32 [tokens, vocab] buffers beyond its inputs.
+    ``logits_patched``'s dtype. Everything is computed in float32 without autograd, a block of
+    rows at a time, so beyond its inputs a call needs the gradient it returns and a few
+    float32 blocks of about 8 MiB each (on a CPU).
     """
     kl_sum, logit_grad = _kl_kernel(logits_orig, logits_patched, want_grad=True)
     assert logit_grad is not None
