@@ -292,8 +292,8 @@ KLBlock = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 """``_kl_block`` or its compiled form: (logits_orig, logits_patched, want_grad, cached)."""
 
 KLKernel = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
-"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad, cached,
-grad_into)."""
+"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad, cached, *,
+grad_into=None)."""
 
 # Elements of one float32 block: 8 MiB on a CPU, so that a block's temporaries stay in the
 # cache; a GPU runs one kernel per operation and block, so it gets fewer, larger blocks.
@@ -301,7 +301,7 @@ _BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
 
 
 def _row_blocks(n_rows: int, vocab: int, device: torch.device) -> Iterator[slice]:
-    elements = _BLOCK_ELEMENTS.get(device.type, 1 << 25)
+    elements = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cuda"])
     rows = max(1, elements // vocab)
     for start in range(0, n_rows, rows):
         yield slice(start, start + rows)
