@@ -30,7 +30,13 @@ from sae_e2e_plugin.core.splice import PatchedRun
 
 @torch.no_grad()
 def run_clean_multi(
-    model: Any, prefix: HFPrefix, plan: MultiSplicePlan, *, full: bool = True, inputs: bool = True
+    model: Any,
+    prefix: HFPrefix,
+    plan: MultiSplicePlan,
+    *,
+    full: bool = True,
+    inputs: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> MultiCleanRun:
     """The clean run from the shared prefix, recording what every SAE's continuation needs
     (``core.multi_splice.run_clean_multi`` for a Hugging Face model: same arguments)."""
@@ -51,15 +57,19 @@ def run_clean_multi(
             final = run_full(hf, layers_plan, prefix.tokens, stop_after=last)
         else:
             stop = layers_plan.n_layers if full else plan.last_layer + 1
+            split = plan.targets_only_from(stop) if full and autocast is not None else None
             final = continue_layers(
                 hf,
                 layers_plan,
                 prefix,
                 prefix.hidden,
                 prefix.start_layer,
-                stop=stop,
+                stop=stop if split is None else split,
                 layer_inputs=layer_inputs,
             )
+            if split is not None:
+                with torch.autocast(final.device.type, dtype=autocast):
+                    final = continue_layers(hf, layers_plan, prefix, final, split, stop=stop)
     recorded = {k: v for k, v in layer_inputs.items() if v is not None}
     return MultiCleanRun(acts, recorded, final if full else None, downstream)
 

@@ -109,6 +109,7 @@ def chunked_kl_orig_to_patched(
     chunk_size: int,
     *,
     compile_kernel: bool = False,
+    orig_to_logits: ResidToLogits | None = None,
 ) -> Float[torch.Tensor, ""]:
     """KL(p_orig ‖ p_patched) from final residual streams, a chunk of tokens at a time.
 
@@ -130,21 +131,25 @@ def chunked_kl_orig_to_patched(
     ``compile_kernel=True`` runs that elementwise part (about ten passes over each
     [chunk, vocab] block in float32) through ``torch.compile``, which fuses it into a few;
     the first call compiles (tens of seconds on a CPU).
+
+    ``orig_to_logits``: the head for ``resid_orig`` when it differs from the patched side's
+    (e.g. run at lower precision: ``clean_run_dtype``); None: ``resid_to_logits``.
     """
     if chunk_size < 1:
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
     if isinstance(resid_orig, CleanLogProbs):
         _check_cache_fits(resid_orig, resid_patched.shape[0], chunk_size)
     kernel = _compiled_kernel() if compile_kernel else _kl_kernel
+    heads = (orig_to_logits or resid_to_logits, resid_to_logits)
     if resid_patched.requires_grad and torch.is_grad_enabled():
         # The inputs' shapes were checked on entry; the per-chunk kernel runs unchecked (the
         # autograd Function's forward runs without grad).
-        return _ChunkedKL.apply(resid_orig, resid_patched, resid_to_logits, chunk_size, kernel)
+        return _ChunkedKL.apply(resid_orig, resid_patched, heads, chunk_size, kernel)
     total = torch.zeros((), dtype=torch.float32, device=resid_patched.device)
     cached = isinstance(resid_orig, CleanLogProbs)
     with torch.no_grad():
         for index, (patched,) in enumerate(chunk_rows(chunk_size, resid_patched)):
-            orig = _clean_chunk(resid_orig, resid_to_logits, index, chunk_size)
+            orig = _clean_chunk(resid_orig, heads[0], index, chunk_size)
             logits = resid_to_logits(patched)
             total += kernel(orig, logits, want_grad=False, cached=cached)[0]
     return total / resid_patched.shape[0]
@@ -158,16 +163,17 @@ class _ChunkedKL(torch.autograd.Function):
         ctx: Any,
         resid_orig: torch.Tensor | CleanLogProbs,
         resid_patched: torch.Tensor,
-        resid_to_logits: ResidToLogits,
+        heads: tuple[ResidToLogits, ResidToLogits],
         chunk_size: int,
         kernel: KLKernel,
     ) -> torch.Tensor:
+        orig_to_logits, resid_to_logits = heads
         n_tokens = resid_patched.shape[0]
         cached = isinstance(resid_orig, CleanLogProbs)
         total = torch.zeros((), dtype=torch.float32, device=resid_patched.device)
         grads = []
         for index, (patched,) in enumerate(chunk_rows(chunk_size, resid_patched)):
-            orig = _clean_chunk(resid_orig, resid_to_logits, index, chunk_size)
+            orig = _clean_chunk(resid_orig, orig_to_logits, index, chunk_size)
             with torch.enable_grad():
                 leaf = patched.detach().requires_grad_(True)
                 logits_patched = resid_to_logits(leaf)

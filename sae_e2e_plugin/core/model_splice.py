@@ -158,14 +158,24 @@ def _after_layer_output(prefix: Any, plan: SplicePlan, replacement: torch.Tensor
 
 
 def model_head(
-    model: Any, plan: SplicePlan | MultiSplicePlan
+    model: Any, plan: SplicePlan | MultiSplicePlan, *, autocast: torch.dtype | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The head: a run's ``final_resid`` rows [tokens, d] → logits [tokens, vocab]."""
+    """The head: a run's ``final_resid`` rows [tokens, d] → logits [tokens, vocab];
+    ``autocast``: run under autocast to that dtype (a clean run's head at lower precision)."""
     if isinstance(plan, MultiSplicePlan):
         plan = plan.prefix_plan
     if isinstance(plan, hf_runs.HFSplicePlan):
-        return hf_runs.hf_head(model, plan)
-    return splice.model_head(model)
+        head = hf_runs.hf_head(model, plan)
+    else:
+        head = splice.model_head(model)
+    return head if autocast is None else partial(_autocast, head, autocast)
+
+
+def _autocast(
+    head: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, rows: torch.Tensor
+) -> torch.Tensor:
+    with torch.autocast(rows.device.type, dtype=dtype):
+        return head(rows)
 
 
 def plan_multi_splice(
@@ -265,13 +275,27 @@ def naming_the_sae(error: ValueError, name: str) -> ValueError:
 
 
 def run_clean_multi(
-    model: Any, prefix: Any, plan: MultiSplicePlan, *, full: bool = True, inputs: bool = True
+    model: Any,
+    prefix: Any,
+    plan: MultiSplicePlan,
+    *,
+    full: bool = True,
+    inputs: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> MultiCleanRun:
     """The clean run from the shared prefix, recording every SAE's input and its block's input
-    (``inputs=False``: neither), and with ``full`` the final residual and downstream activations."""
+    (``inputs=False``: neither), and with ``full`` the final residual and downstream activations.
+
+    ``autocast``: the blocks after the latest SAE's block, which only make targets (final
+    residual, downstream activations), run under autocast to that dtype; every SAE's input and
+    its block's input come from the blocks before, in the model's dtype."""
     if isinstance(prefix, hf_runs.HFPrefix):
-        return hf_multi.run_clean_multi(model, prefix, plan, full=full, inputs=inputs)
-    return multi_splice.run_clean_multi(model, prefix, plan, full=full, inputs=inputs)
+        return hf_multi.run_clean_multi(
+            model, prefix, plan, full=full, inputs=inputs, autocast=autocast
+        )
+    return multi_splice.run_clean_multi(
+        model, prefix, plan, full=full, inputs=inputs, autocast=autocast
+    )
 
 
 def prefix_for(prefix: Any, clean: MultiCleanRun, plan: SplicePlan) -> Any:

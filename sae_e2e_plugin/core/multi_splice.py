@@ -95,6 +95,12 @@ class MultiSplicePlan:
         layers = [plan.start_layer for plan in self.plans.values()]
         return None if None in layers else max(layer for layer in layers if layer is not None)
 
+    def targets_only_from(self, n_layers: int) -> int | None:
+        """The first block of a clean run that only makes targets: the one after the latest
+        SAE's block (None: there is none, or a hook is outside the blocks)."""
+        last = self.last_layer
+        return None if last is None or last + 1 >= n_layers else last + 1
+
 
 @dataclass
 class MultiCleanRun:
@@ -135,12 +141,14 @@ def run_clean_multi(
     *,
     full: bool = True,
     inputs: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> MultiCleanRun:
     """The clean run from the shared prefix, recording what every SAE's continuation needs.
 
     ``full=False``: stop after the latest SAE's block, record no downstream activation.
     ``inputs=False`` (a joint step: the SAEs read the patched run): record neither the SAEs'
     inputs nor their blocks' inputs, only the final residual and the downstream activations.
+    ``autocast``: the blocks after the latest SAE's block run under autocast to that dtype.
     """
     acts: dict[str, torch.Tensor] = {}
     block_inputs: dict[str, torch.Tensor] = {}
@@ -155,8 +163,15 @@ def run_clean_multi(
     if full:
         hooks += [(name, partial(_capture, store=downstream)) for name in plan.downstream_hooks]
     stop = model.cfg.n_layers if full or plan.last_layer is None else plan.last_layer + 1
+    split = plan.targets_only_from(stop) if full and autocast is not None else None
     with model.hooks(fwd_hooks=hooks):
-        resid = run_from(model, prefix, stop)
+        if split is None or prefix.residual is None:
+            resid = run_from(model, prefix, stop)
+        else:
+            resid = run_from(model, prefix, split)
+            with torch.autocast(resid.device.type, dtype=autocast):
+                after = dataclasses.replace(prefix, residual=resid, start_layer=split)
+                resid = run_from(model, after, stop)
     by_block = {int(name.split(".")[1]): value for name, value in block_inputs.items()}
     return MultiCleanRun(acts, by_block, resid if full else None, downstream)
 

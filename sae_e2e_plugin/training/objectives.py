@@ -54,6 +54,13 @@ class E2EParams:
     """Whether the KL's elementwise work runs through ``torch.compile``."""
     checkpoint_blocks: bool
     """Whether the patched run recomputes the later blocks in the backward pass."""
+    clean_run_dtype: str | None
+    """The dtype the clean run's targets-only part runs in under autocast (None: the model's)."""
+
+    @property
+    def clean_autocast(self) -> torch.dtype | None:
+        """``clean_run_dtype`` as a torch dtype."""
+        return None if self.clean_run_dtype is None else getattr(torch, self.clean_run_dtype)
 
 
 @dataclass(frozen=True)
@@ -360,13 +367,15 @@ def _kl(inputs: ObjectiveInputs[E2EParams], patched_final_resid: torch.Tensor) -
     assert inputs.clean.final_resid is not None  # needs_full_run: the clean run reached the end
     tokens = "batch pos d_model -> (batch pos) d_model"
     clean = inputs.clean.log_probs
+    params = inputs.params
     with inputs.timer.phase("KL"):
         return chunked_kl_orig_to_patched(
             rearrange(inputs.clean.final_resid, tokens) if clean is None else clean,
             rearrange(patched_final_resid, tokens),
             model_head(inputs.model, inputs.plan),
-            chunk_size=inputs.params.kl_chunk_size,
-            compile_kernel=inputs.params.compile_kl,
+            chunk_size=params.kl_chunk_size,
+            compile_kernel=params.compile_kl,
+            orig_to_logits=model_head(inputs.model, inputs.plan, autocast=params.clean_autocast),
         )
 
 

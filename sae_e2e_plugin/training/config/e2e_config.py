@@ -117,6 +117,14 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     more than its three vocabulary-sized matrix products. The first step compiles (tens of
     seconds) and needs a C++ compiler on the CPU (a working Triton on GPUs)."""
 
+    clean_run_dtype: Literal["bfloat16", "float16"] | None = None
+    """Run the clean run's blocks after the latest SAE's block, and its head, under autocast
+    to this dtype. That part only supplies targets (the clean logits; e2e_downstream's
+    downstream activations); the SAE's input, the patched run and the loss stay in the model's
+    dtype. On a float32 model it saves about a third of the clean run's time where bf16 matrix
+    products are fast (GPUs, CPUs with AVX-512-BF16 or AMX), at a small error in the targets
+    (docs/performance.md). None: the clean run in the model's dtype. "float16" needs a GPU."""
+
     checkpoint_blocks: bool = False
     """Recompute the blocks after the SAE during the backward pass instead of keeping their
     activations (activation checkpointing). Cuts a step's peak memory severalfold on long
@@ -254,6 +262,7 @@ def validate_e2e_config(cfg: E2ERunnerConfig[Any]) -> None:
             "lm_dtype='float16' is not supported on the CPU (fp16 matrix products are slow "
             "and overflow-prone there); use lm_dtype='bfloat16'."
         )
+    _check_clean_run_dtype(cfg, objective)
     if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {cfg.max_grad_norm}.")
     if isinstance(cfg.downstream_hooks, str):
@@ -290,6 +299,22 @@ def _check_objective_terms(cfg: E2ERunnerConfig[Any], params: Any) -> None:
         raise ValueError(
             f"downstream_coefficient=0 with loss={cfg.loss!r} trains without the downstream "
             "terms; set downstream_coefficient > 0, or use loss='e2e'."
+        )
+
+
+def _check_clean_run_dtype(cfg: E2ERunnerConfig[Any], objective: Any) -> None:
+    value = cfg.clean_run_dtype
+    if value is None:
+        return
+    if not objective.needs_full_run:
+        raise ValueError(
+            f"clean_run_dtype={value!r} lowers the clean run's targets, but loss={cfg.loss!r} "
+            "makes no clean run to the end; leave clean_run_dtype unset."
+        )
+    if value == "float16" and str(cfg.llm_device).startswith("cpu"):
+        raise ValueError(
+            "clean_run_dtype='float16' is not supported on the CPU (fp16 matrix products are "
+            "slow there); use clean_run_dtype='bfloat16'."
         )
 
 

@@ -93,7 +93,11 @@ class StepPass:
     def _independent(self, prefix: Any, mask: torch.Tensor | None, trainers: Trainers) -> Outputs:
         with self.timer.phase("clean continuation"):
             clean = run_clean_multi(
-                self.model, prefix, self.plan, full=self.objective.needs_full_run
+                self.model,
+                prefix,
+                self.plan,
+                full=self.objective.needs_full_run,
+                autocast=self._clean_autocast,
             )
         clean = self._with_log_probs(clean)
         outputs = {}
@@ -116,6 +120,11 @@ class StepPass:
             outputs[name] = output
         return outputs
 
+    @property
+    def _clean_autocast(self) -> torch.dtype | None:
+        # An objective's own params may not have the field: its clean run stays as it is.
+        return getattr(self.objective.params, "clean_autocast", None)
+
     def _with_log_probs(self, clean: MultiCleanRun) -> MultiCleanRun:
         params, final_resid = self.objective.params, clean.final_resid
         # Shared only where a KL reads them, and worth it only for a second SAE.
@@ -127,7 +136,7 @@ class StepPass:
         with self.timer.phase("clean log-probabilities"):
             log_probs = clean_log_probs(
                 rearrange(final_resid, tokens),
-                model_head(self.model, self.plan),
+                model_head(self.model, self.plan, autocast=self._clean_autocast),
                 params.kl_chunk_size,
             )
         return dataclasses.replace(clean, log_probs=log_probs)
@@ -137,7 +146,9 @@ class StepPass:
         clean = None
         if full:
             with self.timer.phase("clean continuation"), torch.no_grad():
-                clean = run_clean_multi(self.model, prefix, self.plan, inputs=False)
+                clean = run_clean_multi(
+                    self.model, prefix, self.plan, inputs=False, autocast=self._clean_autocast
+                )
         outputs: dict[str, TrainStepOutput] = {}
 
         def splice(name: str, act: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
