@@ -1,4 +1,6 @@
-"""What running the frozen model in bf16 (``lm_dtype="bfloat16"``) costs in accuracy.
+"""What running the frozen model in bf16 (``lm_dtype="bfloat16"``) costs in accuracy; with
+``--clean-run-dtype bfloat16``, what running only the clean run's targets in bf16
+(``clean_run_dtype="bfloat16"``, the model in float32) costs instead.
 
 The SAE stays float32 in both cases and the log-softmax/KL are taken in float32; only the
 language model's weights and activations change precision. Steps:
@@ -21,6 +23,8 @@ Prints the runs' progress, then one JSON object; ``--out FILE`` also writes the 
 a file. Example::
 
     python benchmarks/bench_precision.py --model smollm2-135m --e2e-steps 40
+    python benchmarks/bench_precision.py --model smollm2-135m --e2e-steps 40 \
+        --clean-run-dtype bfloat16 --out benchmarks/results/precision_clean_run_bf16.json
     python benchmarks/bench_precision.py --model smollm2-135m \
         --sae-path "sweeps/smollm2_layer15/runs/loss=e2e__l1_coefficient=0.006" --e2e-steps 20 \
         --out benchmarks/results/precision_smollm2.json
@@ -143,11 +147,13 @@ def per_token_stats(
     final_patched: torch.Tensor,
     tokens: torch.Tensor,
     chunk: int,
+    clean_head: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token KL(orig‖patched), CE clean/patched and the clean log-probs' argmax, chunk by chunk."""
     from sae_e2e_plugin.core.splice import model_head
 
     head = model_head(model)
+    clean_head = clean_head or head
     d_model = final_clean.shape[-1]
     clean = final_clean.reshape(-1, d_model)
     patched = final_patched.reshape(-1, d_model)
@@ -155,7 +161,7 @@ def per_token_stats(
     targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
     kl, ce_clean, ce_patched = [], [], []
     for s in range(0, clean.shape[0], chunk):
-        lp_o = F.log_softmax(head(clean[s : s + chunk]).float(), -1)
+        lp_o = F.log_softmax(clean_head(clean[s : s + chunk]).float(), -1)
         lp_p = F.log_softmax(head(patched[s : s + chunk]).float(), -1)
         kl.append((lp_o.exp() * (lp_o - lp_p)).sum(-1))
         t = targets[s : s + chunk]
@@ -172,16 +178,26 @@ def per_token_stats(
 
 
 def evaluate(
-    model: Any, sae: Any, tokens: torch.Tensor, hook: str, chunk: int, grads: bool
+    model: Any,
+    sae: Any,
+    tokens: torch.Tensor,
+    hook: str,
+    chunk: int,
+    grads: bool,
+    clean_autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Splice ``sae`` into ``model`` as the trainer does; per-token stats and the KL's SAE gradient."""
+    """Splice ``sae`` into ``model`` as the trainer does; per-token stats and the KL's SAE gradient.
+    ``clean_autocast``: the clean run's targets at that precision, as ``clean_run_dtype``."""
     from sae_e2e_plugin.core.losses import chunked_kl_orig_to_patched
-    from sae_e2e_plugin.core.model_splice import run_clean, run_patched
-    from sae_e2e_plugin.core.splice import model_head, plan_splice, run_prefix
+    from sae_e2e_plugin.core.model_splice import model_head, run_clean_multi, run_patched
+    from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
+    from sae_e2e_plugin.core.splice import plan_splice, run_prefix
 
     plan = plan_splice(model, hook, None, d_in=sae.cfg.d_in)
     prefix = run_prefix(model, tokens, plan.start_layer)
-    clean = run_clean(model, prefix, plan, full=True)
+    one = MultiSplicePlan.of_one("sae", plan)
+    clean = run_clean_multi(model, prefix, one, autocast=clean_autocast).for_sae(plan)
+    clean_head = model_head(model, plan, autocast=clean_autocast)
     b, p, d = clean.acts.shape
     sae.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grads):
@@ -193,17 +209,19 @@ def evaluate(
             kl = chunked_kl_orig_to_patched(
                 clean.final_resid.reshape(-1, d),
                 patched.final_resid.reshape(-1, d),
-                model_head(model),
+                model_head(model, plan),
                 chunk,
+                orig_to_logits=clean_head,
             )
             kl.backward()
             out["grad"] = {
                 n: q.grad.detach().clone() for n, q in sae.named_parameters() if q.grad is not None
             }
     out["stats"] = per_token_stats(
-        model, clean.final_resid, patched.final_resid.detach(), tokens, chunk
+        model, clean.final_resid, patched.final_resid.detach(), tokens, chunk, clean_head
     )
-    out["final_clean"] = clean.final_resid.float()
+    out["final_clean"] = clean.final_resid  # in the dtype its head reads
+    out["clean_head"] = clean_head
     out["l0"] = float((feats > 0).float().sum(-1).mean())
     return out
 
@@ -219,25 +237,23 @@ def summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def noise_floor(
-    model32: Any, model16: Any, r32: torch.Tensor, r16: torch.Tensor, chunk: int
-) -> float:
+def noise_floor(e32: dict[str, Any], e16: dict[str, Any], chunk: int) -> float:
     """Mean per-token KL(p_fp32 ‖ p_bf16) of the clean model: how far bf16 alone moves the output."""
-    from sae_e2e_plugin.core.splice import model_head
-
-    h32, h16 = model_head(model32), model_head(model16)
+    h32, h16 = e32["clean_head"], e16["clean_head"]
+    r32, r16 = e32["final_clean"], e16["final_clean"]
     a, b = r32.reshape(-1, r32.shape[-1]), r16.reshape(-1, r16.shape[-1])
     total = 0.0
     for s in range(0, a.shape[0], chunk):
         lp32 = F.log_softmax(h32(a[s : s + chunk]).float(), -1)
-        lp16 = F.log_softmax(h16(b[s : s + chunk].to(torch.bfloat16)).float(), -1)
+        lp16 = F.log_softmax(h16(b[s : s + chunk]).float(), -1)
         total += float((lp32.exp() * (lp32 - lp16)).sum())
     return total / a.shape[0]
 
 
 def compare_grads(g32: dict[str, torch.Tensor], g16: dict[str, torch.Tensor]) -> dict[str, Any]:
-    flat32 = torch.cat([g32[n].flatten() for n in sorted(g32)])
-    flat16 = torch.cat([g16[n].flatten() for n in sorted(g32)])
+    # float64: a float32 cosine over millions of elements can come out above 1.
+    flat32 = torch.cat([g32[n].flatten() for n in sorted(g32)]).double()
+    flat16 = torch.cat([g16[n].flatten() for n in sorted(g32)]).double()
     per = {
         n: round(float(F.cosine_similarity(g32[n].flatten(), g16[n].flatten(), dim=0)), 5)
         for n in sorted(g32)
@@ -273,6 +289,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-chunk", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--clean-run-dtype",
+        choices=("bfloat16",),
+        default=None,
+        help="compare a float32 model with its clean run's targets in bf16 (clean_run_dtype) "
+        "instead of with a bf16 model",
+    )
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -317,26 +340,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sae = train(args, model32, train_set, sae0, "local", args.local_steps)
         result["local_pretraining_steps"] = args.local_steps
 
-    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    # What is lowered: the whole model (lm_dtype), or only the clean run's targets.
+    lowered = "bf16_clean_run" if args.clean_run_dtype else "bf16_model"
+    result["compared"] = f"fp32_model against {lowered}"
     e32 = evaluate(model32, sae, eval_tokens, hook, args.kl_chunk, grads=True)
-    e16 = evaluate(model16, sae, eval_tokens, hook, args.kl_chunk, grads=True)
+    if args.clean_run_dtype:
+        low = getattr(torch, args.clean_run_dtype)
+        e16 = evaluate(model32, sae, eval_tokens, hook, args.kl_chunk, True, clean_autocast=low)
+        extra16: dict[str, Any] = {"clean_run_dtype": args.clean_run_dtype}
+    else:
+        model16 = copy.deepcopy(model32).to(torch.bfloat16)
+        e16 = evaluate(model16, sae, eval_tokens, hook, args.kl_chunk, grads=True)
+        extra16 = {"lm_dtype": "bfloat16"}
     kl32, kl16 = e32["stats"]["kl"], e16["stats"]["kl"]
     result["same_sae"] = {
         "l0": {"fp32": e32["l0"], "bf16": e16["l0"]},
         "fp32_model": summarise(e32["stats"]),
-        "bf16_model": summarise(e16["stats"]),
+        lowered: summarise(e16["stats"]),
         "kl_rel_diff": float((kl16.mean() - kl32.mean()) / kl32.mean()),
         "kl_per_token_mean_abs_diff": float((kl16 - kl32).abs().mean()),
         "kl_per_token_corr": float(torch.corrcoef(torch.stack([kl32, kl16]))[0, 1]),
-        "noise_floor_kl_fp32_to_bf16_clean": noise_floor(
-            model32, model16, e32["final_clean"], e16["final_clean"], args.kl_chunk
-        ),
+        "noise_floor_kl_fp32_to_bf16_clean": noise_floor(e32, e16, args.kl_chunk),
         **compare_grads(e32["grad"], e16["grad"]),
     }
 
     if args.e2e_steps:
         trained: dict[str, Any] = {}
-        for name, extra in (("fp32", {"lm_dtype": "float32"}), ("bf16", {"lm_dtype": "bfloat16"})):
+        for name, extra in (("fp32", {"lm_dtype": "float32"}), ("bf16", extra16)):
             start = time.perf_counter()
             lm = copy.deepcopy(model32)  # the runner casts the model in place
             trained[name] = train(args, lm, train_set, sae, "e2e", args.e2e_steps, **extra)
@@ -348,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for name in ("fp32", "bf16"):
             ev = evaluate(model32, trained[name], eval_tokens, hook, args.kl_chunk, grads=False)
-            result["e2e_training"][f"trained_with_{name}_model"] = {
+            label = "fp32_model" if name == "fp32" else lowered
+            result["e2e_training"][f"trained_with_{label}"] = {
                 **summarise(ev["stats"]),
                 "l0": ev["l0"],
                 "train_s": round(trained[name + "_s"], 1),

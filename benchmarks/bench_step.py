@@ -46,9 +46,7 @@ import os
 import sys
 import time
 import types
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DICT_RATIO,
     OtherLoad,
+    PhaseTimer,
     bare_trainer,
-    current_rss_bytes,
     finish_result,
     gpt2_shaped_model,
     limit_address_space,
@@ -83,36 +81,6 @@ KL_COEFF = 1.0
 MAX_GRAD_NORM = 10.0
 N_SAMPLES = 400_000
 WARMUP_SAMPLES = 20_000
-
-
-class PhaseTimer:
-    """Wall seconds spent in named phases of a step (a phase may run several times a step)."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = device
-        """A GPU's queue is drained at each phase's ends, so a phase is charged its own work."""
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.memory: dict[str, tuple[float, float]] = {}
-        """Phase → (resident GiB at its end, peak resident GiB so far), first step timed."""
-        self.enabled = False
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            synchronize(self.device)
-            self.seconds[name] += time.perf_counter() - start
-            if name not in self.memory:
-                self.memory[name] = (
-                    round(current_rss_bytes() / 2**30, 2),
-                    round(peak_rss_bytes() / 2**30, 2),
-                )
 
 
 # --------------------------------------------------------------------------- reference

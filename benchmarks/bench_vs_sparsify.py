@@ -79,6 +79,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     OtherLoad,
+    PhaseTimer,
     bare_trainer,
     finish_result,
     limit_address_space,
@@ -295,23 +296,37 @@ def run_plugin(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
         lm_dtype=args.lm_dtype,  # the model is already loaded in it: no cast, no second copy
         autocast=args.autocast,
         compile_kl=args.compile_kl,
+        clean_run_dtype=args.clean_run_dtype,
+        checkpoint_blocks=args.checkpoint_blocks,
         **step_only_fields(args.batch, args.seq, args.warmup + args.steps, args.seed),
         **extra,
     )
-    trainer = bare_trainer(cfg, model, args.batch)
+    timer = PhaseTimer(args.device)
+    trainer = bare_trainer(cfg, model, args.batch, timer)
     for sae in trainer.saes.values():
         sae.to(cfg.device)
     log = TokenLog(model.model.get_input_embeddings())
+    profiler = torch.profiler.profile(record_shapes=True) if args.torch_profile else None
     clock.start()
-    for batch in tokens:
+    for index, batch in enumerate(tokens):
+        timer.enabled = args.phases and index >= args.warmup  # the timed steps only
+        if profiler is not None and index == len(tokens) - 1:
+            profiler.__enter__()
         (output,) = one_step(trainer, batch).values()
         clock.mark(float(output.losses["kl_loss"].detach()))
     log.handle.remove()
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        averages = profiler.key_averages(group_by_input_shape=True)
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=args.torch_profile)
+        print(table, file=sys.stderr)
+    phases = {name: round(s / args.steps, 4) for name, s in timer.seconds.items()}
     return {
         "tokens_sha256": checksum(list(tokens)),
         "embedded_tokens_sha256": checksum(log.batches),
         "loss_name": "kl_loss",
         "kl_chunk_size": cfg.kl_chunk_size,
+        **({"phase_s_per_step": phases} if args.phases else {}),
     }
 
 
@@ -336,6 +351,8 @@ def measure_side(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "autocast": args.autocast if args.side == "plugin" else None,
         "compile_kl": args.compile_kl if args.side == "plugin" else None,
+        "clean_run_dtype": args.clean_run_dtype if args.side == "plugin" else None,
+        "checkpoint_blocks": args.checkpoint_blocks if args.side == "plugin" else None,
         # sparsify's fit() sets torch.set_float32_matmul_precision("high"): TF32 on GPUs.
         "tf32": args.tf32 if args.side == "plugin" else True,
         "warmup": args.warmup,
@@ -377,10 +394,10 @@ def side_command(args: argparse.Namespace, side: str) -> list[str]:
     command += ["--device", args.device, "--seed", str(args.seed)]
     command += ["--sparsify-path", str(args.sparsify_path)]
     command += ["--sparsify-optimizer", args.sparsify_optimizer]
-    for flag in ("autocast", "compile_kl", "tf32"):
+    for flag in ("autocast", "compile_kl", "checkpoint_blocks", "tf32", "phases"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
-    for option in ("kl_chunk_size", "threads", "mem_limit_gib"):
+    for option in ("kl_chunk_size", "clean_run_dtype", "threads", "mem_limit_gib"):
         if getattr(args, option) is not None:
             command += ["--" + option.replace("_", "-"), str(getattr(args, option))]
     return command
@@ -477,7 +494,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="which corpus rows (shuffle seed)")
     p.add_argument("--autocast", action="store_true", help="plugin: SAELens' bf16 autocast")
     p.add_argument("--compile-kl", action="store_true", help="plugin: E2ERunnerConfig.compile_kl")
+    p.add_argument(
+        "--checkpoint-blocks", action="store_true", help="plugin: E2ERunnerConfig.checkpoint_blocks"
+    )
     p.add_argument("--kl-chunk-size", type=int, default=None, help="plugin (default: config's)")
+    p.add_argument(
+        "--clean-run-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="plugin: E2ERunnerConfig.clean_run_dtype (the clean run's targets under autocast)",
+    )
     p.add_argument(
         "--tf32",
         action="store_true",
@@ -494,6 +520,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path(os.environ.get(SPARSIFY_PATH_ENV, DEFAULT_SPARSIFY_PATH)),
         help=f"where sparsify is installed with --target (or ${SPARSIFY_PATH_ENV})",
+    )
+    p.add_argument("--phases", action="store_true", help="plugin: seconds per phase of a step")
+    p.add_argument(
+        "--torch-profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="plugin, --side only: torch.profiler's table of the last step's operators (by "
+        "input shape) on stderr; that step's time includes the profiler's",
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--mem-limit-gib", type=float, default=None, help="cap the address space")

@@ -13,6 +13,9 @@ import os
 import resource
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -212,6 +215,36 @@ def limit_address_space(gib: float | None) -> None:
         return
     limit = int(gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+class PhaseTimer:
+    """Wall seconds spent in named phases of a step (a phase may run several times a step)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        """A GPU's queue is drained at each phase's ends, so a phase is charged its own work."""
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.memory: dict[str, tuple[float, float]] = {}
+        """Phase → (resident GiB at its end, peak resident GiB so far), first step timed."""
+        self.enabled = False
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+            if name not in self.memory:
+                self.memory[name] = (
+                    round(current_rss_bytes() / 2**30, 2),
+                    round(peak_rss_bytes() / 2**30, 2),
+                )
 
 
 def package_version() -> dict[str, Any]:

@@ -138,3 +138,33 @@ def test_a_clean_run_dtype_that_cannot_apply_is_refused_by_name(
     for word in words:
         assert word in str(error.value)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("splice", ["joint", "independent"])
+def test_several_saes_lower_only_the_blocks_after_the_latest_sae(
+    tmp_path: Path, splice: str
+) -> None:
+    from test_multi_sae import multi_runner, sae_cfg
+
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.1.hook_resid_post"}
+    results = []
+    for dtype in (None, "bfloat16"):
+        runner = multi_runner(
+            tmp_path / str(dtype), {"a": sae_cfg(), "b": sae_cfg()}, hooks, splice,
+            clean_run_dtype=dtype,
+        )  # fmt: skip
+        trainer = runner.build_trainer()
+        tokens = torch.tensor(token_dataset()["tokens"][:4])
+        outputs = trainer.step_pass.run(tokens, trainer.trainers)
+        kls = {name: out.metrics["kl_orig_patched"] for name, out in outputs.items()}
+        grads = {
+            name: torch.cat([p.grad.flatten() for p in t.sae.parameters() if p.grad is not None])
+            for name, t in trainer.trainers.items()
+        }
+        results.append((kls, grads))
+    (exact_kl, exact_grad), (low_kl, low_grad) = results
+    for name in hooks:
+        assert not torch.equal(low_kl[name], exact_kl[name])
+        assert torch.allclose(low_kl[name], exact_kl[name], rtol=0.05)
+        cosine = torch.nn.functional.cosine_similarity(low_grad[name], exact_grad[name], dim=0)
+        assert cosine > 0.99, name
