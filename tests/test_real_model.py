@@ -174,6 +174,7 @@ def e2e_terms(model: Any, hook: str, sae: Any, tokens: torch.Tensor) -> dict[str
             kl_chunk_size=7,
             compile_kl=False,
             checkpoint_blocks=False,
+            clean_run_dtype=None,
             downstream_coefficient=1.0,
             local_mse_coefficient=1.0,
         )
