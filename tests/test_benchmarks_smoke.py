@@ -162,11 +162,46 @@ def assert_quick_side_ran(result: dict, side: str) -> None:
     assert result["embedded_tokens_sha256"] == result["tokens_sha256"]
 
 
-def test_vs_sparsify_plugin_side_runs_quick() -> None:
+@pytest.mark.parametrize(
+    "extra", [[], ["--phases", "--clean-run-dtype", "bfloat16", "--checkpoint-blocks"]]
+)
+def test_vs_sparsify_plugin_side_runs_quick(extra: list[str]) -> None:
     pytest.importorskip("gguf", reason="the bundled model needs the [demo] extra")
-    result = run_vs_sparsify("--side", "plugin")
+    result = run_vs_sparsify("--side", "plugin", *extra)
     assert_quick_side_ran(result, "plugin")
     assert result["hook"] == "model.layers.15" and result["loss_name"] == "kl_loss"
+    if extra:
+        assert result["clean_run_dtype"] == "bfloat16" and result["checkpoint_blocks"] is True
+        phases = result["phase_s_per_step"]
+        assert phases["clean continuation"] > 0 and phases["KL"] > 0 and phases["backward"] > 0
+        assert sum(phases.values()) <= result["step_s"][0] * 1.05
+
+
+def test_run_phases_times_a_real_run_of_a_config_file(tmp_path: Path) -> None:
+    pytest.importorskip("gguf", reason="the bundled model needs the [demo] extra")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model_name: smollm2-135m\ndataset_path: shakespeare\nhook_name: blocks.15.hook_resid_pre\n"
+        "loss: e2e\ncontext_size: 16\nprepend_bos: false\ntrain_batch_size_tokens: 32\n"
+        "training_tokens: 64\nstore_batch_size_prompts: 2\nn_batches_in_buffer: 2\n"
+        "n_eval_batches: 0\nn_checkpoints: 0\n"
+        "sae: {architecture: standard, d_in: 576, d_sae: 1152, l1_coefficient: 0.004}\n"
+        "logger: {log_to_wandb: false}\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_run_phases.py"), "--config", str(config),
+         "--output_path", str(out), "--checkpoint_path", str(tmp_path / "ck"),
+         "--clean_run_dtype", "bfloat16"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 2 and "--clean_run_dtype" in result["overrides"]
+    phases = result["phase_s_total"]
+    assert phases["clean continuation"] > 0 and phases["optimizer step"] > 0
+    assert sum(phases.values()) <= result["wall_s"]
+    assert (out / "cfg.json").exists()  # the run exported its SAE where it was told
 
 
 def test_vs_sparsify_both_sides_alternate_quick_when_sparsify_is_installed(
