@@ -168,3 +168,37 @@ def test_several_saes_lower_only_the_blocks_after_the_latest_sae(
         assert torch.allclose(low_kl[name], exact_kl[name], rtol=0.05)
         cosine = torch.nn.functional.cosine_similarity(low_grad[name], exact_grad[name], dim=0)
         assert cosine > 0.99, name
+
+
+def test_bf16_settings_on_a_cpu_that_emulates_bf16_are_warned_about_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sae_e2e_plugin.runs.run_setup import check_precisions
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cfg = make_cfg(tmp_path, clean_run_dtype="bfloat16")
+    with caplog.at_level("WARNING", logger="sae_e2e_plugin"):
+        check_precisions(cfg, None)
+    assert "clean_run_dtype='bfloat16' on a CPU without AVX-512-BF16" in caplog.text
+    assert "Leave clean_run_dtype unset" in caplog.text and "lm_dtype=" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sae_e2e_plugin"):
+        check_precisions(make_cfg(tmp_path), "bfloat16")
+    assert "lm_dtype='bfloat16' on a CPU" in caplog.text and "clean_run_dtype" not in caplog.text
+
+
+def test_bf16_targets_on_a_gpu_without_bf16_are_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sae_e2e_plugin.runs.run_setup import check_precisions
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    cfg = make_cfg(tmp_path, clean_run_dtype="bfloat16")
+    cfg.llm_device = "cuda:0"  # what the run would hold the model on
+    with pytest.raises(ValueError, match=r"clean_run_dtype='bfloat16'.*'cuda:0'.*'float16'"):
+        check_precisions(cfg, None)
+    exact = make_cfg(tmp_path)
+    exact.llm_device = "cuda:0"
+    check_precisions(exact, None)  # nothing lowered on that GPU: nothing refused

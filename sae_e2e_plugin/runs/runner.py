@@ -40,13 +40,13 @@ from sae_e2e_plugin.runs.data_streams import BufferedActivations, TokenBatches, 
 from sae_e2e_plugin.runs.output_folder import check_output_folder, hold_folder, remove_previous_run
 from sae_e2e_plugin.runs.run_outputs import ONE_SAE, RunOutputs
 from sae_e2e_plugin.runs.run_setup import (
+    check_precisions,
     held_out_tokens,
     initial_weights_from_seed,
     model_dtype,
     position_filter,
     resolve_builtins,
     start_wandb,
-    warn_if_bf16_is_emulated,
 )
 from sae_e2e_plugin.runs.sae_starts import fresh_sae, pretrained_starts
 from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig
@@ -227,8 +227,8 @@ class E2ESAETrainingRunner(RunOutputs, LanguageModelSAETrainingRunner):
             cfg, self.model, self.activations_store, data_name, builtin=builtin_dataset
         )
         dtype = model_dtype(cfg)
+        check_precisions(cfg, dtype)
         if dtype is not None:
-            warn_if_bf16_is_emulated(dtype, str(cfg.llm_device or cfg.device))
             self.model.to(getattr(torch, dtype))
             logger.info(f"the language model is held in {dtype} (lm_dtype={cfg.lm_dtype!r})")
         freeze(self.model)
