@@ -177,16 +177,23 @@ def test_vs_sparsify_plugin_side_runs_quick(extra: list[str]) -> None:
         assert sum(phases.values()) <= result["step_s"][0] * 1.05
 
 
-def test_run_phases_times_a_real_run_of_a_config_file(tmp_path: Path) -> None:
+SAE_FIELDS = "{architecture: standard, d_in: 576, d_sae: 1152, l1_coefficient: 0.004}"
+ONE_SAE = f"hook_name: blocks.15.hook_resid_pre\nsae: {SAE_FIELDS}\n"
+TWO_SAES = (
+    "hook_names: {a: blocks.14.hook_resid_pre, b: blocks.15.hook_resid_pre}\n"
+    f"saes: {{a: {SAE_FIELDS}, b: {SAE_FIELDS}}}\nsplice: joint\n"
+)
+
+
+@pytest.mark.parametrize("saes", [ONE_SAE, TWO_SAES], ids=["one SAE", "two SAEs"])
+def test_run_phases_times_a_real_run_of_a_config_file(tmp_path: Path, saes: str) -> None:
     pytest.importorskip("gguf", reason="the bundled model needs the [demo] extra")
     config = tmp_path / "run.yaml"
     config.write_text(
-        "model_name: smollm2-135m\ndataset_path: shakespeare\nhook_name: blocks.15.hook_resid_pre\n"
+        "model_name: smollm2-135m\ndataset_path: shakespeare\n"
         "loss: e2e\ncontext_size: 16\nprepend_bos: false\ntrain_batch_size_tokens: 32\n"
         "training_tokens: 64\nstore_batch_size_prompts: 2\nn_batches_in_buffer: 2\n"
-        "n_eval_batches: 0\nn_checkpoints: 0\n"
-        "sae: {architecture: standard, d_in: 576, d_sae: 1152, l1_coefficient: 0.004}\n"
-        "logger: {log_to_wandb: false}\n"
+        "n_eval_batches: 0\nn_checkpoints: 0\nlogger: {log_to_wandb: false}\n" + saes
     )
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -201,7 +208,9 @@ def test_run_phases_times_a_real_run_of_a_config_file(tmp_path: Path) -> None:
     phases = result["phase_s_total"]
     assert phases["clean continuation"] > 0 and phases["optimizer step"] > 0
     assert sum(phases.values()) <= result["wall_s"]
-    assert (out / "cfg.json").exists()  # the run exported its SAE where it was told
+    # the run exported its SAE(s) where it was told
+    names = ["a", "b"] if saes == TWO_SAES else ["."]
+    assert all((out / name / "cfg.json").exists() for name in names)
 
 
 def test_vs_sparsify_both_sides_alternate_quick_when_sparsify_is_installed(
