@@ -326,7 +326,7 @@ def run_plugin(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
         "embedded_tokens_sha256": checksum(log.batches),
         "loss_name": "kl_loss",
         "kl_chunk_size": cfg.kl_chunk_size,
-        **({"phase_s_per_step": phases} if args.phases else {}),
+        **({"phase_s_per_step": phases, "phase_rss_gib": timer.memory} if args.phases else {}),
     }
 
 

@@ -112,8 +112,18 @@ def run_joint_patched(
             plain = set(_layers(plan))
             checkpointed = {k for k in range(stop) if k not in plain} if ckpt else set()
             first = prefix.start_layer
+            # The layers after the prefix that hold no SAE and are not recomputed whole keep
+            # less for the backward pass (core.lean_layers); outputs and gradients are the same.
+            lean = set(range(first, stop)) - plain - checkpointed
             final = continue_layers(
-                hf, layers_plan, prefix, prefix.hidden, first, stop=stop, checkpointed=checkpointed
+                hf,
+                layers_plan,
+                prefix,
+                prefix.hidden,
+                first,
+                stop=stop,
+                checkpointed=checkpointed,
+                lean=lean,
             )
     assert final is not None  # a run with no stop reaches the head
     return PatchedRun(final_resid=final, downstream=captured)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from sae_e2e_plugin.core.hf_modules import ForwardHook, forward_hooks, hf_model_of, input_device
+from sae_e2e_plugin.core.lean_layers import lean_layers
 from sae_e2e_plugin.core.splice import SplicePlan
 
 
@@ -131,24 +132,27 @@ def continue_layers(
     *,
     stop: int | None = None,
     checkpointed: Container[int] = (),
+    lean: Iterable[int] = (),
     layer_inputs: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decoder layers ``first`` .. ``stop - 1`` on ``hidden``; the result on the head's device.
 
     ``checkpointed``: the layers recomputed in the backward pass (activation checkpointing).
+    ``lean``: the layers whose elementwise parts are recomputed (``core.lean_layers``).
     ``layer_inputs``: filled with the hidden state entering each layer whose index is a key.
     """
     assert first is not None and isinstance(hidden, torch.Tensor)
     layers = _layers(hf, plan)
-    for k in range(first, plan.n_layers if stop is None else stop):
-        if layer_inputs is not None and k in layer_inputs:
-            layer_inputs[k] = hidden
-        if k in checkpointed:
-            hidden = checkpoint(
-                _call_layer, layers[k], hidden, prefix.layer_kwargs, use_reentrant=False
-            )
-        else:
-            hidden = _call_layer(layers[k], hidden, prefix.layer_kwargs)
+    with lean_layers(layers[k] for k in lean):
+        for k in range(first, plan.n_layers if stop is None else stop):
+            if layer_inputs is not None and k in layer_inputs:
+                layer_inputs[k] = hidden
+            if k in checkpointed:
+                hidden = checkpoint(
+                    _call_layer, layers[k], hidden, prefix.layer_kwargs, use_reentrant=False
+                )
+            else:
+                hidden = _call_layer(layers[k], hidden, prefix.layer_kwargs)
     return _to_head_device(hf, plan, hidden)
 
 
