@@ -11,7 +11,7 @@ GPT-2-small-shaped model with random weights, an SAE at ``blocks.6.hook_resid_pr
 
 - ``reference``: ``e2e-sae`` 2.1.1 as published (float32, the whole batch's logits); needs
   ``E2E_SAE_REF_PATH`` (benchmarks/README.md), otherwise it is recorded as skipped;
-- ``float32``: this package's defaults with the model in float32 (``kl_chunk_size=2048``;
+- ``float32``: this package's defaults with the model in float32 (``kl_chunk_size=512``;
   the default ``lm_dtype="auto"`` holds the model in bf16 on a GPU);
 - ``fastest``: ``lm_dtype="bfloat16"``, ``compile_kl``, ``kl_chunk_size=8192``;
 - ``lean``: ``lm_dtype="bfloat16"``, ``checkpoint_blocks``, ``kl_chunk_size=1024``.
