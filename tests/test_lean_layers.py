@@ -20,7 +20,7 @@ from sae_e2e_plugin.core import hf_runs, model_splice
 from sae_e2e_plugin.core.lean_layers import lean_layers
 from sae_e2e_plugin.training.objectives import resolve_objective
 
-D, INTERMEDIATE, LAYERS, BATCH, POS = 16, 40, 3, 2, 10
+D, INTERMEDIATE, LAYERS, BATCH, POS = 16, 40, 4, 2, 10
 TOKENS = torch.randint(0, 50, (BATCH, POS), generator=torch.Generator().manual_seed(3))
 
 
@@ -140,8 +140,14 @@ def test_other_wrappers_and_unknown_mlp_classes_are_left_alone() -> None:
 
     wrapped.forward = wrapper
     unknown.__class__ = type("MyGatedMLP", (type(unknown),), {})
+    # A model's own code (trust_remote_code) may name a class LlamaMLP and compute something else.
+    same_name = model.model.layers[3].mlp
+    same_name.__class__ = type(
+        "LlamaMLP", (type(same_name),), {"__module__": "transformers_modules.x"}
+    )
     with lean_layers(list(model.model.layers)):
         assert wrapped.forward is wrapper and "forward" not in vars(unknown)
+        assert "forward" not in vars(same_name)
         assert "forward" in vars(model.model.layers[2].mlp)  # the known class next to them
     assert wrapped.forward is wrapper and "forward" not in vars(model.model.layers[2].mlp)
 
@@ -174,7 +180,7 @@ def test_an_e2e_objective_gives_the_same_loss_and_gradient_with_and_without_lean
 
     monkeypatch.setattr(hf_runs, "lean_layers", spy)
     lean = loss_and_grad()
-    assert seen == [1, 2]  # the layers after the SAE's, which hold the downstream hooks
+    assert seen == list(range(1, LAYERS))  # the layers after the SAE's; they hold downstream hooks
     monkeypatch.setattr(hf_runs, "lean_layers", lambda layers: contextlib.nullcontext())
     plain = loss_and_grad()
     assert torch.equal(lean[0], plain[0]) and torch.equal(lean[1], plain[1])

@@ -38,7 +38,8 @@ from torch.utils.checkpoint import checkpoint
 GATED_MLPS = frozenset(
     {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Olmo2MLP"}
 )
-"""Transformers' MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+"""Transformers' MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+(only the classes defined in ``transformers.models``)."""
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 """A Llama-style decoder layer's two norms, by attribute name."""
@@ -79,7 +80,10 @@ def _is_plain_gated_mlp(mlp: torch.nn.Module) -> bool:
         act_fn._forward_hooks or act_fn._forward_pre_hooks
     )  # noqa: SLF001
     global_hooks = torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks  # noqa: SLF001
-    known = type(mlp).__name__ in GATED_MLPS and callable(act_fn)
+    # Transformers' own class, not one of the same name from a model's remote code.
+    cls = type(mlp)
+    known = cls.__name__ in GATED_MLPS and cls.__module__.startswith("transformers.models.")
+    known = known and callable(act_fn)
     return known and _own_forward(mlp) and not hooked and not global_hooks
 
 

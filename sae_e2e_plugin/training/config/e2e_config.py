@@ -109,10 +109,10 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
     kl_chunk_size: int = 512
     """Tokens per chunk when computing logits and KL; the full [tokens, vocab]
-    logits never exist at once. Smaller uses less memory. A chunk's logits and their float32
-    work take about 8 bytes × vocabulary per token (400 MB for 1,024 tokens of a 49,152-token
-    vocabulary); 512 keeps that below the layers' own activations from a few thousand tokens
-    a step on, and costs a few percent against one chunk on a CPU (docs/performance.md)."""
+    logits never exist at once. Smaller uses less memory: a chunk's clean and patched logits
+    take 4 (bf16) to 8 (float32) bytes × vocabulary per token, 200–400 MB for 1,024 tokens of a
+    49,152-token vocabulary. 512 costs a few percent of the KL's speed against one chunk of
+    1,024 on a CPU (docs/performance.md, "Lean layers")."""
 
     compile_kl: bool = False
     """Fuse the KL's elementwise work on each chunk of logits (two log-softmaxes, the KL and
