@@ -128,6 +128,13 @@ def test_hooks_run_once_and_a_hooked_activation_leaves_its_mlp_alone() -> None:
     lean_out, lean_grad, _ = run_layers(model, lean=True)
     assert calls == {"mlp": 4, "act_fn": 4}  # the backward pass ran no hook
     assert torch.equal(out, lean_out) and torch.equal(grad, lean_grad)
+    # A global module hook would fire on every activation function's recomputation.
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        with lean_layers(list(model.model.layers)):
+            assert not any("forward" in vars(layer.mlp) for layer in model.model.layers)
+    finally:
+        handle.remove()
 
 
 def test_other_wrappers_and_unknown_mlp_classes_are_left_alone() -> None:

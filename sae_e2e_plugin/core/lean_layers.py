@@ -74,17 +74,18 @@ def _lean_forwards(layer: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, Ca
 
 
 def _is_plain_gated_mlp(mlp: torch.nn.Module) -> bool:
-    act_fn = getattr(mlp, "act_fn", None)
-    # The activation function runs again in the backward pass, with whatever hooks it holds.
-    hooked = isinstance(act_fn, torch.nn.Module) and (
-        act_fn._forward_hooks or act_fn._forward_pre_hooks
-    )  # noqa: SLF001
-    global_hooks = torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks  # noqa: SLF001
+    cls, act_fn = type(mlp), getattr(mlp, "act_fn", None)
     # Transformers' own class, not one of the same name from a model's remote code.
-    cls = type(mlp)
     known = cls.__name__ in GATED_MLPS and cls.__module__.startswith("transformers.models.")
-    known = known and callable(act_fn)
-    return known and _own_forward(mlp) and not hooked and not global_hooks
+    # The activation function runs again in the backward pass, with whatever hooks it holds.
+    return known and callable(act_fn) and _own_forward(mlp) and not _fires_hooks(act_fn)
+
+
+def _fires_hooks(fn: Any) -> bool:
+    hooked = isinstance(fn, torch.nn.Module) and bool(fn._forward_hooks or fn._forward_pre_hooks)
+    return hooked or bool(
+        torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+    )
 
 
 def _own_forward(module: torch.nn.Module) -> bool:
