@@ -175,6 +175,11 @@ def test_vs_sparsify_plugin_side_runs_quick(extra: list[str]) -> None:
         phases = result["phase_s_per_step"]
         assert phases["clean continuation"] > 0 and phases["KL"] > 0 and phases["backward"] > 0
         assert sum(phases.values()) <= result["step_s"][0] * 1.05
+        memory = result["phase_rss_gib"]  # phase → [resident at its end, peak so far], in GiB
+        assert set(memory) == set(phases)
+        assert all(now <= peak + 0.01 for now, peak in memory.values())
+        peaks = [peak for _, peak in memory.values()]  # in the order the phases first ended
+        assert peaks == sorted(peaks) and peaks[-1] <= result["peak_rss_gib"] + 0.01
 
 
 SAE_FIELDS = "{architecture: standard, d_in: 576, d_sae: 1152, l1_coefficient: 0.004}"
