@@ -159,6 +159,18 @@ def test_other_wrappers_and_unknown_mlp_classes_are_left_alone() -> None:
     assert wrapped.forward is wrapper and "forward" not in vars(model.model.layers[2].mlp)
 
 
+def test_a_norm_from_remote_code_is_left_alone() -> None:
+    model = tiny_llama(torch.bfloat16)
+    remote, own = model.model.layers[0], model.model.layers[1]
+    norm = remote.input_layernorm
+    norm.__class__ = type(
+        type(norm).__name__, (type(norm),), {"__module__": "transformers_modules.x"}
+    )
+    with lean_layers([remote, own]):
+        assert "forward" not in vars(norm) and "forward" in vars(remote.post_attention_layernorm)
+        assert "forward" in vars(own.input_layernorm)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_e2e_objective_gives_the_same_loss_and_gradient_with_and_without_lean_layers(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch

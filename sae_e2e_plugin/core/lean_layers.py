@@ -16,9 +16,9 @@ the same order and the backward pass recomputes them exactly, so outputs and gra
 change by a bit; no matrix product runs twice. On SmolLM2-135M at 8 × 1024 tokens this is a
 fifth (float32) to a third (bf16) of the patched layers' activations.
 
-Only code known to have that form is touched: the gated MLP classes in ``GATED_MLPS`` (whose
-``forward`` is exactly the line above) and norms, whose own ``forward`` is recomputed as a
-whole. Hooks keep working: a module's hooks run once, in the forward pass, because the
+Only transformers' own classes are touched (not a model's remote code): the gated MLP classes
+in ``GATED_MLPS`` (whose ``forward`` is exactly the line above) and norms, whose own
+``forward`` is recomputed as a whole. Hooks keep working: a module's hooks run once, in the forward pass, because the
 recomputation calls the norm's ``forward`` function and the activation function, never the
 module that holds them — unless the activation function itself holds hooks, or global module
 hooks are installed; then the MLP is left as it is.
@@ -68,17 +68,24 @@ def _lean_forwards(layer: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, Ca
         yield mlp, partial(_gated_mlp, mlp)
     for name in NORMS:
         norm = getattr(layer, name, None)
-        if isinstance(norm, torch.nn.Module) and _own_forward(norm) and _is_half(norm):
+        if not isinstance(norm, torch.nn.Module):
+            continue
+        if _from_transformers(norm) and _own_forward(norm) and _is_half(norm):
             # The class's forward, bound: the recomputation must not run the module's hooks.
             yield norm, partial(_recomputed, type(norm).forward.__get__(norm))
 
 
 def _is_plain_gated_mlp(mlp: torch.nn.Module) -> bool:
-    cls, act_fn = type(mlp), getattr(mlp, "act_fn", None)
-    # Transformers' own class, not one of the same name from a model's remote code.
-    known = cls.__name__ in GATED_MLPS and cls.__module__.startswith("transformers.models.")
+    act_fn = getattr(mlp, "act_fn", None)
+    known = type(mlp).__name__ in GATED_MLPS and _from_transformers(mlp)
     # The activation function runs again in the backward pass, with whatever hooks it holds.
     return known and callable(act_fn) and _own_forward(mlp) and not _fires_hooks(act_fn)
+
+
+def _from_transformers(module: torch.nn.Module) -> bool:
+    # Transformers' own class, not one from a model's remote code (which may share its name and
+    # compute something else, or something costly to run twice).
+    return type(module).__module__.startswith("transformers.models.")
 
 
 def _fires_hooks(fn: Any) -> bool:
