@@ -255,7 +255,6 @@ def _kl_kernel(
     # ``grad_into``: a tensor like ``logits_patched`` that may be overwritten, e.g. the clean
     # logits the caller made for this chunk: each block's gradient goes into the rows the
     # block has just read, so the chunk needs no [tokens, vocab] buffer of its own for it.
-    block = block or _kl_block
     vocab = logits_patched.shape[-1]
     orig, patched = logits_orig.reshape(-1, vocab), logits_patched.reshape(-1, vocab)
     grad = None
@@ -263,9 +262,15 @@ def _kl_kernel(
         scratch = grad_into if _same_layout(grad_into, logits_patched) else None
         grad = torch.empty_like(patched) if scratch is None else scratch.view(patched.shape)
     total = torch.zeros((), dtype=torch.float32, device=patched.device)
+    blocks = list(_row_blocks(patched.shape[0], vocab, patched.device))
+    # Eager blocks reuse three float32 buffers: a fresh 8 MiB tensor per operation and block
+    # costs more in page faults than the arithmetic does (the allocator hands such sizes back
+    # to the system when they are freed). A compiled block allocates its own.
+    scratch = None if block is not None else _scratch(blocks[0], patched)
+    block = block or _kl_block
     with torch.no_grad():
-        for rows in _row_blocks(patched.shape[0], vocab, patched.device):
-            kl_sum, logit_grad = block(orig[rows], patched[rows], want_grad, cached)
+        for rows in blocks:
+            kl_sum, logit_grad = block(orig[rows], patched[rows], want_grad, cached, scratch)
             total += kl_sum
             if grad is not None and logit_grad is not None:
                 grad[rows] = logit_grad
@@ -280,17 +285,32 @@ def _same_layout(scratch: torch.Tensor | None, like: torch.Tensor) -> bool:
 
 
 def _kl_block(
-    logits_orig: torch.Tensor, logits_patched: torch.Tensor, want_grad: bool, cached: bool
+    logits_orig: torch.Tensor,
+    logits_patched: torch.Tensor,
+    want_grad: bool,
+    cached: bool,
+    scratch: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Σ KL of a block of rows, and softmax(patched) − p_orig (float32) when ``want_grad``."""
-    logp_orig = logits_orig if cached else _log_probs(logits_orig)
-    logp_patched = _log_probs(logits_patched)
-    p_orig = logp_orig.exp()
-    diff = logp_orig - logp_patched if cached else logp_orig.sub_(logp_patched)
+    """Σ KL of a block of rows, and softmax(patched) − p_orig (float32) when ``want_grad``.
+
+    ``scratch``: three float32 buffers of at least the block's rows that the block may
+    overwrite; the gradient it returns is one of them. None: fresh ones.
+    """
+    n_rows = logits_patched.shape[0]
+    if scratch is None:
+        scratch = tuple(torch.empty_like(logits_patched, dtype=torch.float32) for _ in range(3))
+    work, logp_orig, logp_patched = (buffer[:n_rows] for buffer in scratch)
+    if cached:
+        diff = torch.sub(logits_orig, _log_probs(logits_patched, work, logp_patched), out=logp_orig)
+        p_orig = torch.exp(logits_orig, out=work)
+    else:
+        _log_probs(logits_orig, work, logp_orig)
+        _log_probs(logits_patched, work, logp_patched)
+        p_orig = torch.exp(logp_orig, out=work)
+        diff = logp_orig.sub_(logp_patched)
     kl_sum = diff.mul_(p_orig).sum()
     if not want_grad:
         return kl_sum, None
-    del logp_orig, diff
     return kl_sum, logp_patched.exp_().sub_(p_orig)
 
 
@@ -313,9 +333,23 @@ def _row_blocks(n_rows: int, vocab: int, device: torch.device) -> Iterator[slice
         yield slice(start, start + rows)
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+def _log_probs(
+    logits: torch.Tensor, work: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     # Float32 whatever the logits' dtype: the KL is made of small differences of these.
-    return F.log_softmax(logits.float(), dim=-1)
+    # ``work`` takes the float32 copy of lower-precision logits and ``out`` the result, when
+    # the caller has buffers for them; the numbers are the same either way.
+    if logits.dtype != torch.float32:
+        logits = logits.float() if work is None else work.copy_(logits)
+    if out is None:
+        return F.log_softmax(logits, dim=-1)
+    return torch.log_softmax(logits, dim=-1, out=out)
+
+
+def _scratch(rows: slice, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    n_rows = len(range(*rows.indices(like.shape[0])))
+    shape = (n_rows, like.shape[-1])
+    return tuple(torch.empty(shape, dtype=torch.float32, device=like.device) for _ in range(3))
 
 
 @functools.cache
