@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from sae_e2e_plugin.core.hf_modules import ForwardHook, forward_hooks, hf_model_of, input_device
+from sae_e2e_plugin.core.lean_attention import lean_attention
 from sae_e2e_plugin.core.lean_layers import lean_layers
 from sae_e2e_plugin.core.splice import SplicePlan
 
@@ -139,11 +140,12 @@ def continue_layers(
 
     ``checkpointed``: the layers recomputed in the backward pass (activation checkpointing).
     ``lean``: the layers whose elementwise parts are recomputed (``core.lean_layers``).
+    Every layer's attention backward pass, where there is one, is ``core.lean_attention``'s.
     ``layer_inputs``: filled with the hidden state entering each layer whose index is a key.
     """
     assert first is not None and isinstance(hidden, torch.Tensor)
     layers = _layers(hf, plan)
-    with lean_layers(layers[k] for k in lean):
+    with lean_layers(layers[k] for k in lean), lean_attention(hf):
         for k in range(first, plan.n_layers if stop is None else stop):
             if layer_inputs is not None and k in layer_inputs:
                 layer_inputs[k] = hidden
