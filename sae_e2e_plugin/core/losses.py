@@ -96,7 +96,8 @@ def clean_log_probs(
         raise ValueError(f"kl_chunk_size must be >= 1, got {chunk_size}.")
     with torch.no_grad():
         chunks = tuple(
-            _log_probs(resid_to_logits(c)) for (c,) in chunk_rows(chunk_size, resid_orig)
+            F.log_softmax(resid_to_logits(c).float(), dim=-1)
+            for (c,) in chunk_rows(chunk_size, resid_orig)
         )
     return CleanLogProbs(chunks, chunk_size, resid_orig.shape[0])
 
@@ -245,16 +246,13 @@ def _kl_kernel(
     grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # The one place the KL arithmetic is written: every KL function above calls it.
-    # ``cached``: ``logits_orig`` are already the clean log-probabilities (``CleanLogProbs``),
-    # which later patched runs read again, so they are never written to.
-    # The float32 work runs a block of rows at a time (``_row_blocks``): its five or so
-    # float32 [rows, vocab] temporaries then stay in the CPU's cache and never add up to
-    # several [tokens, vocab] tensors, while the caller's head still makes the logits of a
-    # whole chunk in one matrix product. Every row's numbers are the same as in one pass;
-    # only the order of the KL sum's additions depends on the blocks.
-    # ``grad_into``: a tensor like ``logits_patched`` that may be overwritten, e.g. the clean
-    # logits the caller made for this chunk: each block's gradient goes into the rows the
-    # block has just read, so the chunk needs no [tokens, vocab] buffer of its own for it.
+    # ``cached``: ``logits_orig`` are the clean log-probabilities (``CleanLogProbs``), read
+    # again by later patched runs, so never written to. The float32 work runs a block of rows
+    # at a time, in buffers that stay in the CPU's cache. Every row's numbers are the same as
+    # in one pass; only the KL sum's order of additions changes.
+    # ``grad_into``: a tensor like ``logits_patched`` that may be overwritten (the chunk's clean
+    # logits): each block's gradient goes into the rows it has just read, so the chunk needs
+    # no [tokens, vocab] gradient buffer of its own.
     vocab = logits_patched.shape[-1]
     orig, patched = logits_orig.reshape(-1, vocab), logits_patched.reshape(-1, vocab)
     grad = None
@@ -262,15 +260,16 @@ def _kl_kernel(
         scratch = grad_into if _same_layout(grad_into, logits_patched) else None
         grad = torch.empty_like(patched) if scratch is None else scratch.view(patched.shape)
     total = torch.zeros((), dtype=torch.float32, device=patched.device)
-    blocks = list(_row_blocks(patched.shape[0], vocab, patched.device))
-    # Eager blocks reuse three float32 buffers: a fresh 8 MiB tensor per operation and block
-    # costs more in page faults than the arithmetic does (the allocator hands such sizes back
-    # to the system when they are freed). A compiled block allocates its own.
-    scratch = None if block is not None else _scratch(blocks[0], patched)
+    # Three buffers for all blocks: a fresh 8 MiB tensor per operation and block costs more in
+    # page faults than the arithmetic (the allocator hands such sizes back to the system).
+    rows_per_block = _rows_per_block(vocab, patched.device)
+    shape = (min(rows_per_block, patched.shape[0]), vocab)
+    scratch = [patched.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     block = block or _kl_block
     with torch.no_grad():
-        for rows in blocks:
-            kl_sum, logit_grad = block(orig[rows], patched[rows], want_grad, cached, scratch)
+        for start in range(0, patched.shape[0], rows_per_block):
+            rows = slice(start, start + rows_per_block)
+            kl_sum, logit_grad = block(orig[rows], patched[rows], want_grad, cached, *scratch)
             total += kl_sum
             if grad is not None and logit_grad is not None:
                 grad[rows] = logit_grad
@@ -289,17 +288,14 @@ def _kl_block(
     logits_patched: torch.Tensor,
     want_grad: bool,
     cached: bool,
-    scratch: tuple[torch.Tensor, ...] | None = None,
+    *scratch: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ KL of a block of rows, and softmax(patched) − p_orig (float32) when ``want_grad``.
 
-    ``scratch``: three float32 buffers of at least the block's rows that the block may
-    overwrite; the gradient it returns is one of them. None: fresh ones.
+    ``scratch``: three float32 buffers of at least the block's rows, which the block
+    overwrites; the gradient it returns is one of them.
     """
-    n_rows = logits_patched.shape[0]
-    if scratch is None:
-        scratch = tuple(torch.empty_like(logits_patched, dtype=torch.float32) for _ in range(3))
-    work, logp_orig, logp_patched = (buffer[:n_rows] for buffer in scratch)
+    work, logp_orig, logp_patched = (buffer[: logits_patched.shape[0]] for buffer in scratch)
     if cached:
         diff = torch.sub(logits_orig, _log_probs(logits_patched, work, logp_patched), out=logp_orig)
         p_orig = torch.exp(logits_orig, out=work)
@@ -315,48 +311,32 @@ def _kl_block(
 
 
 KLBlock = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
-"""``_kl_block`` or its compiled form: (logits_orig, logits_patched, want_grad, cached)."""
+"""``_kl_block`` or its compiled form: (orig, patched, want_grad, cached, *scratch)."""
 
 KLKernel = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
-"""``_kl_kernel`` or its compiled form: (logits_orig, logits_patched, want_grad, cached, *,
-grad_into=None)."""
+"""``_kl_kernel`` or its compiled form: (orig, patched, want_grad, cached, grad_into=None)."""
 
 # Elements of one float32 block: 8 MiB on a CPU, so that a block's temporaries stay in the
 # cache; a GPU runs one kernel per operation and block, so it gets fewer, larger blocks.
 _BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
 
 
-def _row_blocks(n_rows: int, vocab: int, device: torch.device) -> Iterator[slice]:
-    elements = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cuda"])
-    rows = max(1, elements // vocab)
-    for start in range(0, n_rows, rows):
-        yield slice(start, start + rows)
+def _rows_per_block(vocab: int, device: torch.device) -> int:
+    return max(1, _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cuda"]) // vocab)
 
 
-def _log_probs(
-    logits: torch.Tensor, work: torch.Tensor | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _log_probs(logits: torch.Tensor, work: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     # Float32 whatever the logits' dtype: the KL is made of small differences of these.
-    # ``work`` takes the float32 copy of lower-precision logits and ``out`` the result, when
-    # the caller has buffers for them; the numbers are the same either way.
+    # ``work`` takes the float32 copy of lower-precision logits, ``out`` the result.
     if logits.dtype != torch.float32:
-        logits = logits.float() if work is None else work.copy_(logits)
-    if out is None:
-        return F.log_softmax(logits, dim=-1)
+        logits = work.copy_(logits)
     return torch.log_softmax(logits, dim=-1, out=out)
-
-
-def _scratch(rows: slice, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    n_rows = len(range(*rows.indices(like.shape[0])))
-    shape = (n_rows, like.shape[-1])
-    return tuple(torch.empty(shape, dtype=torch.float32, device=like.device) for _ in range(3))
 
 
 @functools.cache
 def _compiled_kernel() -> KLKernel:
     # dynamic=True: the last block is usually shorter; one compiled block serves every length.
     compiled = torch.compile(_kl_block, dynamic=True)
-
     from torch._dynamo.exc import BackendCompilerFailed
 
     def run(
