@@ -99,6 +99,33 @@ def test_unsupported_normalisation_is_refused(tmp_path: Path) -> None:
         make_cfg(tmp_path, sae_cfg=sae_cfg)
 
 
+def test_sparse_topk_activations_are_refused_by_name_for_one_sae_and_several(
+    tmp_path: Path,
+) -> None:
+    from test_multi_sae import multi_cfg
+
+    sparse = sae_lens.TopKTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=32, k=4, use_sparse_activations=True
+    )
+    with pytest.raises(ValueError, match=r"^sae.use_sparse_activations=True is not supported"):
+        make_cfg(tmp_path, sae_cfg=sparse)
+    dense = sae_lens.TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=4)
+    saes = {"a": dense, "b": sparse}
+    hooks = {"a": "blocks.0.hook_resid_post", "b": "blocks.1.hook_resid_post"}
+    with pytest.raises(ValueError, match=r"saes\['b'\].use_sparse_activations=True is not.*=False"):
+        multi_cfg(tmp_path, saes, hooks, "joint")
+
+
+def test_saelens_sparse_topk_activations_still_fail_in_the_backward_pass() -> None:
+    # Why the refusal above exists. When this starts passing, lift it (and train sparse ones).
+    sae = sae_lens.TopKTrainingSAE(
+        sae_lens.TopKTrainingSAEConfig(d_in=4, d_sae=8, k=2, use_sparse_activations=True)
+    )
+    out = sae.decode(sae.encode(torch.randn(3, 4)))
+    with pytest.raises(NotImplementedError, match="view"):
+        out.sum().backward()
+
+
 def runner_error(tmp_path: Path, **overrides: Any) -> str:
     cfg = make_cfg(tmp_path, **overrides)
     with pytest.raises(ValueError) as info:

@@ -333,15 +333,30 @@ def _check_devices(cfg: E2ERunnerConfig[Any]) -> None:
             ) from None
 
 
-def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
-    check_model_class(cfg.model_class_name)
-    norm = cfg.sae.normalize_activations
+def check_sae_supported(sae: Any, prefix: str = "sae.") -> None:
+    """Refuse what an SAE config asks that this package's training cannot do, naming the field
+    (``prefix`` + its name) and the fix."""
+    norm = sae.normalize_activations
     if norm not in SUPPORTED_NORMALIZATIONS:
         raise ValueError(
-            f"sae.normalize_activations={norm!r} is not supported by end-to-end training: "
+            f"{prefix}normalize_activations={norm!r} is not supported by end-to-end training: "
             "the spliced reconstruction must be mapped back to the model's scale. "
             f"Use one of {list(SUPPORTED_NORMALIZATIONS)}."
         )
+    if getattr(sae, "use_sparse_activations", False) is True:
+        # SAELens' TopK then makes a sparse COO tensor, whose backward pass through its decoder
+        # fails inside torch (no 'view' for sparse tensors), after the first batch has run.
+        raise ValueError(
+            f"{prefix}use_sparse_activations=True is not supported in training: SAELens' sparse "
+            "TopK activations fail in the backward pass (torch has no 'view' for sparse "
+            f"tensors). Set {prefix}use_sparse_activations=False (the default): the same SAE, "
+            "trained with dense activations; sae-e2e eval still reads sparse ones."
+        )
+
+
+def _check_unsupported_settings(cfg: E2ERunnerConfig[Any]) -> None:
+    check_model_class(cfg.model_class_name)
+    check_sae_supported(cfg.sae)
     refusals = [
         (
             cfg.use_cached_activations,

@@ -19,7 +19,7 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
 
 from sae_e2e_plugin.run_files import CHECKPOINTS_DIRNAME
-from sae_e2e_plugin.training.config.e2e_config import SUPPORTED_NORMALIZATIONS, E2ERunnerConfig
+from sae_e2e_plugin.training.config.e2e_config import E2ERunnerConfig, check_sae_supported
 from sae_e2e_plugin.training.config.output_hooks import check_output_hooks, multi_field_names
 from sae_e2e_plugin.training.objectives import available_objectives, get_objective
 
@@ -189,12 +189,7 @@ def validate_multi_config(cfg: E2EMultiRunnerConfig[Any]) -> None:
         )
     check_output_hooks(cfg.saes, cfg.hook_names_out, multi_field_names)
     for name, sae_cfg in cfg.saes.items():
-        norm = sae_cfg.normalize_activations
-        if norm not in SUPPORTED_NORMALIZATIONS:
-            raise ValueError(
-                f"saes[{name!r}].normalize_activations={norm!r} is not supported by end-to-end "
-                f"training; use one of {list(SUPPORTED_NORMALIZATIONS)}."
-            )
+        check_sae_supported(sae_cfg, f"saes[{name!r}].")
     refusals = [
         (
             cfg.pretrained_sae is not None or cfg.from_pretrained_path is not None,
