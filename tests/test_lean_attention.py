@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_lean_layers import TOKENS, layer_inputs, tiny_llama
+from transformers import LlamaConfig
 
 from sae_e2e_plugin.core import lean_attention
 from sae_e2e_plugin.core.lean_attention import (
@@ -161,11 +162,16 @@ def test_what_the_lean_path_does_not_cover_goes_to_sdpa(case: str) -> None:
     assert lean_calls(case) == 0
 
 
-def test_a_model_not_on_sdpa_is_left_alone() -> None:
+def test_a_model_not_on_sdpa_or_with_sub_configs_is_left_alone() -> None:
     model = tiny_llama(torch.bfloat16)
     model.config._attn_implementation = "eager"
     with lean_attention_block(model):
         assert model.config._attn_implementation == "eager"
+    model.config._attn_implementation = "sdpa"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model.config), "sub_configs", {"vision_config": LlamaConfig})
+        with lean_attention_block(model):
+            assert model.config._attn_implementation == "sdpa"
 
 
 def test_the_model_is_switched_back_even_when_the_block_raises() -> None:

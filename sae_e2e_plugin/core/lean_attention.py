@@ -48,11 +48,8 @@ _BLOCK_BYTES = 1 << 24
 @contextmanager
 def lean_attention(model: Any) -> Iterator[None]:
     """Inside the block, ``model`` (a Hugging Face model using ``sdpa``) calls ``attention``."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        yield
-        return
-    if not _register():
+    config: Any = getattr(model, "config", None)
+    if not _switchable(config) or not _register():
         yield
         return
     config._attn_implementation = NAME
@@ -60,6 +57,14 @@ def lean_attention(model: Any) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = "sdpa"
+
+
+def _switchable(config: Any) -> bool:
+    # A config with sub-configs (a multimodal model's) passes the setting on to them, and
+    # switching back would overwrite what they had: such a model is left alone.
+    if config is None or getattr(config, "sub_configs", None):
+        return False
+    return getattr(config, "_attn_implementation", None) == "sdpa"
 
 
 def _register() -> bool:
