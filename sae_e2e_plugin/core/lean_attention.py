@@ -22,6 +22,7 @@ transformers' own ``sdpa`` function. From 192 positions on, the flash backward i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,6 +68,7 @@ def _switchable(config: Any) -> bool:
     return getattr(config, "_attn_implementation", None) == "sdpa"
 
 
+@functools.cache  # once per process: every continuation of every step enters the block
 def _register() -> bool:
     try:
         from transformers import AttentionInterface
