@@ -98,15 +98,15 @@ def _length() -> dict[str, Any]:
     return dict(training_tokens=STEPS * SEQUENCES * CONTEXT, n_checkpoints=0, n_eval_batches=0)
 
 
-def single_runner(folder: Path, case: str) -> E2ESAETrainingRunner:
-    fields = dict(SINGLE_CASES[case])
+def single_runner(folder: Path, case: str, sparse_topk: bool = False) -> E2ESAETrainingRunner:
+    fields = dict(SINGLE_CASES[case], sparse_topk=sparse_topk)
     arch = fields.pop("arch")
     cfg = make_cfg(folder, sae_cfg=ARCHITECTURES[arch](), **_length(), **fields)
     return E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
 
 
-def multi_runner(folder: Path, case: str) -> E2EMultiSAETrainingRunner:
-    fields = dict(MULTI_CASES[case])
+def multi_runner(folder: Path, case: str, sparse_topk: bool = False) -> E2EMultiSAETrainingRunner:
+    fields = dict(MULTI_CASES[case], sparse_topk=sparse_topk)
     archs, splice = fields.pop("archs"), fields.pop("splice")
     saes = {name: ARCHITECTURES[arch]() for name, arch in zip(MULTI_HOOKS, archs, strict=True)}
     base = make_cfg(folder).to_dict()
@@ -127,12 +127,18 @@ def multi_runner(folder: Path, case: str) -> E2EMultiSAETrainingRunner:
     )
 
 
-def run_case(folder: Path, case: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Train ``case`` in ``folder``; its exported weights, by SAE name ("sae" for one SAE)."""
+def run_case(
+    folder: Path, case: str, sparse_topk: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Train ``case`` in ``folder``; its exported weights, by SAE name ("sae" for one SAE).
+
+    The weights were pinned before ``sparse_topk`` existed: a TopK SAE reproduces them bit for
+    bit with SAELens' dense training forward pass (``sparse_topk=False``), to float rounding
+    with the sparse one."""
     if case in SINGLE_CASES:
-        single_runner(folder, case).run()
+        single_runner(folder, case, sparse_topk).run()
         return {"sae": exported(folder / "output")}
-    multi_runner(folder, case).run()
+    multi_runner(folder, case, sparse_topk).run()
     return {name: exported(folder / "output" / name) for name in MULTI_HOOKS}
 
 

@@ -348,6 +348,7 @@ class E2ESAETrainingRunner(RunOutputs, LanguageModelSAETrainingRunner):
             self.positions,
             self.timer,
             share_clean_log_probs=getattr(cfg, "share_clean_log_probs", True),
+            sparse_topk=cfg.sparse_topk,
         )
         log = None if cfg.output_path is None or not main else Path(cfg.output_path)
         return E2ETrainer(

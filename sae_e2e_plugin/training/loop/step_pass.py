@@ -45,6 +45,10 @@ from sae_e2e_plugin.core.positions import (
     step_mask,
     with_reconstruction,
 )
+from sae_e2e_plugin.core.sparse_topk import (
+    sparse_topk_training_forward,
+    sparse_topk_unsupported,
+)
 from sae_e2e_plugin.training.objectives import (
     E2EParams,
     ObjectiveOutput,
@@ -75,6 +79,8 @@ class StepPass:
     timer: PhaseTimer = NO_TIMING
     share_clean_log_probs: bool = True
     """Independent splice: make the clean log-probabilities once for every SAE's KL."""
+    sparse_topk: bool = True
+    """A TopK SAE's training forward pass over its k active latents (``core.sparse_topk``)."""
     weigh_sae_terms: Callable[[TrainStepOutput], TrainStepOutput] | None = None
     """Applied to each SAE's own output before its terms are combined (a data-parallel run
     weighs them by this rank's share of the selected rows)."""
@@ -213,7 +219,7 @@ class StepPass:
             step_input = TranscoderStepInput(**fields, sae_out_target=out_rows)
             acts = target  # what the replaced hook holds where nothing is spliced
         with self.timer.phase("SAE training forward"):
-            output = sae.training_forward_pass(step_input=step_input)
+            output = self._training_forward(sae, step_input)
         if self.weigh_sae_terms is not None:
             output = self.weigh_sae_terms(output)
         rows = trainer.activation_scaler.unscale(output.sae_out).to(acts.device)
@@ -221,6 +227,11 @@ class StepPass:
             shape = "(batch pos) d_in -> batch pos d_in"
             return output, rearrange(rows, shape, batch=acts.shape[0])
         return output, with_reconstruction(acts, mask, rows)
+
+    def _training_forward(self, sae: Any, step_input: TrainStepInput) -> TrainStepOutput:
+        if self.sparse_topk and sparse_topk_unsupported(sae) is None:
+            return sparse_topk_training_forward(sae, step_input)
+        return sae.training_forward_pass(step_input=step_input)
 
 
 def local_rows(plan: MultiSplicePlan, name: str, batch: Any) -> torch.Tensor:
