@@ -298,6 +298,7 @@ def run_plugin(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
         compile_kl=args.compile_kl,
         clean_run_dtype=args.clean_run_dtype,
         checkpoint_blocks=args.checkpoint_blocks,
+        sparse_topk=not args.dense_topk,
         **step_only_fields(args.batch, args.seq, args.warmup + args.steps, args.seed),
         **extra,
     )
@@ -394,7 +395,7 @@ def side_command(args: argparse.Namespace, side: str) -> list[str]:
     command += ["--device", args.device, "--seed", str(args.seed)]
     command += ["--sparsify-path", str(args.sparsify_path)]
     command += ["--sparsify-optimizer", args.sparsify_optimizer]
-    for flag in ("autocast", "compile_kl", "checkpoint_blocks", "tf32", "phases"):
+    for flag in ("autocast", "compile_kl", "checkpoint_blocks", "dense_topk", "tf32", "phases"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
     for option in ("kl_chunk_size", "clean_run_dtype", "threads", "mem_limit_gib"):
@@ -496,6 +497,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-kl", action="store_true", help="plugin: E2ERunnerConfig.compile_kl")
     p.add_argument(
         "--checkpoint-blocks", action="store_true", help="plugin: E2ERunnerConfig.checkpoint_blocks"
+    )
+    p.add_argument(
+        "--dense-topk",
+        action="store_true",
+        help="plugin: sparse_topk=False (SAELens' dense TopK training forward pass)",
     )
     p.add_argument("--kl-chunk-size", type=int, default=None, help="plugin (default: config's)")
     p.add_argument(
