@@ -354,6 +354,7 @@ def measure_side(args: argparse.Namespace) -> dict[str, Any]:
         "compile_kl": args.compile_kl if args.side == "plugin" else None,
         "clean_run_dtype": args.clean_run_dtype if args.side == "plugin" else None,
         "checkpoint_blocks": args.checkpoint_blocks if args.side == "plugin" else None,
+        "sparse_topk": (not args.dense_topk) if args.side == "plugin" else None,
         # sparsify's fit() sets torch.set_float32_matmul_precision("high"): TF32 on GPUs.
         "tf32": args.tf32 if args.side == "plugin" else True,
         "warmup": args.warmup,
