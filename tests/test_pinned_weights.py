@@ -12,8 +12,8 @@ the top-k run with excluded token ids (2.2e-4: a near-tie in its top-k went the 
 
 The pinned runs train a TopK SAE with SAELens' dense training forward pass
 (``sparse_topk=False``). The default sparse one (``core.sparse_topk``) sums over the k active
-latents in another order: on the recording machine it moved no weight by more than 6.6e-7,
-except the same run with excluded token ids (9.6e-5, the same near-tie), which
+latents in another order: on the recording machine it moved no weight by more than 5.7e-7,
+except the same run with excluded token ids (1.9e-4, the same near-tie), which
 ``SPARSE_TOPK_TOLERANCE`` bounds.
 """
 
@@ -38,7 +38,7 @@ from pinned_runs import (
 from safetensors.torch import load_file
 
 OTHER_MACHINE_TOLERANCE = dict(rtol=1e-3, atol=1e-3)
-SPARSE_TOPK_TOLERANCE = dict(rtol=0.0, atol=2e-4)
+SPARSE_TOPK_TOLERANCE = dict(rtol=0.0, atol=5e-4)
 TOPK_CASES = [
     case
     for case, fields in {**SINGLE_CASES, **MULTI_CASES}.items()

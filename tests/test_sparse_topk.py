@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sae_lens
 import torch
 from conftest import make_cfg, tiny_model, token_dataset
 from sae_lens import StandardTrainingSAEConfig, TopKTrainingSAEConfig
@@ -117,7 +118,7 @@ def test_chosen_pre_activations_gradient_is_the_dense_expressions() -> None:
     x, w, b = (
         torch.randn(*s, generator=gen, dtype=torch.float64) for s in [(7, 5), (5, 11), (11,)]
     )
-    chosen = torch.randn(7, 11, generator=gen).topk(3, dim=-1).indices
+    chosen = torch.randn(7, 11, generator=gen).topk(3, dim=-1).indices.sort(dim=-1).values
     inputs = [t.clone().requires_grad_() for t in (x, w, b)]
 
     def sparse(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -147,6 +148,23 @@ def test_under_autocast_the_losses_stay_within_bf16_rounding_of_saelens() -> Non
     for name, grad in dense_grads.items():
         assert sparse_grads[name].dtype == grad.dtype == torch.float32
         torch.testing.assert_close(sparse_grads[name], grad, rtol=5e-2, atol=5e-2)
+
+
+SUBCLASSES = {
+    "batchtopk": lambda: sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K),
+    "abstopk": lambda: sae_lens.AbsTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K),
+    "matryoshka": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, k=K, matryoshka_widths=[32, D_SAE]
+    ),
+}
+
+
+@pytest.mark.parametrize("config", SUBCLASSES.values(), ids=SUBCLASSES.keys())
+def test_saelens_own_topk_variants_keep_their_forward(config: Any) -> None:
+    """Each subclass chooses its latents or its auxiliary loss another way."""
+    sae = sae_lens.saes.sae.TrainingSAE.from_dict(config().to_dict())
+    assert isinstance(sae, TopKTrainingSAE)
+    assert "overrides" in str(sparse_topk_unsupported(sae))
 
 
 class _OwnDecode(TopKTrainingSAE):

@@ -18,6 +18,7 @@ pass must run instead.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -28,10 +29,13 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
 # Methods whose SAELens versions this module re-expresses: a subclass overriding any of
-# them trains something else (e.g. a transcoder), and keeps its own forward pass.
+# them trains something else (BatchTopK, AbsTopK, Matryoshka, a transcoder) and keeps its own
+# forward pass.
 _REPLACED = (
     "training_forward_pass",
+    "process_sae_in",
     "encode_with_hidden_pre",
+    "get_activation_fn",
     "decode",
     "calculate_aux_loss",
     "calculate_topk_aux_loss",
@@ -39,8 +43,6 @@ _REPLACED = (
 # Normalisations with nothing to undo inside the SAE ("expected_average_only_in" scales in
 # the trainer's ActivationScaler, outside it).
 _IDENTITY_NORMALIZATIONS = ("none", "expected_average_only_in")
-# The encoder's weight gradient is built from [rows, k, d_in] products, this many bytes at once.
-_GRAD_BLOCK_BYTES = 8 * 2**20
 
 
 def sparse_topk_unsupported(sae: Any) -> str | None:
@@ -75,7 +77,7 @@ def sparse_topk_training_forward(
     with torch.no_grad():  # every pre-activation, as SAELens computes them
         pre = sae_in @ sae.W_enc + sae.b_enc
         hidden_pre = pre if norms is None else pre * norms
-    _, chosen = torch.topk(hidden_pre, k=sae.cfg.k, dim=-1, sorted=False)
+    chosen = _top_k(hidden_pre, sae.cfg.k)
     values = _pre_activations(sae, sae_in, pre, chosen, norms).relu()
     sae_out = _decode(chosen, values, sae.W_dec, norms) + sae.b_dec
     feature_acts = torch.zeros_like(hidden_pre).scatter(-1, chosen, values)
@@ -110,10 +112,16 @@ def _aux_loss(
     k_aux = sae_in.shape[-1] // 2
     scale = min(n_dead / k_aux, 1.0)
     k_aux = min(k_aux, n_dead)
-    _, chosen = torch.where(dead[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
+    chosen = _top_k(torch.where(dead[None], hidden_pre, -torch.inf), k_aux)
     values = _pre_activations(sae, sae_in, pre, chosen, norms)  # no ReLU, as in SAELens
     recons = _decode(chosen, values, sae.W_dec, norms)
     return sae.cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The columns of each row's k largest scores, in increasing order (SAELens' choice, as
+    ``torch.topk`` makes it; sorted, the encoder's gradient can hold them as CSR)."""
+    return torch.topk(scores, k=k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 def _pre_activations(
@@ -138,7 +146,8 @@ def chosen_pre_activations(
     values: Float[torch.Tensor, "rows k"],
 ) -> Float[torch.Tensor, "rows k"]:
     """``(sae_in @ w_enc + b_enc).gather(-1, chosen)``, given as ``values`` (computed without
-    gradient), with that expression's gradient computed from the chosen columns only."""
+    gradient), with that expression's gradient computed from the chosen columns only. Each row
+    of ``chosen`` must hold distinct columns in increasing order."""
     return _ChosenPreActivations.apply(sae_in, w_enc, b_enc, chosen, values)
 
 
@@ -164,24 +173,30 @@ class _ChosenPreActivations(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = _encoder_weight_grad(sae_in, chosen, grad, w_enc.shape[1]).to(w_enc.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(w_enc.shape[1]).index_add_(0, chosen.flatten(), grad.flatten())
+            grad_b = w_enc.new_zeros(w_enc.shape[1])
+            grad_b.index_add_(0, chosen.flatten(), grad.flatten().to(w_enc.dtype))
         return grad_in, grad_w, grad_b, None, None
 
 
 def _encoder_weight_grad(
     sae_in: torch.Tensor, chosen: torch.Tensor, grad: torch.Tensor, d_sae: int
 ) -> torch.Tensor:
-    """Σ_r sae_in[r] ⊗ grad[r] placed at the chosen columns: the gradient of ``w_enc``."""
+    """Σ_r sae_in[r] ⊗ grad[r] at the chosen columns, the gradient of ``w_enc`` [d_in, d_sae]:
+    ``grad`` as a sparse [rows, d_sae] matrix of k entries a row, transposed, times ``sae_in``."""
     rows, k = chosen.shape
-    d_in = sae_in.shape[1]
-    # Accumulated as [d_sae, d_in] so each chosen latent adds one contiguous row.
-    out = grad.new_zeros(d_sae, d_in)
-    step = max(1, _GRAD_BLOCK_BYTES // (k * d_in * grad.element_size()))
-    for start in range(0, rows, step):
-        block = slice(start, start + step)
-        products = grad[block, :, None] * sae_in[block, None, :].to(grad.dtype)
-        out.index_add_(0, chosen[block].flatten(), products.flatten(0, 1))
-    return out.t()
+    starts = torch.arange(0, rows * k + 1, k, device=chosen.device)
+    # The sparse product has no bf16 kernel on CPUs; float32 is the more exact sum anyway.
+    dtype = torch.promote_types(grad.dtype, torch.float32)
+    # Each row's columns are distinct and sorted (``_top_k``), as CSR requires: no check needed.
+    with warnings.catch_warnings():  # torch calls its sparse CSR layout "beta"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        values = grad.flatten().to(dtype)
+        shape = (rows, d_sae)
+        by_row = torch.sparse_csr_tensor(
+            starts, chosen.flatten(), values, shape, check_invariants=False
+        )
+    with torch.autocast(sae_in.device.type, enabled=False):  # it would cast back to bf16
+        return (by_row.t() @ sae_in.to(dtype)).t()
 
 
 @jaxtyped(typechecker=beartype)
