@@ -182,6 +182,19 @@ def test_vs_sparsify_plugin_side_runs_quick(extra: list[str]) -> None:
         assert peaks == sorted(peaks) and peaks[-1] <= result["peak_rss_gib"] + 0.01
 
 
+@pytest.mark.parametrize("dead", ["0", "0.5"])
+def test_sparse_topk_bench_runs_quick_and_agrees(dead: str) -> None:
+    command = [sys.executable, str(BENCH / "bench_sparse_topk.py"), "--quick"]
+    proc = subprocess.run(
+        [*command, "--dead-fraction", dead], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *rounds, summary = (json.loads(line) for line in proc.stdout.strip().splitlines())
+    assert len(rounds) == 1 and rounds[0]["dense_ms"] > 0 and rounds[0]["sparse_ms"] > 0
+    assert summary["benchmark"] == "sparse_topk_summary" and summary["dead_fraction"] == float(dead)
+    assert summary["max_relative_grad_difference"] < 1e-5
+
+
 SAE_FIELDS = "{architecture: standard, d_in: 576, d_sae: 1152, l1_coefficient: 0.004}"
 ONE_SAE = f"hook_name: blocks.15.hook_resid_pre\nsae: {SAE_FIELDS}\n"
 TWO_SAES = (
