@@ -167,6 +167,23 @@ def test_saelens_own_topk_variants_keep_their_forward(config: Any) -> None:
     assert "overrides" in str(sparse_topk_unsupported(sae))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_an_sae_held_in_another_dtype_trains_in_it(dtype: str) -> None:
+    """The sparse CSR product runs in float32 at least (no bf16 kernel on CPUs); the
+    gradients come back in the SAE's dtype, within its rounding of SAELens' own."""
+    sae = make_sae(dtype=dtype)
+    inputs = step_input(DEAD["many dead"])
+    dense, dense_grads = outputs_and_grads(sae, sae.training_forward_pass, inputs)
+    sparse, sparse_grads = outputs_and_grads(
+        sae, lambda x: sparse_topk_training_forward(sae, x), inputs
+    )
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == "bfloat16" else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.loss, dense.loss, **tolerance)
+    for name, grad in dense_grads.items():
+        assert sparse_grads[name].dtype == grad.dtype == getattr(torch, dtype)
+        torch.testing.assert_close(sparse_grads[name], grad, **tolerance)
+
+
 class _OwnDecode(TopKTrainingSAE):
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         return super().decode(feature_acts) * 2
@@ -183,6 +200,8 @@ def test_saes_it_cannot_reproduce_keep_saelens_forward() -> None:
     assert "overrides decode" in str(sparse_topk_unsupported(own))
     layer_norm = make_sae(normalize_activations="layer_norm")
     assert "layer_norm" in str(sparse_topk_unsupported(layer_norm))
+    elsewhere = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device="meta"))
+    assert "'meta'" in str(sparse_topk_unsupported(elsewhere))
     hooked = make_sae()
     hooked.hook_sae_acts_post.add_hook(lambda acts, hook: acts)
     assert "hooks" in str(sparse_topk_unsupported(hooked))

@@ -59,6 +59,8 @@ def sparse_topk_unsupported(sae: Any) -> str | None:
         return f"reshape_activations={cfg.reshape_activations!r}"
     if cfg.use_sparse_activations or sae.use_error_term:
         return "use_sparse_activations or use_error_term is set"
+    if sae.W_enc.device.type not in ("cpu", "cuda"):  # where torch has sparse CSR products
+        return f"the SAE is on {sae.W_enc.device.type!r}, not a CPU or a CUDA GPU"
     if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in sae.modules()):
         return "hooks are attached to the SAE"
     return None
