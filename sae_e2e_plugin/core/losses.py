@@ -248,8 +248,7 @@ def _kl_kernel(
     # The one place the KL arithmetic is written: every KL function above calls it.
     # ``cached``: ``logits_orig`` are the clean log-probabilities (``CleanLogProbs``), read
     # again by later patched runs, so never written to. The float32 work runs a block of rows
-    # at a time, in buffers that stay in the CPU's cache. Every row's numbers are the same as
-    # in one pass; only the KL sum's order of additions changes.
+    # at a time, in the CPU's cache; only the KL sum's order of additions differs from one pass.
     # ``grad_into``: a tensor like ``logits_patched`` that may be overwritten (the chunk's clean
     # logits): each block's gradient goes into the rows it has just read, so the chunk needs
     # no [tokens, vocab] gradient buffer of its own.
@@ -260,16 +259,16 @@ def _kl_kernel(
         scratch = grad_into if _same_layout(grad_into, logits_patched) else None
         grad = torch.empty_like(patched) if scratch is None else scratch.view(patched.shape)
     total = torch.zeros((), dtype=torch.float32, device=patched.device)
-    # Three buffers for all blocks: a fresh 8 MiB tensor per operation and block costs more in
-    # page faults than the arithmetic (the allocator hands such sizes back to the system).
+    # Eager blocks share three buffers (a fresh 8 MiB tensor per operation costs more in page
+    # faults than its arithmetic); a compiled block fuses its passes, which buffers would undo.
     rows_per_block = _rows_per_block(vocab, patched.device)
     shape = (min(rows_per_block, patched.shape[0]), vocab)
-    scratch = [patched.new_empty(shape, dtype=torch.float32) for _ in range(3)]
-    block = block or _kl_block
+    scratch = [patched.new_empty(shape, dtype=torch.float32) for _ in range(3 * (block is None))]
     with torch.no_grad():
         for start in range(0, patched.shape[0], rows_per_block):
             rows = slice(start, start + rows_per_block)
-            kl_sum, logit_grad = block(orig[rows], patched[rows], want_grad, cached, *scratch)
+            args = (orig[rows], patched[rows], want_grad, cached, *scratch)
+            kl_sum, logit_grad = (block or _kl_block)(*args)
             total += kl_sum
             if grad is not None and logit_grad is not None:
                 grad[rows] = logit_grad
@@ -293,9 +292,10 @@ def _kl_block(
     """Σ KL of a block of rows, and softmax(patched) − p_orig (float32) when ``want_grad``.
 
     ``scratch``: three float32 buffers of at least the block's rows, which the block
-    overwrites; the gradient it returns is one of them.
+    overwrites (the gradient it returns is one of them); none: fresh ones.
     """
-    work, logp_orig, logp_patched = (buffer[: logits_patched.shape[0]] for buffer in scratch)
+    fresh = [torch.empty_like(logits_patched, dtype=torch.float32) for _ in range(3 - len(scratch))]
+    work, logp_orig, logp_patched = (b[: logits_patched.shape[0]] for b in [*scratch, *fresh])
     if cached:
         diff = torch.sub(logits_orig, _log_probs(logits_patched, work, logp_patched), out=logp_orig)
         p_orig = torch.exp(logits_orig, out=work)
