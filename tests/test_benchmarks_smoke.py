@@ -182,6 +182,15 @@ def test_vs_sparsify_plugin_side_runs_quick(extra: list[str]) -> None:
         assert peaks == sorted(peaks) and peaks[-1] <= result["peak_rss_gib"] + 0.01
 
 
+def test_kl_kernel_bench_runs_quick() -> None:
+    command = [sys.executable, str(BENCH / "bench_kl_kernel.py"), "--quick"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *rounds, summary = (json.loads(line) for line in proc.stdout.strip().splitlines())
+    assert len(rounds) == 1 and rounds[0]["ms"] > 0 and summary["compile"] is False
+    assert summary["kl_sum"] > 0 and summary["rows"] == 8
+
+
 @pytest.mark.parametrize("dead", ["0", "0.5"])
 def test_sparse_topk_bench_runs_quick_and_agrees(dead: str) -> None:
     command = [sys.executable, str(BENCH / "bench_sparse_topk.py"), "--quick"]
