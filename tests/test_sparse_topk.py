@@ -13,6 +13,7 @@ from sae_lens import StandardTrainingSAEConfig, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
+from transcoders_common import make_transcoder
 
 import sae_e2e_plugin.training.loop.step_pass as step_pass
 from sae_e2e_plugin import E2ESAETrainingRunner
@@ -182,6 +183,13 @@ def test_an_sae_held_in_another_dtype_trains_in_it(dtype: str) -> None:
     for name, grad in dense_grads.items():
         assert sparse_grads[name].dtype == grad.dtype == getattr(torch, dtype)
         torch.testing.assert_close(sparse_grads[name], grad, **tolerance)
+
+
+def test_a_topk_transcoder_keeps_its_own_forward() -> None:
+    """It measures its output against the MLP's output, not against its input."""
+    transcoder = make_transcoder("topk_transcoder", skip=False)
+    assert isinstance(transcoder, TopKTrainingSAE)
+    assert "overrides training_forward_pass" in str(sparse_topk_unsupported(transcoder))
 
 
 class _OwnDecode(TopKTrainingSAE):
