@@ -136,10 +136,11 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     sparse_topk: bool = True
     """A TopK SAE's e2e step decodes from its k active latents and runs its encoder's backward
     pass over their columns only (``core.sparse_topk``): SAELens' loss terms, summed in
-    another order, in a third of the time of SAELens' dense forward and backward (three fifths
-    while latents are dead; docs/performance.md). False: SAELens' own ``training_forward_pass``. Other
-    architectures, and TopK SAEs with hooks attached or a normalisation inside the SAE, always
-    train with SAELens' own; the local phase (``e2e_fraction < 1``) is SAELens' own step."""
+    another order, in a third of the time of SAELens' dense forward and backward (three
+    fifths while latents are dead; docs/performance.md). False: SAELens' own
+    ``training_forward_pass``. Other architectures, and TopK SAEs with hooks attached or a
+    normalisation inside the SAE, always train with SAELens' own; the local phase
+    (``e2e_fraction < 1``) is SAELens' own step."""
 
     lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = "auto"
     """Hold the frozen language model in this dtype. None: as loaded. "bfloat16" runs the
