@@ -129,6 +129,7 @@ def reference_step_fn(
     from e2e_sae.utils import get_cosine_schedule_with_warmup
 
     plugin_only = args.autocast or args.checkpoint_blocks or args.compile_kl or args.kl_chunk_size
+    plugin_only = plugin_only or args.unfused_adam
     if args.lm_dtype not in (None, "float32") or plugin_only:
         raise SystemExit("the reference runs as published: float32, no plugin options")
     tlens = gpt2_shaped_model(args.seed, args.shape)
@@ -215,6 +216,8 @@ def plugin_step_fn(
         extra["checkpoint_blocks"] = True
     if args.compile_kl:
         extra["compile_kl"] = True
+    if args.unfused_adam:
+        extra["fused_adam"] = False
     cfg = E2ERunnerConfig(
         sae=StandardTrainingSAEConfig(
             d_in=d_model,
@@ -290,6 +293,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plugin: E2ERunnerConfig.compile_kl (torch.compile the KL's elementwise part)",
     )
     p.add_argument(
+        "--unfused-adam",
+        action="store_true",
+        help="plugin: E2ERunnerConfig.fused_adam=False (SAELens' Adam loop, not torch's fused kernel)",
+    )
+    p.add_argument(
         "--autocast",
         action="store_true",
         help="plugin: SAELens' autocast flag (bf16 autocast around the SAE and loss)",
@@ -355,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "autocast": args.autocast,
         "checkpoint_blocks": args.checkpoint_blocks,
         "compile_kl": args.compile_kl,
+        # The plugin's Adam: torch's fused kernel (fused_adam, the default) or SAELens' loop.
+        "fused_adam": None if args.impl == "reference" else not args.unfused_adam,
         "steps": args.steps,
         "warmup": args.warmup,
         "machine": machine(args.device),

@@ -98,15 +98,21 @@ def _length() -> dict[str, Any]:
     return dict(training_tokens=STEPS * SEQUENCES * CONTEXT, n_checkpoints=0, n_eval_batches=0)
 
 
-def single_runner(folder: Path, case: str, sparse_topk: bool = False) -> E2ESAETrainingRunner:
-    fields = dict(SINGLE_CASES[case], sparse_topk=sparse_topk)
+SAELENS_ARITHMETIC: dict[str, bool] = {"sparse_topk": False, "fused_adam": False}
+"""The options that keep SAELens' own arithmetic. The weights were pinned before the sparse
+TopK forward pass (``core.sparse_topk``) and torch's fused Adam kernel
+(``training.loop.adam_kernel``) became the defaults; each sums in another order."""
+
+
+def single_runner(folder: Path, case: str, **options: bool) -> E2ESAETrainingRunner:
+    fields = {**SINGLE_CASES[case], **SAELENS_ARITHMETIC, **options}
     arch = fields.pop("arch")
     cfg = make_cfg(folder, sae_cfg=ARCHITECTURES[arch](), **_length(), **fields)
     return E2ESAETrainingRunner(cfg, override_model=tiny_model(), override_dataset=token_dataset())
 
 
-def multi_runner(folder: Path, case: str, sparse_topk: bool = False) -> E2EMultiSAETrainingRunner:
-    fields = dict(MULTI_CASES[case], sparse_topk=sparse_topk)
+def multi_runner(folder: Path, case: str, **options: bool) -> E2EMultiSAETrainingRunner:
+    fields = {**MULTI_CASES[case], **SAELENS_ARITHMETIC, **options}
     archs, splice = fields.pop("archs"), fields.pop("splice")
     saes = {name: ARCHITECTURES[arch]() for name, arch in zip(MULTI_HOOKS, archs, strict=True)}
     base = make_cfg(folder).to_dict()
@@ -127,18 +133,15 @@ def multi_runner(folder: Path, case: str, sparse_topk: bool = False) -> E2EMulti
     )
 
 
-def run_case(
-    folder: Path, case: str, sparse_topk: bool = False
-) -> dict[str, dict[str, torch.Tensor]]:
+def run_case(folder: Path, case: str, **options: bool) -> dict[str, dict[str, torch.Tensor]]:
     """Train ``case`` in ``folder``; its exported weights, by SAE name ("sae" for one SAE).
 
-    The weights were pinned before ``sparse_topk`` existed: a TopK SAE reproduces them bit for
-    bit with SAELens' dense training forward pass (``sparse_topk=False``), to float rounding
-    with the sparse one."""
+    ``options`` override ``SAELENS_ARITHMETIC``, with which the pinned weights are reproduced
+    bit for bit; ``sparse_topk=True`` or ``fused_adam=True`` reproduce them to float rounding."""
     if case in SINGLE_CASES:
-        single_runner(folder, case, sparse_topk).run()
+        single_runner(folder, case, **options).run()
         return {"sae": exported(folder / "output")}
-    multi_runner(folder, case, sparse_topk).run()
+    multi_runner(folder, case, **options).run()
     return {name: exported(folder / "output" / name) for name in MULTI_HOOKS}
 
 

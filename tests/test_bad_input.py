@@ -71,6 +71,10 @@ CONFIG_REFUSALS: list[tuple[dict[str, Any], list[str]]] = [
     ({"training_tokens": 320.5}, ["training_tokens=320.5 is not a whole number"]),
     ({"seed": "1"}, ["seed='1' is a str", "takes an int"]),
     ({"streaming": "false"}, ["streaming='false' is a str, not a boolean", "streaming=False"]),
+    ({"compile_kl": 2}, ["compile_kl=2 is an int, not a boolean", "compile_kl=True"]),
+    ({"fused_adam": 0.5}, ["fused_adam=0.5 is a float, not a boolean", "fused_adam=False"]),
+    ({"sparse_topk": None}, ["sparse_topk=None is not set (None), not a boolean"]),
+    ({"eval_at_end": [True]}, ["eval_at_end=[True] is a list, not a boolean"]),
     ({"device": "gpu"}, ["device='gpu' is not a torch device", "'cuda'"]),
     (
         {"loss": "e2e_downstream", "downstream_hooks": "blocks.2.hook_resid_post"},
@@ -87,6 +91,11 @@ CONFIG_REFUSALS: list[tuple[dict[str, Any], list[str]]] = [
         [f"train_batch_size_tokens={3 * CONTEXT + 1} is not a multiple of context_size={CONTEXT}"],
     ),
 ]
+
+
+def test_zero_and_one_in_a_bool_field_are_false_and_true(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, compile_kl=1, fused_adam=0)
+    assert cfg.compile_kl is True and cfg.fused_adam is False
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), CONFIG_REFUSALS)

@@ -60,7 +60,8 @@ def test_the_local_phase_moves_each_sae_by_saelens_own_step(
     before: dict[str, SAETrainer[Any, Any]] = {}
     after: dict[str, dict[str, torch.Tensor]] = {}
     monkeypatch.setattr(E2ETrainer, "step", spy)
-    runner = runner_for(tmp_path)
+    # SAELens' own step, bit for bit, includes its optimizer's kernel (not torch's fused one).
+    runner = runner_for(tmp_path, fused_adam=False)
     runner.run()
     trainer = runner.trainer
     # 4 local steps on {hook: [sequences × positions, d_in]}, then 4 e2e steps on tokens.

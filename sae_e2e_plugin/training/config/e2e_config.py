@@ -142,6 +142,12 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
     normalisation inside the SAE, always train with SAELens' own; the local phase
     (``e2e_fraction < 1``) is SAELens' own step."""
 
+    fused_adam: bool = True
+    """Update each SAE with torch's fused Adam kernel (``training.loop.adam_kernel``): Adam's
+    update in one pass over the weights, 7–9× faster than the loop SAELens' optimizer runs on
+    a CPU, weights equal to rounding. Where torch has no fused kernel for the SAE's device and
+    dtype (CPUs before torch 2.4), SAELens' own. False: SAELens' own everywhere."""
+
     lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = "auto"
     """Hold the frozen language model in this dtype. None: as loaded. "bfloat16" runs the
     model's matrix products in bf16 (several times faster on CPUs with AMX and on GPUs)

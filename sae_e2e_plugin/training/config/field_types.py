@@ -81,8 +81,8 @@ def coerce(name: str, value: Any, kind: type, optional: bool) -> Any:
 
 
 def check_field_types(obj: Any, prefix: str = "") -> None:
-    """Refuse a string, bool or None in a numeric field, a string in a bool field and anything but
-    a string in a string field of ``obj``.
+    """Refuse a string, bool or None in a numeric field, anything but a bool, 0 or 1 in a bool
+    field and anything but a string in a string field of ``obj``.
 
     A whole float in an int field (``training_tokens=1e6``) becomes that int; ints in float
     fields stay as given."""
@@ -98,9 +98,11 @@ def check_field_types(obj: Any, prefix: str = "") -> None:
         if value is None and optional:
             continue
         if kind is bool:
-            if isinstance(value, str) or value is None:
-                raise _wrong_type(prefix + name, value, kind, optional)
-            continue
+            # 0 and 1 are what Python code means by False and True; 2 or 0.5 is a mistake.
+            if isinstance(value, int) and value in (0, 1):
+                setattr(obj, name, bool(value))
+                continue
+            raise _wrong_type(prefix + name, value, kind, optional)
         if kind is str:
             if not isinstance(value, str):
                 raise _wrong_type(prefix + name, value, kind, optional)
@@ -145,14 +147,13 @@ def _to_bool(name: str, value: Any) -> bool:
 
 
 def _wrong_type(name: str, value: Any, kind: type, optional: bool) -> ValueError:
-    if kind is bool:
-        return ValueError(
-            f"{name}={value!r} is a {type(value).__name__}, not a boolean; "
-            f"use {name}=True or {name}=False."
-        )
-    allowed = _describe(kind) + (" or None" if optional else "")
     article = "an" if type(value).__name__[0] in "aeiou" else "a"
     given = "is not set (None)" if value is None else f"is {article} {type(value).__name__}"
+    if kind is bool:
+        return ValueError(
+            f"{name}={value!r} {given}, not a boolean; use {name}=True or {name}=False."
+        )
+    allowed = _describe(kind) + (" or None" if optional else "")
     return ValueError(
         f"{name}={value!r} {given}; {name} takes {allowed}, e.g. {name}={_example(kind)}."
     )

@@ -24,6 +24,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 
+from sae_e2e_plugin.training.loop.adam_kernel import choose_adam_kernel
 from sae_e2e_plugin.training.loop.schedule import Phase
 from sae_e2e_plugin.training.parallel.data_parallel import (
     average_gradient,
@@ -60,10 +61,14 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         max_grad_norm: float | None = None,
         name: str | None = None,
         timer: PhaseTimer = NO_TIMING,
+        fused_adam: bool = False,
     ) -> None:
         # The run's trainer draws the data and writes the checkpoints (one folder for all SAEs).
         per_sae = replace(cfg, n_checkpoints=0, save_final_checkpoint=False)
         super().__init__(cfg=per_sae, sae=sae, data_provider=iter(()))
+        self.fused_adam = fused_adam
+        """The config's ``fused_adam`` (``training.loop.adam_kernel``)."""
+        self.choose_adam_kernel()
         self.max_grad_norm = max_grad_norm
         self.sae_name = name
         """The SAE's name in a run of several; None alone (error messages name it)."""
@@ -71,6 +76,11 @@ class E2ESAETrainer(SAETrainer[Any, Any]):
         """Times the optimizer step (``training.timing``); a no-op unless a benchmark sets one."""
         self.last_phase: Phase = "e2e"
         """The phase of the latest step (set by the run's trainer; errors and wandb name it)."""
+
+    def choose_adam_kernel(self) -> bool:
+        """Set the optimizer's kernel from ``fused_adam``: after SAETrainer builds it and after
+        a checkpoint's optimizer state replaces its settings. True: torch's fused kernel."""
+        return choose_adam_kernel(self.optimizer, self.fused_adam)
 
     def local_step(self, batch: torch.Tensor, n_tokens: int) -> TrainStepOutput:
         """SAETrainer's own step on ``[rows, d_in]`` activations; the step counts ``n_tokens``

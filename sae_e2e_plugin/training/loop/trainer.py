@@ -144,6 +144,7 @@ class E2ETrainer:
     def _sae_trainer(self, name: str, sae: TrainingSAE[Any]) -> E2ESAETrainer:
         settings: dict[str, Any] = {
             "max_grad_norm": self.e2e_cfg.max_grad_norm,
+            "fused_adam": self.e2e_cfg.fused_adam,
             "name": None if self.one_sae_layout else name,
             "timer": self.step_pass.timer,
         }
@@ -399,6 +400,7 @@ class E2ETrainer:
             trainer = self.trainers[name]
             refuse_unsafe_trainer_state(folder, self.cfg.device)
             SAETrainer.load_trainer_state(trainer, folder)
+            trainer.choose_adam_kernel()  # the checkpoint's param groups name its writer's kernel
             trainer.sae.load_weights_from_checkpoint(folder)
             # SAETrainer saves its step count before counting the step it checkpoints after.
             trainer.n_training_steps = steps
