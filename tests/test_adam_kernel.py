@@ -48,7 +48,7 @@ def test_each_kernel_computes_adams_update_by_hand(fused: bool) -> None:
     assert optimizer.param_groups[0]["fused"] is (True if fused else None)
     expected = adam_by_hand(start, grads)
     assert (param.detach().double() - start.double()).abs().max() > 5e-3  # it moved
-    torch.testing.assert_close(param.detach().double(), expected, rtol=0, atol=2e-6)
+    torch.testing.assert_close(param.detach().double(), expected, rtol=0, atol=1e-6)
 
 
 def test_the_two_kernels_differ_by_rounding_only() -> None:
