@@ -144,7 +144,7 @@ class E2ERunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG]):
 
     fused_adam: bool = True
     """Update each SAE with torch's fused Adam kernel (``training.loop.adam_kernel``): Adam's
-    update in one pass over the weights, 7–9× faster than the loop SAELens' optimizer runs on
+    update in one pass over the weights, about 8× faster than the loop SAELens' optimizer runs on
     a CPU, weights equal to rounding. Where torch has no fused kernel for the SAE's device and
     dtype (CPUs before torch 2.4), SAELens' own. False: SAELens' own everywhere."""
 
