@@ -13,7 +13,9 @@ from conftest import CONTEXT, make_cfg, tiny_model, token_dataset
 from sae_lens.constants import TRAINER_STATE_FILENAME
 
 from sae_e2e_plugin import E2ESAETrainingRunner
+from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME
 from sae_e2e_plugin.training.loop.adam_kernel import choose_adam_kernel, fused_adam_unsupported
+from sae_e2e_plugin.training.loop.checkpoints import ResumeError
 from sae_e2e_plugin.training.loop.sae_trainer import E2ESAETrainer
 
 LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
@@ -22,9 +24,9 @@ STEP_TOKENS = 4 * CONTEXT
 
 def adam_by_hand(start: torch.Tensor, grads: list[torch.Tensor], lr: float = LR) -> torch.Tensor:
     """Adam (Kingma & Ba, Algorithm 1) in float64, one update per gradient."""
-    param, m, v = start.double().clone(), torch.zeros_like(start, dtype=torch.float64), None
-    v = torch.zeros_like(m)
-    (b1, b2) = BETAS
+    param = start.double().clone()
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    b1, b2 = BETAS
     for t, grad in enumerate(grads, start=1):
         g = grad.double()
         m = b1 * m + (1 - b1) * g
@@ -135,3 +137,30 @@ def test_a_run_uses_the_kernel_its_config_names(
     runner(tmp_path / "fused", n_checkpoints=0).run()
     runner(tmp_path / "loop", n_checkpoints=0, fused_adam=False).run()
     assert [flags for flags, _ in seen] == [{True}] * 4 + [{None}] * 4
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("maximize", True), ("weight_decay", 0.1), ("betas", (0.5, 0.9)), ("initial_lr", 1.0)],
+)
+def test_a_checkpoint_with_other_adam_settings_is_refused_by_name(
+    tmp_path: Path, setting: str, value: Any
+) -> None:
+    # Loading an optimizer's state takes every setting from the file: a changed one would train
+    # something else (maximize=True: the loss upwards) without a word.
+    first = runner(tmp_path / "first")
+    first.run()
+    (checkpoint,) = Path(first.cfg.checkpoint_path or "").iterdir()
+    state_file = checkpoint / TRAINER_STATE_FILENAME
+    state = torch.load(state_file, weights_only=True)
+    ours = state["optimizer"]["param_groups"][0][setting]
+    state["optimizer"]["param_groups"][0][setting] = value
+    torch.save(state, state_file)
+    resumed = runner(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(ResumeError) as refused:
+        resumed.run()
+    message = str(refused.value)
+    assert str(state_file) in message
+    assert f"{setting}: {ours!r} here, {value!r} in the checkpoint" in message
+    written = [p.name for p in (tmp_path / "resumed" / "output").iterdir()]
+    assert written == [LOCK_FILENAME]  # refused before training, checkpoints or exports

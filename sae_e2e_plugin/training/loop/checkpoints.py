@@ -210,8 +210,11 @@ def _with_required_files(folder: Path, field: str, required: tuple[str, ...]) ->
     return folder
 
 
-def refuse_unsafe_trainer_state(folder: Path, device: str) -> None:
-    """Load SAETrainer's ``trainer_state.pt`` tensors-only, refusing it if it names any code.
+def refuse_unsafe_trainer_state(
+    folder: Path, device: str, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load SAETrainer's ``trainer_state.pt`` tensors-only, refusing it if it names any code or
+    holds Adam settings other than ``optimizer``'s (the one this run's config built).
 
     SAETrainer loads it with a bare ``torch.load``, which under ``weights_only=False`` (torch
     before 2.6, or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) runs any code a pickle names, and a
@@ -226,7 +229,7 @@ def refuse_unsafe_trainer_state(folder: Path, device: str) -> None:
             "folder written by a training run."
         )
     try:
-        torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message also suggests weights_only=False; pass on only what it refused.
         refused = [part.strip() for part in str(error).split("\n\n") if "GLOBAL" in part]
@@ -237,6 +240,32 @@ def refuse_unsafe_trainer_state(folder: Path, device: str) -> None:
             f"loaded (loading it could run code): {refused[0].rstrip('.')}. Resume only from "
             "checkpoints written by a training run; this file was not, or has been changed."
         ) from error
+    saved = state.get("optimizer", {}).get("param_groups") if isinstance(state, dict) else None
+    if isinstance(saved, list) and len(saved) == len(optimizer.param_groups):
+        _refuse_other_adam_settings(path, saved, optimizer.param_groups)
+
+
+ADAM_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach")
+ADAM_SETTINGS += ("capturable", "differentiable", "decoupled_weight_decay")
+"""Adam's settings that a checkpoint's param groups would replace on load. This run's config
+decides them (``lr`` follows the LR schedule; the kernel, ``fused``, is set again after load)."""
+
+
+def _refuse_other_adam_settings(path: Path, saved: list[Any], ours: list[dict[str, Any]]) -> None:
+    # Optimizer.load_state_dict takes every setting from the file: a group saying maximize=True
+    # or weight_decay=0.1 would train something else without a word.
+    changed = [
+        f"{key}: {group[key]!r} here, {theirs.get(key)!r} in the checkpoint"
+        for theirs, group in zip(saved, ours, strict=True)
+        for key in ADAM_SETTINGS
+        if key in group and key in theirs and theirs[key] != group[key]
+    ]
+    if changed:
+        raise ResumeError(
+            f"{path} holds Adam settings this run's config does not ({'; '.join(changed)}). "
+            "Resume only from checkpoints written by a training run of this config; this file "
+            "was not, or has been changed."
+        )
 
 
 def read_run_state(

@@ -398,7 +398,7 @@ class E2ETrainer:
         steps = int(state["n_steps_taken"])
         for name, folder in self._sae_folders(checkpoint).items():
             trainer = self.trainers[name]
-            refuse_unsafe_trainer_state(folder, self.cfg.device)
+            refuse_unsafe_trainer_state(folder, self.cfg.device, trainer.optimizer)
             SAETrainer.load_trainer_state(trainer, folder)
             trainer.choose_adam_kernel()  # the checkpoint's param groups name its writer's kernel
             trainer.sae.load_weights_from_checkpoint(folder)
