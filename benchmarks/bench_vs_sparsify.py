@@ -327,6 +327,7 @@ def run_plugin(args: argparse.Namespace, clock: StepClock) -> dict[str, Any]:
         "embedded_tokens_sha256": checksum(log.batches),
         "loss_name": "kl_loss",
         "kl_chunk_size": cfg.kl_chunk_size,
+        "fused_adam": cfg.fused_adam,  # the config's default (sparsify steps its own optimizer)
         **({"phase_s_per_step": phases, "phase_rss_gib": timer.memory} if args.phases else {}),
     }
 
