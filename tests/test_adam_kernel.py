@@ -141,7 +141,13 @@ def test_a_run_uses_the_kernel_its_config_names(
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("maximize", True), ("weight_decay", 0.1), ("betas", (0.5, 0.9)), ("initial_lr", 1.0)],
+    [
+        ("maximize", True),
+        ("weight_decay", 0.1),
+        ("betas", (0.5, 0.9)),
+        ("betas", torch.tensor([0.9, 0.999])),
+        ("initial_lr", 1.0),
+    ],
 )
 def test_a_checkpoint_with_other_adam_settings_is_refused_by_name(
     tmp_path: Path, setting: str, value: Any
@@ -164,3 +170,17 @@ def test_a_checkpoint_with_other_adam_settings_is_refused_by_name(
     assert f"{setting}: {ours!r} here, {value!r} in the checkpoint" in message
     written = [p.name for p in (tmp_path / "resumed" / "output").iterdir()]
     assert written == [LOCK_FILENAME]  # refused before training, checkpoints or exports
+
+
+def test_a_trainer_state_of_another_shape_is_named_as_damaged(tmp_path: Path) -> None:
+    first = runner(tmp_path / "first")
+    first.run()
+    (checkpoint,) = Path(first.cfg.checkpoint_path or "").iterdir()
+    state_file = checkpoint / TRAINER_STATE_FILENAME
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "optimizer": [1, 2]}, state_file)
+    resumed = runner(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError) as refused:
+        resumed.run()
+    message = str(refused.value)
+    assert "a file in it is damaged" in message and str(checkpoint) in message

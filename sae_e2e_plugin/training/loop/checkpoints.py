@@ -240,9 +240,12 @@ def refuse_unsafe_trainer_state(
             f"loaded (loading it could run code): {refused[0].rstrip('.')}. Resume only from "
             "checkpoints written by a training run; this file was not, or has been changed."
         ) from error
-    saved = state.get("optimizer", {}).get("param_groups") if isinstance(state, dict) else None
-    if isinstance(saved, list) and len(saved) == len(optimizer.param_groups):
-        _refuse_other_adam_settings(path, saved, optimizer.param_groups)
+    # A file of another shape is left to SAETrainer's load, which fails on it (named as damaged).
+    saved = state.get("optimizer") if isinstance(state, dict) else None
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
+        if all(isinstance(group, dict) for group in groups):
+            _refuse_other_adam_settings(path, groups, optimizer.param_groups)
 
 
 ADAM_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach")
@@ -258,7 +261,7 @@ def _refuse_other_adam_settings(path: Path, saved: list[Any], ours: list[dict[st
         f"{key}: {group[key]!r} here, {theirs.get(key)!r} in the checkpoint"
         for theirs, group in zip(saved, ours, strict=True)
         for key in ADAM_SETTINGS
-        if key in group and key in theirs and theirs[key] != group[key]
+        if key in group and key in theirs and not _same_setting(theirs[key], group[key])
     ]
     if changed:
         raise ResumeError(
@@ -266,6 +269,16 @@ def _refuse_other_adam_settings(path: Path, saved: list[Any], ours: list[dict[st
             "Resume only from checkpoints written by a training run of this config; this file "
             "was not, or has been changed."
         )
+
+
+def _same_setting(saved: Any, ours: Any) -> bool:
+    # Numbers by value (weight_decay 0 and 0.0 mean the same); anything else, a tensor included,
+    # only when of the same type and equal.
+    if isinstance(saved, (int, float)) and isinstance(ours, (int, float)):
+        return saved == ours
+    if isinstance(saved, (tuple, list)) and isinstance(ours, (tuple, list)):
+        return len(saved) == len(ours) and all(map(_same_setting, saved, ours))
+    return type(saved) is type(ours) and saved == ours
 
 
 def read_run_state(
