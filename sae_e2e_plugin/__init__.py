@@ -22,9 +22,8 @@ from sae_e2e_plugin.core.losses import (
     clean_log_probs,
     kl_orig_to_patched,
 )
-from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
-from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
-from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult
+from sae_e2e_plugin.evaluation.evaluate import evaluate_sae, evaluate_saes_jointly
+from sae_e2e_plugin.evaluation.metrics import DownstreamMetrics, EvalResult, JointEvalResult
 from sae_e2e_plugin.features.dashboard import inspect_sae
 from sae_e2e_plugin.features.options import InspectOptions
 from sae_e2e_plugin.interop.reference import (

@@ -46,6 +46,27 @@ def test_excluded_tokens_come_from_the_metadata_or_a_list() -> None:
     assert ce(sae, exclude_special_tokens=False) == pytest.approx(ce(random_sae()), abs=1e-6)
 
 
+def test_several_saes_default_to_the_positions_their_metadata_records() -> None:
+    def pair(first: Any, second: Any) -> dict[str, Any]:
+        a, b = random_sae(1, hook="blocks.0.hook_mlp_out"), random_sae(2)
+        a.cfg.metadata.seqpos_slice, b.cfg.metadata.seqpos_slice = first, second
+        return {"a": a, "b": b}
+
+    def joint(saes: dict[str, Any], **kwargs: Any) -> Any:
+        return evaluate_sae(saes, tiny_model(), tokens().split(4), **kwargs)
+
+    recorded = joint(pair((1, None), (1, None)))
+    assert recorded.n_spliced == 8 * (CONTEXT - 1)  # position 0 left out, as recorded
+    explicit = joint(pair(None, None), seqpos_slice=(1, None))
+    assert recorded.ce_loss_spliced == explicit.ce_loss_spliced
+    assert joint(pair(None, None)).n_spliced == 8 * CONTEXT
+    with pytest.raises(ValueError, match="trained on different positions"):
+        joint(pair((1, None), None))
+    assert joint(pair((1, None), None), seqpos_slice=(2, None)).n_spliced == 8 * (CONTEXT - 2)
+    with pytest.raises(ValueError, match="hook_names is for several SAEs"):
+        evaluate_sae(random_sae(), tiny_model(), tokens(), hook_names={"sae": "hook_embed"})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [

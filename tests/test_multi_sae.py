@@ -441,29 +441,48 @@ def test_joint_evaluation_equals_a_hand_spliced_computation(tmp_path: Path) -> N
     assert isinstance(result, JointEvalResult)
 
     model, l0 = runner.model, {name: 0.0 for name in hooks}
+    fired = {name: torch.zeros(sae.cfg.d_sae, dtype=torch.bool) for name, sae in saes.items()}
 
     def splice(act: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
         features = saes[name].encode(act)
         l0[name] += float((features != 0).sum())
+        fired[name] |= (features != 0).flatten(0, 1).any(0)
         return saes[name].decode(features)
 
-    ce_clean = ce_spliced = kl = 0.0
+    def ce(logits: torch.Tensor, part: torch.Tensor) -> float:
+        targets = part[:, 1:].reshape(-1)
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), targets, reduction="sum"))
+
+    ce_clean = ce_spliced = ce_zeroed = kl = kl_zeroed = later_sq = 0.0
+    later = "blocks.2.hook_resid_post"  # the one residual-stream hook after the latest SAE
     with torch.no_grad():
         for part in tokens.split(4):
-            clean = model(part)
+            clean, cache = model.run_with_cache(part, names_filter=later)
             fns = [(h, lambda a, hook, n=n: splice(a, hook, n)) for n, h in hooks.items()]
             with model.hooks(fwd_hooks=fns):
-                spliced = model(part)
-            targets = part[:, 1:].reshape(-1)
-            ce_clean += float(
-                F.cross_entropy(clean[:, :-1].reshape(-1, VOCAB), targets, reduction="sum")
-            )
-            ce_spliced += float(
-                F.cross_entropy(spliced[:, :-1].reshape(-1, VOCAB), targets, reduction="sum")
+                spliced, spliced_cache = model.run_with_cache(part, names_filter=later)
+            with model.hooks(
+                fwd_hooks=[(h, lambda a, hook: torch.zeros_like(a)) for h in hooks.values()]
+            ):
+                zeroed = model(part)
+            ce_clean, ce_spliced, ce_zeroed = (
+                total + ce(logits, part)
+                for total, logits in ((ce_clean, clean), (ce_spliced, spliced), (ce_zeroed, zeroed))
             )
             kl += float(kl_orig_to_patched(clean, spliced)) * part.numel()
-    assert result.ce_loss_clean == pytest.approx(ce_clean / (8 * (CONTEXT - 1)), rel=1e-5)
-    assert result.ce_loss_spliced == pytest.approx(ce_spliced / (8 * (CONTEXT - 1)), rel=1e-5)
+            kl_zeroed += float(kl_orig_to_patched(clean, zeroed)) * part.numel()
+            later_sq += float((spliced_cache[later] - cache[later]).pow(2).sum())
+    n_predicted = 8 * (CONTEXT - 1)
+    assert result.ce_loss_clean == pytest.approx(ce_clean / n_predicted, rel=1e-5)
+    assert result.ce_loss_spliced == pytest.approx(ce_spliced / n_predicted, rel=1e-5)
+    # Every SAE's activation zeroed together: the suite's zero ablation.
+    assert result.ce_loss_zero_ablation == pytest.approx(ce_zeroed / n_predicted, rel=1e-5)
+    assert result.kl_orig_ablated == pytest.approx(kl_zeroed / (8 * CONTEXT), rel=1e-4)
+    assert result.kl_score == pytest.approx(1 - kl / kl_zeroed, rel=1e-4)
+    assert list(result.downstream) == [later]
+    mse = later_sq / (8 * CONTEXT * D_MODEL)
+    assert result.downstream[later].mse == pytest.approx(mse, rel=1e-4) and mse > 0
+    assert result.alive_features == {name: int(f.sum()) for name, f in fired.items()}
     # The splice changed the output (on this random model it may lower the CE loss as well as
     # raise it, so only the KL has a sign).
     assert result.kl_orig_patched == pytest.approx(kl / (8 * CONTEXT), rel=1e-4)

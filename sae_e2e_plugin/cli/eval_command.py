@@ -182,23 +182,17 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if args.lm_dtype:
         model.to(getattr(torch, args.lm_dtype))
     tokens = _eval_tokens(model, sae, dataset, context_size, args.n_sequences)
-    if len(saes) > 1:
-        result: Any = evaluate_sae(
-            saes,
-            model,
-            tokens.split(args.batch_size),
-            positions=_joint_positions(saes, model, args.seqpos_slice),
-        )
-    else:
-        result = evaluate_sae(
-            sae,
-            model,
-            tokens.split(args.batch_size),
-            hook_name=hook_name,
-            hook_name_out=args.hook_name_out,
-            alive_window_tokens=args.alive_window_tokens,
-            seqpos_slice=args.seqpos_slice,
-        )
+    several = len(saes) > 1
+    chosen: Any = saes if several else sae  # several: spliced in together, a joint table
+    result = evaluate_sae(
+        chosen,
+        model,
+        tokens.split(args.batch_size),
+        hook_name=None if several else hook_name,
+        hook_name_out=args.hook_name_out,
+        alive_window_tokens=args.alive_window_tokens,
+        seqpos_slice=args.seqpos_slice,
+    )
     print(result.format_table())
     if output is None:
         print("not written to a file (pass --output FILE to save it as JSON)")
@@ -239,20 +233,6 @@ def _run_of_several(folder: Path) -> list[Path]:
     if not folder.is_dir() or (folder / "cfg.json").exists():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
-
-
-def _joint_positions(saes: dict[str, Any], model: Any, seqpos_slice: Any) -> Any:
-    """The positions every SAE was trained on (a run of several SAEs trains them on the same
-    ones); ``--seqpos_slice`` overrides. SAEs trained on different positions are refused."""
-    from sae_e2e_plugin.evaluation.eval_positions import eval_positions
-
-    found = {name: eval_positions(sae, model, None, seqpos_slice) for name, sae in saes.items()}
-    if len(set(found.values())) > 1:
-        raise ValueError(
-            f"the SAEs were trained on different positions ({found}); spliced in together they "
-            "need one set. Pass --seqpos_slice to choose it."
-        )
-    return next(iter(found.values()))
 
 
 def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:

@@ -11,7 +11,7 @@ True`` (the tokenizer's special ids) or a list of ids. Anything else is refused 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sae_e2e_plugin.core.positions import PositionFilter
@@ -24,11 +24,23 @@ def eval_positions(
     seqpos_slice: Sequence[int | None] | None = None,
     exclude_special_tokens: bool | Sequence[int] | None = None,
 ) -> PositionFilter:
-    """The ``PositionFilter`` an evaluation of ``sae`` uses.
+    """The ``PositionFilter`` an evaluation of ``sae`` (or of several, ``{name: SAE}``) uses.
 
     ``positions`` (a ``PositionFilter``, or a ``seqpos_slice`` tuple) wins; otherwise
     ``seqpos_slice`` and ``exclude_special_tokens``, each defaulting to the SAE's metadata
-    (every position, no exclusions, where the metadata records none)."""
+    (every position, no exclusions, where the metadata records none). Several SAEs spliced in
+    together need one set: SAEs whose metadata records different ones are refused."""
+    if isinstance(sae, Mapping):
+        found = {
+            name: eval_positions(one, model, positions, seqpos_slice, exclude_special_tokens)
+            for name, one in sae.items()
+        }
+        if len(set(found.values())) > 1:
+            raise ValueError(
+                f"the SAEs were trained on different positions ({found}); spliced in together "
+                "they need one set. Choose it with seqpos_slice (sae-e2e eval --seqpos_slice)."
+            )
+        return next(iter(found.values()))
     if isinstance(positions, PositionFilter):
         if seqpos_slice is not None or exclude_special_tokens is not None:
             raise ValueError(

@@ -1,12 +1,13 @@
-"""Measuring an SAE spliced into its model on held-out tokens, independent of wandb.
+"""Measuring SAEs spliced into their model on held-out tokens, independent of wandb.
 
-``evaluate_sae`` runs the frozen model three ways on each token batch: clean,
-with the SAE's reconstruction spliced in at its hook, and with that hook's
-activation replaced by zeros. The three runs share the prefix before the SAE's
-block (``core.splice.run_prefix``), and the logits are made a chunk of tokens at a
-time (``core.losses.chunk_rows``), so no [tokens, vocab] tensor outlives its chunk.
-Each batch adds sums to running totals; ``EvalResult`` (``metrics``) holds the
-averages over every token seen.
+``evaluate_sae`` runs the frozen model three ways on each token batch: clean, with every SAE's
+reconstruction spliced in at its hook, and with those activations replaced by zeros. One SAE is
+the one-entry case of several: each SAE runs inside the spliced run, on the activation arriving
+at its hook (``core.model_splice.run_joint_patched``, the splice a joint run trains with), so
+for one SAE that is the clean activation. The runs share the prefix before the earliest SAE's
+block, and the logits are made a chunk of tokens at a time (``core.losses.chunk_rows``), so no
+[tokens, vocab] tensor outlives its chunk. Each batch adds sums to running totals, which
+``EvalResult`` (one SAE) or ``JointEvalResult`` (several, ``metrics``) average.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, overload
 
 import torch
@@ -26,23 +28,21 @@ from sae_e2e_plugin.core.model_splice import (
     is_spliceable,
     model_facts,
     model_head,
+    plan_multi_splice,
     plan_splice,
-    run_clean,
-    run_patched,
+    run_clean_multi,
+    run_joint_patched,
     run_prefix,
 )
-from sae_e2e_plugin.core.positions import (
-    PositionFilter,
-    selected_positions,
-    with_reconstruction,
-)
-from sae_e2e_plugin.core.splice import SplicePlan, flatten_heads
+from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
+from sae_e2e_plugin.core.positions import PositionFilter, selected_positions, with_reconstruction
+from sae_e2e_plugin.core.splice import flatten_heads
 from sae_e2e_plugin.evaluation.eval_positions import eval_positions
-from sae_e2e_plugin.evaluation.joint import JointEvalResult, evaluate_saes_jointly
 from sae_e2e_plugin.evaluation.metrics import (
     DEFAULT_ALIVE_WINDOW_TOKENS,
     DownstreamMetrics,
     EvalResult,
+    JointEvalResult,
     active_features_per_token,
     explained_variance_per_token,
     next_token_targets,
@@ -57,6 +57,9 @@ from sae_e2e_plugin.evaluation.parts import (
     resolve_hook_name_out,
     token_batches_checked,
 )
+
+_ONE = "sae"
+"""The name of a lone SAE in the mapping every evaluation runs on."""
 
 
 @overload
@@ -85,10 +88,12 @@ def evaluate_sae(
     token_batches: Iterable[torch.Tensor] | torch.Tensor,
     *,
     hook_names: Mapping[str, str] | None = ...,
-    positions: PositionFilter | Sequence[int | None] | None = ...,
+    downstream_hooks: Sequence[str] | None = ...,
+    alive_window_tokens: int | None = ...,
     max_batches: int | None = ...,
-    seqpos_slice: Sequence[int | None] | None = ...,
     logits_chunk_size: int = ...,
+    positions: PositionFilter | Sequence[int | None] | None = ...,
+    seqpos_slice: Sequence[int | None] | None = ...,
     exclude_special_tokens: bool | Sequence[int] | None = ...,
 ) -> JointEvalResult: ...
 
@@ -118,10 +123,9 @@ def evaluate_sae(
             used, so its architecture, ``apply_b_dec_to_input`` and run-time
             normalisation apply as they do in the SAE. Put in eval mode for the
             evaluation; its previous mode is restored afterwards (so is the model's).
-            Several SAEs ``{name: SAE}``: all spliced in together
-            (``evaluation.joint.evaluate_saes_jointly``, at ``hook_names`` or each SAE's
-            metadata hook), returning a ``JointEvalResult``; ``downstream_hooks``,
-            ``alive_window_tokens`` and ``activation_scaler`` do not apply there.
+            Several SAEs ``{name: SAE}``: all spliced in together (each at ``hook_names``
+            or its metadata hook, reading the activation as it arrives there, after the
+            reconstructions of the SAEs before it), returning a ``JointEvalResult``.
         model: the language model: a ``HookedTransformer``, or a Hugging Face causal LM
             (SAELens' ``HookedProxyLM`` or a bare ``transformers`` model; hook names are
             module paths such as ``model.layers.14``).
@@ -134,23 +138,25 @@ def evaluate_sae(
             ``sae.cfg.metadata.hook_name_out``. A transcoder reads ``hook_name``; explained
             variance is of the MLP output (its output against the clean activation at
             ``hook_name_out``) and the zero ablation zeroes the MLP output.
-        hook_names: several SAEs only: where each sits, by name (default: their metadata).
-        downstream_hooks: later hooks to compare; default every ``blocks.k.hook_resid_post``
-            after the SAE's hook. ``()`` for none.
+        hook_names: several SAEs only: where each sits, by name (default: their metadata;
+            two at one hook are refused).
+        downstream_hooks: later hooks to compare; default every residual-stream hook
+            (``blocks.k.hook_resid_post``, a decoder layer's output) after the latest SAE's
+            hook. ``()`` for none.
         alive_window_tokens: count a feature as alive if it fires on one of the first
             this many tokens (None: all tokens). Default 500k, the paper's window.
         max_batches: stop after this many batches (needed for endless iterators).
         logits_chunk_size: tokens whose logits are made at once (memory: three
             [chunk, vocab] float32 tensors).
-        activation_scaler: the trainer's ``ActivationScaler`` for a ``TrainingSAE`` with
-            ``normalize_activations="expected_average_only_in"`` or
+        activation_scaler: one SAE only: the trainer's ``ActivationScaler`` for a
+            ``TrainingSAE`` with ``normalize_activations="expected_average_only_in"`` or
             ``"covariance_whitening"`` (scaling that lives outside the SAE until export).
-        positions: the positions the SAE reads and replaces (``core.positions.PositionFilter``:
+        positions: the positions the SAEs read and replace (``core.positions.PositionFilter``:
             a ``seqpos_slice`` and excluded token ids, or a ``seqpos_slice`` tuple such as
             ``(1, None)``); the others keep their clean activation. L0, alive features and
             explained variance are over the selected positions, CE and KL over all. Default:
-            the positions the SAE's metadata records it was trained on (every position when
-            it records none; several SAEs: every position).
+            the positions the SAEs' metadata records they were trained on (every position
+            when it records none); several SAEs recording different ones are refused.
         seqpos_slice: instead of ``positions``, in the config's form, e.g. ``(1, None)``.
         exclude_special_tokens: with ``seqpos_slice``, in the config's form: ``True`` (the
             tokenizer's special tokens), ``False`` or a list of token ids. Default: metadata.
@@ -159,89 +165,79 @@ def evaluate_sae(
         ValueError: for an SAE or token batch this function cannot evaluate; the
             message names the field and the fix.
     """
-    positions = eval_positions(
-        None if isinstance(sae, Mapping) else sae,
-        model,
-        positions,
-        seqpos_slice,
-        exclude_special_tokens,
-    )
-    if isinstance(sae, Mapping):
-        if activation_scaler is not None or hook_name is not None or hook_name_out is not None:
-            raise ValueError(
-                "evaluate_sae got several SAEs with activation_scaler or hook_name set; give "
-                "each SAE's hook in hook_names={name: hook} and evaluate exported SAEs (their "
-                "scaling folded into the weights)."
-            )
-        return evaluate_saes_jointly(
-            sae,
-            model,
-            token_batches,
-            hook_names=hook_names,
-            max_batches=max_batches,
-            logits_chunk_size=logits_chunk_size,
-            positions=positions,
+    several = isinstance(sae, Mapping)
+    if several and any(x is not None for x in (activation_scaler, hook_name, hook_name_out)):
+        raise ValueError(
+            "evaluate_sae got several SAEs with activation_scaler or hook_name set; give "
+            "each SAE's hook in hook_names={name: hook} and evaluate exported SAEs (their "
+            "scaling folded into the weights)."
         )
+    if not several and hook_names is not None:
+        raise ValueError("hook_names is for several SAEs {name: SAE}; give one SAE's hook_name.")
+    saes: dict[str, SAE[Any]] = dict(sae) if isinstance(sae, Mapping) else {_ONE: sae}
+    if not saes:
+        raise ValueError("saes is empty; pass {name: SAE} with at least one SAE.")
     if not is_spliceable(model):
         raise ValueError(
             f"model is a {type(model).__name__}; evaluate_sae runs a HookedTransformer or a "
             "Hugging Face causal LM (SAELens' HookedProxyLM). Load it with SAELens' load_model."
         )
-    hook_name = resolve_hook_name(sae, hook_name)
-    hook_name_out = resolve_hook_name_out(sae, hook_name_out)
-    check_sae(sae, activation_scaler, logits_chunk_size, alive_window_tokens, transcoders=True)
-    d_out = getattr(sae.cfg, "d_out", None)
-    plan = plan_splice(
-        model,
-        hook_name,
-        downstream_hooks,
-        d_in=sae.cfg.d_in,
-        hook_name_out=hook_name_out,
-        d_out=d_out,
+    positions = eval_positions(sae, model, positions, seqpos_slice, exclude_special_tokens)
+    given = dict(hook_names or {}) if several else {_ONE: hook_name}
+    hooks = {name: resolve_hook_name(one, given.get(name)) for name, one in saes.items()}
+    outputs = {}  # each transcoder's output hook and width
+    for name, one in saes.items():
+        hook_out = resolve_hook_name_out(one, None if several else hook_name_out)
+        check_sae(one, activation_scaler, logits_chunk_size, alive_window_tokens, transcoders=True)
+        if hook_out is not None:
+            outputs[name] = (hook_out, getattr(one.cfg, "d_out", None))
+    d_ins = {name: one.cfg.d_in for name, one in saes.items()}
+    if several:  # errors name the SAE and its fields as a run of several does
+        plan = plan_multi_splice(model, hooks, d_ins, "joint", downstream_hooks, outputs)
+    else:
+        out, d_out = outputs.get(_ONE, (None, None))
+        one_plan = plan_splice(
+            model, hooks[_ONE], downstream_hooks, d_in=d_ins[_ONE], hook_name_out=out, d_out=d_out
+        )
+        plan = MultiSplicePlan.of_one(_ONE, one_plan)
+    totals = _Totals(
+        {name: _SAETotals(one.cfg.d_sae, alive_window_tokens) for name, one in saes.items()}
     )
-    totals = _Totals(sae.cfg.d_sae, plan.downstream_hooks, alive_window_tokens)
-    with eval_mode(sae, model):
+    with eval_mode(model, *saes.values()):
         for tokens in token_batches_checked(token_batches, max_batches):
+            tokens = tokens.to(model_facts(model).device)
             _evaluate_batch(
-                sae,
-                model,
-                plan,
-                tokens.to(model_facts(model).device),
-                totals,
-                activation_scaler,
-                logits_chunk_size,
-                positions,
+                saes, model, plan, tokens, totals, activation_scaler, logits_chunk_size, positions
             )
-    return totals.result(hook_name, hook_name_out)
+    return totals.joint(plan) if several else totals.one(plan.plans[_ONE])
+
+
+def evaluate_saes_jointly(
+    saes: Mapping[str, SAE[Any]],
+    model: Any,
+    token_batches: Iterable[torch.Tensor] | torch.Tensor,
+    **options: Any,
+) -> JointEvalResult:
+    """``evaluate_sae`` of several SAEs ``{name: SAE}`` spliced in together, by its own name."""
+    return evaluate_sae(dict(saes), model, token_batches, **options)
 
 
 @dataclass
-class _Totals:
-    """Running sums over batches; ``result`` divides them into averages."""
+class _SAETotals:
+    """One SAE's running sums: its sparsity and reconstruction at its hook."""
 
     d_sae: int
-    downstream_hooks: tuple[str, ...]
     alive_window: int | None
-    n_tokens: int = 0
-    n_sequences: int = 0
     n_spliced: int = 0
-    n_predicted: int = 0
-    ce_clean: float = 0.0
-    ce_spliced: float = 0.0
-    ce_ablated: float = 0.0
-    kl_spliced: float = 0.0
-    kl_ablated: float = 0.0
     active: float = 0.0
     explained_variance: float = 0.0
     explained_variance_reference: float = 0.0
     alive_tokens: int = 0
     fired: torch.Tensor | None = None
-    downstream_sq_error: dict[str, float] = field(default_factory=dict)
-    downstream_elements: dict[str, int] = field(default_factory=dict)
-    downstream_ev: dict[str, float] = field(default_factory=dict)
 
-    def add_features(self, feature_acts: torch.Tensor) -> None:
-        """Sparsity statistics of one batch's [batch, pos, d_sae] feature activations."""
+    def add(self, feature_acts: torch.Tensor, sae_out: torch.Tensor, target: torch.Tensor) -> None:
+        """One batch's [batch, pos, d_sae] features and reconstruction of ``target``."""
+        self.n_spliced += feature_acts.shape[0] * feature_acts.shape[1]
         self.active += float(active_features_per_token(feature_acts).sum())
         flat = rearrange(feature_acts, "batch pos d_sae -> (batch pos) d_sae")
         room = flat.shape[0] if self.alive_window is None else self.alive_window - self.alive_tokens
@@ -249,6 +245,33 @@ class _Totals:
         fired = (window != 0).any(0).cpu()
         self.fired = fired if self.fired is None else self.fired | fired
         self.alive_tokens += window.shape[0]
+        self.explained_variance += float(explained_variance_per_token(sae_out, target).sum())
+        # The reference's argument order: the reconstruction is the "target" whose spread divides.
+        reference = explained_variance_per_token(target, sae_out)
+        self.explained_variance_reference += float(reference.sum())
+
+    @property
+    def alive(self) -> int:
+        return int(self.fired.sum()) if self.fired is not None else 0
+
+
+@dataclass
+class _Totals:
+    """Running sums over batches of the model's output (every SAE in); ``one`` and ``joint``
+    divide them into averages."""
+
+    saes: dict[str, _SAETotals]
+    n_tokens: int = 0
+    n_sequences: int = 0
+    n_predicted: int = 0
+    ce_clean: float = 0.0
+    ce_spliced: float = 0.0
+    ce_ablated: float = 0.0
+    kl_spliced: float = 0.0
+    kl_ablated: float = 0.0
+    downstream_sq_error: dict[str, float] = field(default_factory=dict)
+    downstream_elements: dict[str, int] = field(default_factory=dict)
+    downstream_ev: dict[str, float] = field(default_factory=dict)
 
     def add_downstream(self, name: str, patched: torch.Tensor, clean: torch.Tensor) -> None:
         """One batch's patched-vs-clean comparison at a downstream hook."""
@@ -259,23 +282,43 @@ class _Totals:
         ev = float(explained_variance_per_token(patched, clean).sum())
         self.downstream_ev[name] = self.downstream_ev.get(name, 0.0) + ev
 
-    def result(self, hook_name: str, hook_name_out: str | None = None) -> EvalResult:
+    def add_outputs(
+        self,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        tokens: torch.Tensor,
+        resids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        chunk_size: int,
+    ) -> None:
+        """CE and KL sums of one batch's clean, spliced and ablated final residuals, a chunk of
+        tokens' logits at a time."""
+        batch, pos = tokens.shape
+        self.n_tokens += batch * pos
+        self.n_sequences += batch
+        self.n_predicted += batch * (pos - 1)
+        targets = rearrange(next_token_targets(tokens), "batch pos -> (batch pos)")
+        flat = (rearrange(r, "batch pos d_model -> (batch pos) d_model") for r in resids)
+        for target, *rows in chunk_rows(chunk_size, targets.to(resids[0].device), *flat):
+            # [chunk, vocab] float32 logits of the three runs; dropped at the end of the chunk.
+            clean, spliced, ablated = (head(r).float() for r in rows)
+            self.ce_clean += ce_sum(clean, target)
+            self.ce_spliced += ce_sum(spliced, target)
+            self.ce_ablated += ce_sum(ablated, target)
+            self.kl_spliced += float(kl_orig_to_patched_sum(clean, spliced))
+            self.kl_ablated += float(kl_orig_to_patched_sum(clean, ablated))
+
+    def outputs(self) -> dict[str, Any]:
+        """The averages of the output's metrics: the fields both results share."""
         if self.n_tokens == 0:
             raise ValueError(
                 "token_batches yielded no batch: pass (batch, pos) token tensors of held-out data."
             )
-        ce_clean = self.ce_clean / self.n_predicted
-        ce_spliced = self.ce_spliced / self.n_predicted
-        ce_ablated = self.ce_ablated / self.n_predicted
-        kl_spliced = self.kl_spliced / self.n_tokens
-        kl_ablated = self.kl_ablated / self.n_tokens
-        alive = int(self.fired.sum()) if self.fired is not None else 0
-        return EvalResult(
-            hook_name=hook_name,
-            hook_name_out=hook_name_out,
+        ce_clean, ce_spliced, ce_ablated = (
+            total / self.n_predicted for total in (self.ce_clean, self.ce_spliced, self.ce_ablated)
+        )
+        kl_spliced, kl_ablated = self.kl_spliced / self.n_tokens, self.kl_ablated / self.n_tokens
+        return dict(
             n_tokens=self.n_tokens,
             n_sequences=self.n_sequences,
-            n_spliced=self.n_spliced,
             ce_loss_clean=ce_clean,
             ce_loss_spliced=ce_spliced,
             ce_loss_increase=ce_spliced - ce_clean,
@@ -284,27 +327,50 @@ class _Totals:
             kl_orig_patched=kl_spliced,
             kl_orig_ablated=kl_ablated,
             kl_score=1.0 - ratio(kl_spliced, kl_ablated),
-            l0=self.active / self.n_spliced,
-            d_sae=self.d_sae,
-            alive_features=alive,
-            alive_fraction=alive / self.d_sae,
-            alive_tokens=self.alive_tokens,
-            explained_variance=self.explained_variance / self.n_spliced,
-            explained_variance_reference=self.explained_variance_reference / self.n_spliced,
             downstream={
                 name: DownstreamMetrics(
                     mse=self.downstream_sq_error[name] / self.downstream_elements[name],
                     explained_variance=self.downstream_ev[name] / self.n_tokens,
                 )
-                for name in self.downstream_hooks
+                for name in self.downstream_ev
             },
+        )
+
+    def one(self, plan: Any) -> EvalResult:
+        outputs, sae = self.outputs(), self.saes[_ONE]
+        return EvalResult(
+            hook_name=plan.hook_name,
+            hook_name_out=plan.hook_name_out,
+            n_spliced=sae.n_spliced,
+            l0=sae.active / sae.n_spliced,
+            d_sae=sae.d_sae,
+            alive_features=sae.alive,
+            alive_fraction=sae.alive / sae.d_sae,
+            alive_tokens=sae.alive_tokens,
+            explained_variance=sae.explained_variance / sae.n_spliced,
+            explained_variance_reference=sae.explained_variance_reference / sae.n_spliced,
+            **outputs,
+        )
+
+    def joint(self, plan: MultiSplicePlan) -> JointEvalResult:
+        outputs, saes = self.outputs(), [self.saes[name] for name in plan.names]
+        return JointEvalResult(
+            hook_names={name: plan.plans[name].hook_name for name in plan.names},
+            n_spliced=saes[0].n_spliced,  # every SAE replaces the same positions
+            l0={name: s.active / s.n_spliced for name, s in zip(plan.names, saes, strict=True)},
+            alive_features={name: s.alive for name, s in zip(plan.names, saes, strict=True)},
+            explained_variance={
+                name: s.explained_variance / s.n_spliced
+                for name, s in zip(plan.names, saes, strict=True)
+            },
+            **outputs,
         )
 
 
 def _evaluate_batch(
-    sae: SAE[Any],
+    saes: dict[str, SAE[Any]],
     model: Any,
-    plan: SplicePlan,
+    plan: MultiSplicePlan,
     tokens: torch.Tensor,
     totals: _Totals,
     scaler: ActivationScaler | None,
@@ -312,78 +378,43 @@ def _evaluate_batch(
     positions: PositionFilter,
 ) -> None:
     """Clean, spliced and zero-ablated runs of one batch from a shared prefix; add to totals."""
-    batch, pos = tokens.shape
     prefix = run_prefix(model, tokens, plan)
-    clean = run_clean(model, prefix, plan, full=True)
-    # What the splice replaces: an SAE's own input, or a transcoder's target (the MLP output).
-    replaced = clean.acts if clean.target is None else clean.target
-    if positions.selects_all:
-        sae_in, target = clean.acts, replaced
-        feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
-        reconstruction, ablation = sae_out, torch.zeros_like(replaced)
-    else:
-        # The selected positions as one [1, selected, d_in] batch; the rest keep their clean
-        # activation in the spliced run, and in the ablated one: the baseline removes what the
-        # SAE replaces, no more.
-        mask = selected_positions(tokens, positions)
-        sae_in, target = clean.acts[mask][None], replaced[mask][None]
-        feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
-        reconstruction = with_reconstruction(replaced, mask, sae_out[0])
-        ablation = with_reconstruction(replaced, mask, torch.zeros_like(sae_out[0]))
-    spliced = run_patched(model, prefix, plan, reconstruction)
-    ablated_final = _run_ablated(model, prefix, plan, ablation)
-    assert clean.final_resid is not None  # full=True always reaches the last block
-
-    totals.n_tokens += batch * pos
-    totals.n_sequences += batch
-    totals.n_predicted += batch * (pos - 1)
-    totals.n_spliced += sae_in.shape[0] * sae_in.shape[1]
-    totals.add_features(feature_acts)
-    totals.explained_variance += float(explained_variance_per_token(sae_out, target).sum())
-    # The reference's argument order: the reconstruction is the "target" whose spread divides.
-    totals.explained_variance_reference += float(
-        explained_variance_per_token(target, sae_out).sum()
-    )
+    clean = run_clean_multi(model, prefix, plan, inputs=False)
+    mask = None if positions.selects_all else selected_positions(tokens, positions)
+    splices = {
+        n: partial(_spliced, sae, model, scaler, mask, totals.saes[n]) for n, sae in saes.items()
+    }
+    spliced = run_joint_patched(model, prefix, plan, splices)
+    no_downstream = dataclasses.replace(plan, downstream_hooks=())
+    zeroed = dict.fromkeys(saes, partial(_zeroed, mask))
+    ablated = run_joint_patched(model, prefix, no_downstream, zeroed)
+    assert clean.final_resid is not None  # a full run reaches the last block
     for name in plan.downstream_hooks:
         totals.add_downstream(name, spliced.downstream[name], clean.downstream[name])
-    _add_output_metrics(
-        model_head(model, plan),
-        tokens,
-        clean.final_resid,
-        spliced.final_resid,
-        ablated_final,
-        totals,
-        chunk_size,
-    )
+    resids = (clean.final_resid, spliced.final_resid, ablated.final_resid)
+    totals.add_outputs(model_head(model, plan), tokens, resids, chunk_size)
 
 
-def _run_ablated(model: Any, prefix: Any, plan: SplicePlan, ablation: torch.Tensor) -> torch.Tensor:
-    """Final residual [batch, pos, d_model] with the hook's activation replaced by ``ablation``
-    (zeros at the positions the SAE replaces)."""
-    no_downstream = dataclasses.replace(plan, downstream_hooks=())
-    return run_patched(model, prefix, no_downstream, ablation).final_resid
+def _spliced(
+    sae: SAE[Any],
+    model: Any,
+    scaler: ActivationScaler | None,
+    mask: torch.Tensor | None,
+    totals: _SAETotals,
+    acts: torch.Tensor,
+    replaced: torch.Tensor,
+) -> torch.Tensor:
+    """The SAE's reconstruction of the activation arriving at its hook, at the selected
+    positions (the others keep theirs); its sums recorded. What it replaces, ``replaced``, is
+    its own input, or a transcoder's target (the MLP output)."""
+    sae_in = acts if mask is None else acts[mask][None]
+    target = replaced if mask is None else replaced[mask][None]
+    feature_acts, sae_out = encode_decode(sae, model, sae_in, scaler)
+    totals.add(feature_acts, sae_out, target)
+    return sae_out if mask is None else with_reconstruction(replaced, mask, sae_out[0])
 
 
-def _add_output_metrics(
-    head: Callable[[torch.Tensor], torch.Tensor],
-    tokens: torch.Tensor,
-    clean: torch.Tensor,
-    spliced: torch.Tensor,
-    ablated: torch.Tensor,
-    totals: _Totals,
-    chunk_size: int,
-) -> None:
-    """CE and KL sums over the batch, a chunk of tokens' logits at a time."""
-    targets = rearrange(next_token_targets(tokens), "batch pos -> (batch pos)")
-    targets = targets.to(clean.device)
-    flat = (
-        rearrange(r, "batch pos d_model -> (batch pos) d_model") for r in (clean, spliced, ablated)
-    )
-    for target, *resids in chunk_rows(chunk_size, targets, *flat):
-        # [chunk, vocab] float32 logits of the three runs; dropped at the end of the chunk.
-        logits_clean, logits_spliced, logits_ablated = (head(r).float() for r in resids)
-        totals.ce_clean += ce_sum(logits_clean, target)
-        totals.ce_spliced += ce_sum(logits_spliced, target)
-        totals.ce_ablated += ce_sum(logits_ablated, target)
-        totals.kl_spliced += float(kl_orig_to_patched_sum(logits_clean, logits_spliced))
-        totals.kl_ablated += float(kl_orig_to_patched_sum(logits_clean, logits_ablated))
+def _zeroed(mask: torch.Tensor | None, acts: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+    """The zero ablation: what the SAE replaces, zeroed at the selected positions only."""
+    zeros = torch.zeros_like(replaced)
+    return zeros if mask is None else torch.where(mask[..., None], zeros, replaced)

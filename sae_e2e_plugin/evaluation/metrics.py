@@ -105,16 +105,11 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-safe dict: scalar fields by name, ``downstream/<hook>/<metric>``;
         NaN and infinities become None."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name != "downstream":
-                out[f.name] = _json_number(getattr(self, f.name))
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del out["downstream"]
         if self.hook_name_out is None:  # an SAE's record has the fields it always had
             del out["hook_name_out"]
-        for hook, metrics in self.downstream.items():
-            out[f"downstream/{hook}/mse"] = _json_number(metrics.mse)
-            out[f"downstream/{hook}/explained_variance"] = _json_number(metrics.explained_variance)
-        return out
+        return _json_numbers(out) | _downstream_dict(self.downstream)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
@@ -210,6 +205,65 @@ class EvalResult:
         return atomic_write_text(Path(path), text)
 
 
+@dataclass(frozen=True)
+class JointEvalResult:
+    """Several SAEs spliced in together (the joint run a ``splice="joint"`` run trains with),
+    averaged over every evaluated token: what the suite does to the model's output, and each
+    SAE's sparsity and reconstruction on the activations it sees there. The output's fields
+    mean what ``EvalResult``'s do, with every SAE spliced in (or every SAE's activation zeroed);
+    the others hold one number per SAE, by name."""
+
+    hook_names: dict[str, str]
+    """Each SAE's hook, by SAE name, in firing order."""
+    n_tokens: int
+    n_sequences: int
+    n_spliced: int
+    """Tokens at which each SAE replaced its activation (all, or the selected positions)."""
+    ce_loss_clean: float
+    ce_loss_spliced: float
+    ce_loss_increase: float
+    ce_loss_zero_ablation: float
+    ce_loss_score: float
+    kl_orig_patched: float
+    kl_orig_ablated: float
+    kl_score: float
+    l0: dict[str, float]
+    alive_features: dict[str, int]
+    explained_variance: dict[str, float]
+    """Per token, of the activation the SAE sees in the joint run (``EvalResult``'s formula)."""
+    downstream: dict[str, DownstreamMetrics] = field(hash=False)
+    """Patched-vs-clean comparison at each hook after the latest SAE, by hook name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: fields by name (the per-SAE ones as ``{name: number}``), the downstream
+        comparison as ``EvalResult.to_dict`` writes it; NaN and infinities become None."""
+        out = dataclasses.asdict(self)
+        del out["downstream"]
+        return _json_numbers(out) | _downstream_dict(self.downstream)
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write ``to_dict()`` as JSON to ``path`` atomically; return it."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return atomic_write_text(Path(path), text)
+
+    def format_table(self) -> str:
+        """A plain-text table: the suite's output metrics, then one row per SAE."""
+        lines = [
+            f"all {len(self.hook_names)} SAEs spliced together ({self.n_tokens} tokens):",
+            f"  CE clean {self.ce_loss_clean:.4f}  spliced {self.ce_loss_spliced:.4f}  "
+            f"increase {self.ce_loss_increase:.4f}  KL {self.kl_orig_patched:.4f}",
+            f"  all zeroed: CE {self.ce_loss_zero_ablation:.4f}  CE score "
+            f"{self.ce_loss_score:.4f}  KL score {self.kl_score:.4f}",
+        ]
+        for name, hook in self.hook_names.items():
+            lines.append(
+                f"  {name:<12} {hook:<28} L0 {self.l0[name]:8.2f}  alive "
+                f"{self.alive_features[name]:>6}  explained variance "
+                f"{self.explained_variance[name]:.4f}"
+            )
+        return "\n".join(lines)
+
+
 @jaxtyped(typechecker=beartype)
 def explained_variance_per_token(
     reconstruction: Float[torch.Tensor, "batch pos d_in"],
@@ -250,6 +304,24 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _json_numbers(fields: dict[str, Any]) -> dict[str, Any]:
+    """Each number JSON-safe, one level into dicts of numbers (a joint result's per-SAE ones)."""
+    return {
+        key: {k: _json_number(v) for k, v in value.items()}
+        if isinstance(value, dict)
+        else _json_number(value)
+        for key, value in fields.items()
+    }
+
+
+def _downstream_dict(downstream: dict[str, DownstreamMetrics]) -> dict[str, Any]:
+    return {
+        f"downstream/{hook}/{metric}": _json_number(getattr(metrics, metric))
+        for hook, metrics in downstream.items()
+        for metric in ("mse", "explained_variance")
+    }
 
 
 def _from_json_number(value: Any) -> float:

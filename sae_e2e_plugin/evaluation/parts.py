@@ -1,6 +1,6 @@
-"""The parts of an evaluation shared by one SAE and several spliced together: the SAE's
-features and reconstruction on the model's scale, the token batches checked, the modules in
-eval mode, the SAE checked, next-token cross-entropy sums."""
+"""The parts of an evaluation: the SAE's features and reconstruction on the model's scale, the
+token batches checked, the modules in eval mode, the SAE checked, next-token cross-entropy
+sums."""
 
 from __future__ import annotations
 

@@ -26,8 +26,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
 from sae_e2e_plugin.core.positions import PositionFilter
 from sae_e2e_plugin.evaluation.evaluate import evaluate_sae
-from sae_e2e_plugin.evaluation.joint import JointEvalResult
-from sae_e2e_plugin.evaluation.metrics import EvalResult
+from sae_e2e_plugin.evaluation.metrics import EvalResult, JointEvalResult
 from sae_e2e_plugin.run_files import EVAL_FILENAME, atomic_write_text
 from sae_e2e_plugin.runs.export import load_exported_sae, record_exported_l0, remove_local_paths
 from sae_e2e_plugin.runs.output_folder import export_atomically
