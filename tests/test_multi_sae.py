@@ -30,6 +30,7 @@ from sae_e2e_plugin.cli import main
 from sae_e2e_plugin.core import multi_splice
 from sae_e2e_plugin.core.losses import kl_orig_to_patched
 from sae_e2e_plugin.core.splice import logits_from_final_resid
+from sae_e2e_plugin.run_files import DiskFullError
 from sae_e2e_plugin.runs import multi_runner as multi_runner_module
 from sae_e2e_plugin.runs.output_folder import LOCK_FILENAME, FolderInUseError, hold_folder
 from sae_e2e_plugin.training.loop.step_pass import StepPass
@@ -534,12 +535,18 @@ def test_cli_reads_saes_and_hook_names_from_yaml(
 
     class Recorder:
         context = SINGLE_PROCESS
+        full_disk = False
 
         def __init__(self, cfg: Any) -> None:
+            self.cfg = cfg
             built.append(cfg)
 
         def run(self) -> None:
-            pass
+            if self.full_disk:
+                raise DiskFullError("no space left on the device to write the checkpoint.")
+
+        def export_folders(self) -> dict[str, str]:
+            return {name: str(Path(self.cfg.output_path) / name) for name in self.cfg.saes}
 
     monkeypatch.setattr(multi_runner_module, "E2EMultiSAETrainingRunner", Recorder)
     assert main(["train", "--config", str(config), "--output_path", str(tmp_path / "o")]) == 0
@@ -547,6 +554,12 @@ def test_cli_reads_saes_and_hook_names_from_yaml(
     assert isinstance(cfg, E2EMultiRunnerConfig) and list(cfg.saes) == ["early", "late"]
     out = capsys.readouterr().out
     assert f"saved SAE 'late' (SAELens format) to {tmp_path / 'o' / 'late'}" in out
+    # A full disk ends in one line that says which checkpoint the same command resumes from,
+    # as for one SAE.
+    Recorder.full_disk = True
+    assert main(["train", "--config", str(config), "--output_path", str(tmp_path / "o")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("the checkpoint. No checkpoint of this run was written."), last
 
 
 @pytest.mark.parametrize(

@@ -198,25 +198,30 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
     fields = load_config_file(args.config) if args.config else {}
     fields = merge_fields(fields, parse_field_flags(extra))
-    if "saes" in fields:  # several SAEs: saes.<name>.<field>, hook_names, splice
-        return _train_several(fields, args.print_config)
     from sae_e2e_plugin.run_files import DiskFullError
+    from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
     from sae_e2e_plugin.runs.runner import E2ESAETrainingRunner
-    from sae_e2e_plugin.training.config.fields import config_from_fields
+    from sae_e2e_plugin.training.config.fields import config_from_fields, multi_config_from_fields
+    from sae_e2e_plugin.training.config.multi_config import E2EMultiRunnerConfig
 
-    cfg = config_from_fields(fields)
+    several = "saes" in fields  # several SAEs: saes.<name>.<field>, hook_names, splice
+    cfg = multi_config_from_fields(fields) if several else config_from_fields(fields)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
-    runner = E2ESAETrainingRunner(cfg)
+    multi = isinstance(cfg, E2EMultiRunnerConfig)
+    runner = E2EMultiSAETrainingRunner(cfg) if multi else E2ESAETrainingRunner(cfg)
     try:
         runner.run()
     except DiskFullError as error:  # say which checkpoint the same command resumes from
         where = runner.cfg.checkpoint_path
         raise DiskFullError(f"{error} {latest_checkpoint_words(where)}") from None
     shutdown(runner.context)
-    if cfg.output_path is not None and runner.context.is_main:
-        print(f"saved the SAE (SAELens format) to {cfg.output_path}")
+    if runner.context.is_main:
+        for name, folder in runner.export_folders().items():
+            if folder is not None:
+                who = f"SAE {name!r}" if several else "the SAE"
+                print(f"saved {who} (SAELens format) to {folder}")
     return 0
 
 
@@ -228,25 +233,6 @@ def latest_checkpoint_words(checkpoint_path: str | None) -> str:
     if latest is None:
         return "No checkpoint of this run was written."
     return f"The latest complete checkpoint is {latest} (--resume_from_checkpoint {latest})."
-
-
-def _train_several(fields: dict[str, Any], print_config: bool) -> int:
-    from sae_e2e_plugin.runs.multi_runner import E2EMultiSAETrainingRunner
-    from sae_e2e_plugin.training.config.fields import multi_config_from_fields
-
-    cfg = multi_config_from_fields(fields)
-    if print_config:
-        print(json.dumps(cfg.to_dict(), indent=2, default=str))
-        return 0
-    from sae_e2e_plugin.training.parallel.distributed import shutdown
-
-    runner = E2EMultiSAETrainingRunner(cfg)
-    runner.run()
-    shutdown(runner.context)
-    if cfg.output_path is not None and runner.context.is_main:
-        for name in cfg.saes:
-            print(f"saved SAE {name!r} (SAELens format) to {Path(cfg.output_path) / name}")
-    return 0
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
