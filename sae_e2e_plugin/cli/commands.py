@@ -209,8 +209,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
-    multi = isinstance(cfg, E2EMultiRunnerConfig)
-    runner = E2EMultiSAETrainingRunner(cfg) if multi else E2ESAETrainingRunner(cfg)
+    if isinstance(cfg, E2EMultiRunnerConfig):
+        runner: E2ESAETrainingRunner = E2EMultiSAETrainingRunner(cfg)
+    else:
+        runner = E2ESAETrainingRunner(cfg)
     try:
         runner.run()
     except DiskFullError as error:  # say which checkpoint the same command resumes from

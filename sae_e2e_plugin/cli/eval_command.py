@@ -35,7 +35,8 @@ def add_eval_command(commands: Any) -> None:
         nargs="+",
         help="a folder with cfg.json + sae_weights.safetensors, or a SAELens release name; "
         "several folders, or a run folder holding one folder per SAE, are spliced in together "
-        "(the joint table: CE-loss increase, KL, each SAE's L0 and explained variance)",
+        "(the joint table: CE-loss increase, KL, all zeroed, each SAE's L0, alive features "
+        "and explained variance)",
     )
     evaluate.add_argument(
         "--sae-id", help="the SAE id within a release (e.g. blocks.6.hook_resid_pre)"
