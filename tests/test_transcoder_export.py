@@ -180,3 +180,33 @@ def test_topk_threshold_is_learned_while_training_and_exported(tmp_path: Path) -
     sae.save_inference_model(tmp_path)
     threshold = load_file(str(tmp_path / "sae_weights.safetensors"))["threshold"]
     torch.testing.assert_close(threshold, expected.float().expand(D_SAE), rtol=1e-3, atol=1e-6)
+
+
+def test_the_export_is_written_atomically_and_replaces_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sae = random_transcoder("transcoder", False, seed=3).eval()
+    folder = tmp_path / "export"
+    sae.save_inference_model(folder, hook_name="blocks.1.ln2.hook_normalized")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # A file elsewhere linked in at cfg.json is left alone: the link is replaced.
+    outside = tmp_path / "outside.json"
+    outside.write_text("theirs")
+    (folder / "cfg.json").unlink()
+    (folder / "cfg.json").symlink_to(outside)
+    sae.save_inference_model(folder, hook_name="blocks.1.ln2.hook_normalized")
+    assert outside.read_text() == "theirs" and not (folder / "cfg.json").is_symlink()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # Killed while the new weights are being put in place: the old files stay whole, and no
+    # temporary file is left behind.
+    import os
+
+    def killed(src: Any, dst: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with torch.no_grad():
+        sae.W_dec.mul_(2)
+    with pytest.raises(KeyboardInterrupt):
+        sae.save_inference_model(folder, hook_name="blocks.1.ln2.hook_normalized")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

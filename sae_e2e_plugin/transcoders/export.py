@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from sae_e2e_plugin.run_files import atomic_write_bytes, atomic_write_text
 
 
 def write_inference_folder(
@@ -45,13 +47,12 @@ def write_inference_folder(
                 f"got {value!r}."
             )
         metadata[field] = value
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights_path = folder / SAE_WEIGHTS_FILENAME
-    cfg_path = folder / SAE_CFG_FILENAME
-    save_file({name: t.contiguous() for name, t in state_dict.items()}, weights_path)
-    cfg_path.write_text(json.dumps({**cfg_dict, "metadata": metadata}))
-    return weights_path, cfg_path
+    # Each file through a temporary sibling renamed into place: a run killed mid-write leaves
+    # the old file or the new one, and a link at either name is replaced, never followed.
+    weights = save({name: t.contiguous() for name, t in state_dict.items()})
+    weights_path = atomic_write_bytes(Path(path) / SAE_WEIGHTS_FILENAME, weights)
+    cfg_text = json.dumps({**cfg_dict, "metadata": metadata})
+    return weights_path, atomic_write_text(Path(path) / SAE_CFG_FILENAME, cfg_text)
 
 
 def check_weight_shapes(state_dict: dict[str, torch.Tensor], cfg: Any) -> None:
