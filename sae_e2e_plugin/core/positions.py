@@ -32,9 +32,6 @@ class PositionFilter:
         return not self.excluded_ids and slice(*self.seqpos_slice) == slice(None)
 
 
-ALL_POSITIONS = PositionFilter()
-
-
 @jaxtyped(typechecker=beartype)
 def selected_positions(
     tokens: Int[torch.Tensor, "batch pos"], positions: PositionFilter

@@ -188,7 +188,7 @@ def evaluate_sae(
     outputs = {}  # each transcoder's output hook and width
     for name, one in saes.items():
         hook_out = resolve_hook_name_out(one, None if several else hook_name_out)
-        check_sae(one, activation_scaler, logits_chunk_size, alive_window_tokens, transcoders=True)
+        check_sae(one, activation_scaler, logits_chunk_size, alive_window_tokens)
         if hook_out is not None:
             outputs[name] = (hook_out, getattr(one.cfg, "d_out", None))
     d_ins = {name: one.cfg.d_in for name, one in saes.items()}

@@ -130,15 +130,7 @@ def check_sae(
     scaler: ActivationScaler | None,
     chunk_size: int,
     alive_window_tokens: int | None,
-    *,
-    transcoders: bool = False,
 ) -> None:
-    if is_transcoder(sae) and not transcoders:
-        raise ValueError(
-            "sae is a transcoder (it writes to a different hook than it reads); a joint "
-            "evaluation splices SAEs that read and replace one hook. Evaluate the transcoder "
-            "alone: evaluate_sae(transcoder, model, tokens)."
-        )
     for size in ("d_in", "d_sae"):
         value = getattr(sae.cfg, size)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

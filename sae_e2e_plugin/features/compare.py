@@ -10,9 +10,6 @@ import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
 
-NO_MATCH_BELOW = 0.7
-"""Default cosine under which a feature of A counts as having no close match in B."""
-
 
 @dataclass(frozen=True)
 class Matches:
