@@ -65,6 +65,11 @@ def test_several_saes_default_to_the_positions_their_metadata_records() -> None:
     assert joint(pair((1, None), None), seqpos_slice=(2, None)).n_spliced == 8 * (CONTEXT - 2)
     with pytest.raises(ValueError, match="hook_names is for several SAEs"):
         evaluate_sae(random_sae(), tiny_model(), tokens(), hook_names={"sae": "hook_embed"})
+    # Something else where an SAE belongs is named, not met by an AttributeError from inside.
+    with pytest.raises(ValueError, match=r"saes\['b'\] is a str, not a SAELens SAE"):
+        joint({"a": random_sae(), "b": "runs/b"})
+    with pytest.raises(ValueError, match=r"^sae is a PosixPath, not a SAELens SAE"):
+        evaluate_sae(Path("runs/b"), tiny_model(), tokens())  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize(

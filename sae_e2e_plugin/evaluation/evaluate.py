@@ -1,13 +1,11 @@
 """Measuring SAEs spliced into their model on held-out tokens, independent of wandb.
 
-``evaluate_sae`` runs the frozen model three ways on each token batch: clean, with every SAE's
-reconstruction spliced in at its hook, and with those activations replaced by zeros. One SAE is
-the one-entry case of several: each SAE runs inside the spliced run, on the activation arriving
-at its hook (``core.model_splice.run_joint_patched``, the splice a joint run trains with), so
-for one SAE that is the clean activation. The runs share the prefix before the earliest SAE's
-block, and the logits are made a chunk of tokens at a time (``core.losses.chunk_rows``), so no
-[tokens, vocab] tensor outlives its chunk. Each batch adds sums to running totals, which
-``EvalResult`` (one SAE) or ``JointEvalResult`` (several, ``metrics``) average.
+``evaluate_sae`` runs the frozen model three ways on each token batch, from one shared prefix:
+clean, with every SAE's reconstruction spliced in, and with those activations zeroed. Each SAE
+runs inside the spliced run on the activation arriving at its hook (the splice a joint run
+trains with), which for one SAE is the clean activation: one SAE is the one-entry case. Logits
+are made a chunk of tokens at a time (``core.losses.chunk_rows``). Running totals are averaged
+into an ``EvalResult`` (one SAE) or a ``JointEvalResult`` (several).
 """
 
 from __future__ import annotations
@@ -134,10 +132,8 @@ def evaluate_sae(
             mean, so batch size is part of the definition (the reference used its
             training batch size); ``tokens.split(n)`` makes batches of n sequences.
         hook_name: where the SAE sits; default ``sae.cfg.metadata.hook_name``.
-        hook_name_out: a transcoder's output hook (the MLP output it replaces); default
-            ``sae.cfg.metadata.hook_name_out``. A transcoder reads ``hook_name``; explained
-            variance is of the MLP output (its output against the clean activation at
-            ``hook_name_out``) and the zero ablation zeroes the MLP output.
+        hook_name_out: a transcoder's output hook (the MLP output it replaces; default its
+            metadata's): explained variance is of the MLP output, which the ablation zeroes.
         hook_names: several SAEs only: where each sits, by name (default: their metadata;
             two at one hook are refused).
         downstream_hooks: later hooks to compare; default every residual-stream hook
@@ -162,8 +158,7 @@ def evaluate_sae(
             tokenizer's special tokens), ``False`` or a list of token ids. Default: metadata.
 
     Raises:
-        ValueError: for an SAE or token batch this function cannot evaluate; the
-            message names the field and the fix.
+        ValueError: for an SAE or token batch it cannot evaluate, naming the field and the fix.
     """
     several = isinstance(sae, Mapping)
     if several and any(x is not None for x in (activation_scaler, hook_name, hook_name_out)):
@@ -177,6 +172,12 @@ def evaluate_sae(
     saes: dict[str, SAE[Any]] = dict(sae) if isinstance(sae, Mapping) else {_ONE: sae}
     if not saes:
         raise ValueError("saes is empty; pass {name: SAE} with at least one SAE.")
+    for name, one in saes.items():
+        if not isinstance(one, SAE):
+            raise ValueError(
+                f"{f'saes[{name!r}]' if several else 'sae'} is a {type(one).__name__}, not a "
+                "SAELens SAE; load it first, e.g. SAE.load_from_disk(folder)."
+            )
     if not is_spliceable(model):
         raise ValueError(
             f"model is a {type(model).__name__}; evaluate_sae runs a HookedTransformer or a "
@@ -200,9 +201,7 @@ def evaluate_sae(
             model, hooks[_ONE], downstream_hooks, d_in=d_ins[_ONE], hook_name_out=out, d_out=d_out
         )
         plan = MultiSplicePlan.of_one(_ONE, one_plan)
-    totals = _Totals(
-        {name: _SAETotals(one.cfg.d_sae, alive_window_tokens) for name, one in saes.items()}
-    )
+    totals = _Totals({n: _SAETotals(s.cfg.d_sae, alive_window_tokens) for n, s in saes.items()})
     with eval_mode(model, *saes.values()):
         for tokens in token_batches_checked(token_batches, max_batches):
             tokens = tokens.to(model_facts(model).device)
