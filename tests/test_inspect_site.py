@@ -22,6 +22,7 @@ from features_common import (
     random_sae,
     tokens,
 )
+from sae_lens import StandardSAE, StandardSAEConfig
 
 from sae_e2e_plugin.cli.commands import main
 from sae_e2e_plugin.features.dashboard import inspect_sae
@@ -222,3 +223,24 @@ def test_cli_refuses_more_ablation_contexts_than_top_contexts(
     argv = ["inspect", "--sae", str(tmp_path), "--top-k", "3", "--ablation-contexts", "5"]
     assert main(argv) == 2
     assert "ablation_contexts=5 exceeds top_k=3" in capsys.readouterr().err
+
+
+def test_cli_loads_saes_through_the_loader_that_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "cfg.json").write_text("{not json")
+    assert main(["inspect", "--sae", str(damaged), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"--sae={str(damaged)!r}" in err and "cfg.json" in err, err
+    assert not (tmp_path / "a").exists()  # refused before anything is written
+    good = tmp_path / "good"
+    StandardSAE(StandardSAEConfig(d_in=16, d_sae=32)).save_model(str(good))
+    argv = ["inspect", "--sae", str(good), "--out", str(tmp_path / "b")]
+    (tmp_path / "file.txt").write_text("x")
+    assert main([*argv, "--compare", str(tmp_path / "file.txt")]) == 2
+    assert f"--compare={str(tmp_path / 'file.txt')!r} is not a folder" in capsys.readouterr().err
+    assert main([*argv, "--compare", "some-release"]) == 2
+    assert "pass --compare-id (e.g." in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

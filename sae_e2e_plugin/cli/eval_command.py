@@ -209,7 +209,7 @@ def _load_saes(args: argparse.Namespace) -> dict[str, Any]:
     if len(sources) == 1 and _run_of_several(Path(sources[0])):
         sources = [str(p) for p in _run_of_several(Path(sources[0]))]
     if len(sources) == 1:
-        return {"sae": _load_any_sae(sources[0], args.sae_id, args.device)}
+        return {"sae": load_sae_source(sources[0], args.sae_id, args.device)}
     for flag, value in (
         ("--sae-id", args.sae_id),
         ("--hook_name", args.hook_name),
@@ -224,7 +224,7 @@ def _load_saes(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise ValueError(f"the SAE folders {sources} share a name; give folders of distinct names.")
     return {
-        name: _load_any_sae(source, None, args.device)
+        name: load_sae_source(source, None, args.device)
         for name, source in zip(names, sources, strict=True)
     }
 
@@ -236,21 +236,25 @@ def _run_of_several(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
 
 
-def _load_any_sae(source: str, sae_id: str | None, device: str) -> Any:
+def load_sae_source(
+    source: str, sae_id: str | None, device: str, field: str = "sae", id_flag: str = "--sae-id"
+) -> Any:
+    """The SAE a command-line argument names: a local folder (loaded by the loader that names a
+    damaged file), or an SAE of a SAELens release (``id_flag`` gives its id)."""
     from sae_lens import SAE
 
     from sae_e2e_plugin.interop.safe_load import load_sae_folder
 
     if Path(source).is_dir():
-        return load_sae_folder(Path(source), device, f"sae={source!r}")
+        return load_sae_folder(Path(source), device, f"{field}={source!r}")
     if source.startswith(("/", ".", "~")) or Path(source).exists():  # a path, not a release
         raise ValueError(
-            f"sae={source!r} is not a folder; give the SAE's folder (cfg.json + weights)."
+            f"{field}={source!r} is not a folder; give the SAE's folder (cfg.json + weights)."
         )
     if sae_id is None:
         raise ValueError(
-            f"sae={source!r} is not a local folder, so it is read as a SAELens release; "
-            "pass --sae-id (e.g. --sae-id blocks.6.hook_resid_pre)."
+            f"{field}={source!r} is not a local folder, so it is read as a SAELens release; "
+            f"pass {id_flag} (e.g. {id_flag} blocks.6.hook_resid_pre)."
         )
     return SAE.from_pretrained(source, sae_id, device=device)
 

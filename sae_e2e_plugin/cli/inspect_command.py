@@ -85,6 +85,7 @@ def add_inspect_parser(commands: Any) -> None:
 
 def run_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from sae_e2e_plugin.assets.language_model import load_language_model
+    from sae_e2e_plugin.cli.eval_command import load_sae_source
     from sae_e2e_plugin.features.dashboard import inspect_sae
     from sae_e2e_plugin.features.site import check_out_folder
 
@@ -94,9 +95,13 @@ def run_inspect(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"--n-tokens must be >= 1, got {args.n_tokens}.")
     out = args.out or Path(f"{_name(args.sae, args.sae_id)}-inspect")
     check_out_folder(out, args.overwrite)
-    sae = _load_sae(args.sae, args.sae_id, args.device)
+    sae = load_sae_source(args.sae, args.sae_id, args.device, "--sae")
     options.check(sae.cfg.d_sae)
-    compare = _load_sae(args.compare, args.compare_id, args.device) if args.compare else None
+    compare = None
+    if args.compare:
+        compare = load_sae_source(
+            args.compare, args.compare_id, args.device, "--compare", "--compare-id"
+        )
     meta = sae.cfg.metadata
     model_name = _required("--model_name", args.model_name or meta.model_name)
     dataset = _required("--dataset_path", args.dataset_path or meta.dataset_path)
@@ -124,20 +129,6 @@ def run_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     )
     print(f"wrote the site to {site} (open {site / 'index.html'})")
     return 0
-
-
-def _load_sae(source: str, sae_id: str | None, device: str) -> Any:
-    """A local SAE folder, or an SAE of a SAELens release (``--sae-id``)."""
-    from sae_lens import SAE
-
-    if Path(source).is_dir():
-        return SAE.load_from_disk(source, device=device)
-    if sae_id is None:
-        raise ValueError(
-            f"{source!r} is not a local folder, so it is read as a SAELens release; pass its "
-            "id (--sae-id / --compare-id, e.g. blocks.6.hook_resid_pre)."
-        )
-    return SAE.from_pretrained(source, sae_id, device=device)
 
 
 def _options(args: argparse.Namespace) -> Any:
