@@ -139,6 +139,7 @@ class RunOutputs:
             self.model,
             self.eval_tokens.split(self.cfg.eval_sequences_per_batch),
             hook_names=self.hooks,
+            alive_window_tokens=None,  # as each SAE's own evaluation counts them
             logits_chunk_size=self.cfg.kl_chunk_size,
             positions=self.positions,
         )
