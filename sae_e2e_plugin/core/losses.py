@@ -263,7 +263,7 @@ def _kl_kernel(
     # faults than its arithmetic); a compiled block fuses its passes, which buffers would undo.
     rows_per_block = _rows_per_block(vocab, patched.device)
     shape = (min(rows_per_block, patched.shape[0]), vocab)
-    scratch = [patched.new_empty(shape, dtype=torch.float32) for _ in range(3 * (block is None))]
+    scratch = [] if block else [patched.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     with torch.no_grad():
         for start in range(0, patched.shape[0], rows_per_block):
             rows = slice(start, start + rows_per_block)

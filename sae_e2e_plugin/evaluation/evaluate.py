@@ -34,7 +34,7 @@ from sae_e2e_plugin.core.model_splice import (
 )
 from sae_e2e_plugin.core.multi_splice import MultiSplicePlan
 from sae_e2e_plugin.core.positions import PositionFilter, selected_positions, with_reconstruction
-from sae_e2e_plugin.core.splice import flatten_heads
+from sae_e2e_plugin.core.splice import SplicePlan, flatten_heads
 from sae_e2e_plugin.evaluation.eval_positions import eval_positions
 from sae_e2e_plugin.evaluation.metrics import (
     DEFAULT_ALIVE_WINDOW_TOKENS,
@@ -335,7 +335,7 @@ class _Totals:
             },
         )
 
-    def one(self, plan: Any) -> EvalResult:
+    def one(self, plan: SplicePlan) -> EvalResult:
         outputs, sae = self.outputs(), self.saes[_ONE]
         return EvalResult(
             hook_name=plan.hook_name,

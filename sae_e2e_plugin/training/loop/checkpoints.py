@@ -248,8 +248,10 @@ def refuse_unsafe_trainer_state(
             _refuse_other_adam_settings(path, groups, optimizer.param_groups)
 
 
-ADAM_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach")
-ADAM_SETTINGS += ("capturable", "differentiable", "decoupled_weight_decay")
+ADAM_SETTINGS = tuple(
+    "initial_lr betas eps weight_decay amsgrad maximize foreach capturable differentiable "
+    "decoupled_weight_decay".split()
+)
 """Adam's settings that a checkpoint's param groups would replace on load. This run's config
 decides them (``lr`` follows the LR schedule; the kernel, ``fused``, is set again after load)."""
 
