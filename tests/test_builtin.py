@@ -210,6 +210,19 @@ def test_eval_fraction_moves_the_boundary(model: HookedTransformer, cache_dir: P
     assert len(big) > len(small)
 
 
+def test_eval_reads_exactly_the_sequences_asked_or_refuses(
+    model: HookedTransformer, cache_dir: Path
+) -> None:
+    from sae_e2e_plugin.cli.eval_command import _eval_tokens
+
+    rows = load_builtin_dataset("pydoc-topics", model.tokenizer, 64, split="eval")["tokens"]
+    every = _eval_tokens(model, None, "pydoc-topics", 64, len(rows))
+    assert every.tolist() == rows
+    # One more than the split holds is refused by the flag, not evaluated on fewer.
+    with pytest.raises(ValueError, match=f"--n_sequences {len(rows) + 1}: .* holds {len(rows)} "):
+        _eval_tokens(model, None, "pydoc-topics", 64, len(rows) + 1)
+
+
 def test_shakespeare_is_real_prose(model: HookedTransformer, cache_dir: Path) -> None:
     rows = load_builtin_dataset("shakespeare", model.tokenizer, 256)
     text = model.tokenizer.decode(rows[100]["tokens"])

@@ -266,7 +266,13 @@ def _eval_tokens(model: Any, sae: Any, dataset: str, context_size: int, n: int) 
     from sae_e2e_plugin.assets.corpora import is_builtin_dataset, load_builtin_dataset
 
     if is_builtin_dataset(dataset):
-        rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")
-        return torch.tensor(rows["tokens"][:n], dtype=torch.long)
+        rows = load_builtin_dataset(dataset, model.tokenizer, context_size, split="eval")["tokens"]
+        if len(rows) < n:  # fewer sequences than asked would be a smaller evaluation, unsaid
+            raise ValueError(
+                f"--n_sequences {n}: the eval split of the built-in corpus {dataset!r} holds "
+                f"{len(rows)} sequences of {context_size} tokens; pass --n_sequences {len(rows)} "
+                "or fewer (or a shorter --context_size)."
+            )
+        return torch.tensor(rows[:n], dtype=torch.long)
     store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=context_size)
     return store.get_batch_tokens(n, move_to_model_device=False)
